@@ -1,0 +1,41 @@
+"""mpx: mixed-precision (FP8 / BF16 / FP16 / FP32) training on JAX."""
+
+from mpx import fp8, loss_scale, ops, policy
+from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
+from mpx.loss_scale import (
+    DynamicLossScale,
+    LossScaleConfig,
+    NoOpLossScale,
+    StaticLossScale,
+    all_finite,
+    dynamic_loss_scale,
+    select_tree,
+)
+from mpx.policy import OpPrecision, Policy, Rule, parse as parse_policy
+from mpx.step import StepMetrics, TrainState, init_train_state, train_step
+
+__all__ = [
+    "DynamicLossScale",
+    "Fp8Config",
+    "Fp8Meta",
+    "Fp8Scale",
+    "LossScaleConfig",
+    "NoOpLossScale",
+    "OpPrecision",
+    "Policy",
+    "Rule",
+    "StaticLossScale",
+    "StepMetrics",
+    "TrainState",
+    "all_finite",
+    "dynamic_loss_scale",
+    "fp8",
+    "fp8_dot_general",
+    "init_train_state",
+    "loss_scale",
+    "ops",
+    "parse_policy",
+    "policy",
+    "select_tree",
+    "train_step",
+]
