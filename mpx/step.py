@@ -116,7 +116,7 @@ def train_step(
     )
     metrics = StepMetrics(
         loss=loss.astype(jnp.float32),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         loss_scale=state.loss_scale.loss_scale,
         skipped=jnp.logical_not(finite),
         aux=aux,
