@@ -1,0 +1,22 @@
+"""Flax NNX layers that obey a precision policy, and `apply_policy` for any NNX model."""
+
+from mpx.nn.apply import FoundOp, apply_policy, find_ops
+from mpx.nn.layers import Einsum, Embed, LayerNorm, Linear, RMSNorm
+from mpx.nn.op import CrossEntropy, DotGeneral, EinsumOp, Fp8MetaVariable, Op, Softmax
+from mpx.nn.transformer import (
+    GPT2_MEDIUM,
+    GPT2_SMALL,
+    MLP,
+    Attention,
+    Block,
+    Decoder,
+    SequenceClassifier,
+    TransformerConfig,
+    TransformerLM,
+)
+
+__all__ = [
+    "GPT2_MEDIUM", "GPT2_SMALL", "MLP", "Attention", "Block", "CrossEntropy", "Decoder", "DotGeneral",
+    "Einsum", "EinsumOp", "Embed", "FoundOp", "Fp8MetaVariable", "LayerNorm", "Linear", "Op", "RMSNorm",
+    "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",
+]
