@@ -1,6 +1,6 @@
 """mpx: mixed-precision (FP8 / BF16 / FP16 / FP32) training on JAX."""
 
-from mpx import fp8, loss_scale, ops, policy
+from mpx import fp8, inspect, loss_scale, ops, policy
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.loss_scale import (
     DynamicLossScale,
@@ -31,6 +31,7 @@ __all__ = [
     "dynamic_loss_scale",
     "fp8",
     "fp8_dot_general",
+    "inspect",
     "init_train_state",
     "loss_scale",
     "ops",

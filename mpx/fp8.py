@@ -100,15 +100,23 @@ def _check_choice(name, value, choices):
 # ----------------------------------------------------------------------------- state
 
 
+def _zero():
+    return jnp.zeros((), jnp.float32)
+
+
 @struct.dataclass
 class Fp8Scale:
     """Scaling state of one tensor: the scale in use and the amax history (newest first).
 
-    Shapes: ``scale`` f32[], ``amax_history`` f32[N].
+    ``saturated`` / ``flushed``: fractions of the tensor's elements that were clipped to
+    ±fp8_max / nonzero but rounded to 0 when it was last quantized (statistics only).
+    Shapes: ``scale``, ``saturated``, ``flushed`` f32[]; ``amax_history`` f32[N].
     """
 
     scale: jax.Array
     amax_history: jax.Array
+    saturated: jax.Array = struct.field(default_factory=_zero)
+    flushed: jax.Array = struct.field(default_factory=_zero)
 
     @classmethod
     def init(cls, history_len: int) -> Fp8Scale:
@@ -144,6 +152,15 @@ def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
     limit = fp8_max(dtype)
     y = x.astype(jnp.float32) * scale.astype(jnp.float32)
     return jnp.clip(y, -limit, limit).astype(dtype)
+
+
+def quantization_stats(x: jax.Array, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Fractions of ``x`` that `quantize` saturated (|x * scale| > fp8_max) and flushed (x != 0, q == 0)."""
+    limit = fp8_max(q.dtype)
+    y = jnp.abs(x.astype(jnp.float32) * scale.astype(jnp.float32))
+    saturated = jnp.mean((y > limit).astype(jnp.float32))
+    flushed = jnp.mean(((x != 0) & (q.astype(jnp.float32) == 0)).astype(jnp.float32))
+    return saturated, flushed
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -189,19 +206,21 @@ def scale_for_use(state: Fp8Scale, x: jax.Array, dtype, config: Fp8Config) -> ja
     return compute_scale(amax(x), state.scale, fp8_max(dtype), margin=config.margin)
 
 
-def next_scale_state(state: Fp8Scale, history: jax.Array, dtype, config: Fp8Config) -> Fp8Scale:
-    """The state after this step, given its already-rolled ``history``."""
+def next_scale_state(state: Fp8Scale, history: jax.Array, dtype, config: Fp8Config, *, stats=None) -> Fp8Scale:
+    """The state after this step, given its already-rolled ``history`` and optional
+    ``(saturated, flushed)`` statistics of this step's quantization."""
     if config.recipe == "delayed":
         reduced = reduce_amax_history(history, config.amax_compute)
     else:
         reduced = history[0]
     scale = compute_scale(reduced, state.scale, fp8_max(dtype), margin=config.margin)
-    return Fp8Scale(scale=scale, amax_history=history)
+    saturated, flushed = stats if stats is not None else (_zero(), _zero())
+    return Fp8Scale(scale=scale, amax_history=history, saturated=saturated, flushed=flushed)
 
 
-def update_scale_state(state: Fp8Scale, amax: jax.Array, dtype, config: Fp8Config) -> Fp8Scale:
+def update_scale_state(state: Fp8Scale, amax: jax.Array, dtype, config: Fp8Config, *, stats=None) -> Fp8Scale:
     """One step of scaling state: roll ``amax`` into the history, recompute the scale."""
-    return next_scale_state(state, update_amax_history(state.amax_history, amax), dtype, config)
+    return next_scale_state(state, update_amax_history(state.amax_history, amax), dtype, config, stats=stats)
 
 
 def merge_meta_updates(old: Fp8Meta, a: Fp8Meta, b: Fp8Meta, config: Fp8Config) -> Fp8Meta:
@@ -217,7 +236,8 @@ def merge_meta_updates(old: Fp8Meta, a: Fp8Meta, b: Fp8Meta, config: Fp8Config) 
     def merge(o: Fp8Scale, x: Fp8Scale, y: Fp8Scale, dtype) -> Fp8Scale:
         history = jnp.maximum(x.amax_history, y.amax_history)
         ran = (x.scale > 0) | (y.scale > 0)
-        merged = next_scale_state(o, history, dtype, config)
+        stats = (jnp.maximum(x.saturated, y.saturated), jnp.maximum(x.flushed, y.flushed))
+        merged = next_scale_state(o, history, dtype, config, stats=stats)
         return jax.tree.map(lambda m, z: jnp.where(ran, m, z), merged, x)
 
     fwd, grad = config.forward_dtype, config.grad_dtype
@@ -353,12 +373,13 @@ def _fp8_dot_fwd(lhs, rhs, meta, dims, config, out_dtype, lhs_dtype, rhs_dtype):
     q_lhs = quantize(lhs, fwd, lhs_scale)
     q_rhs = quantize(rhs, fwd, rhs_scale)
     out = _scaled_dot(q_lhs, q_rhs, dims, 1.0 / (lhs_scale * rhs_scale), out_dtype)
-    residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, amax(lhs), amax(rhs), meta)
+    stats = (quantization_stats(lhs, q_lhs, lhs_scale), quantization_stats(rhs, q_rhs, rhs_scale))
+    residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, amax(lhs), amax(rhs), stats, meta)
     return (out, meta), residuals
 
 
 def _fp8_dot_bwd(dims, config, out_dtype, lhs_dtype, rhs_dtype, residuals, cotangents):
-    q_lhs, q_rhs, lhs_scale, rhs_scale, lhs_amax, rhs_amax, meta = residuals
+    q_lhs, q_rhs, lhs_scale, rhs_scale, lhs_amax, rhs_amax, (lhs_stats, rhs_stats), meta = residuals
     g, later_meta = cotangents
     gdt = config.grad_dtype
     g_scale = scale_for_use(meta.grad, g, gdt, config)
@@ -373,9 +394,9 @@ def _fp8_dot_bwd(dims, config, out_dtype, lhs_dtype, rhs_dtype, residuals, cotan
 
     fwd = config.forward_dtype
     mine = Fp8Meta(
-        lhs=update_scale_state(meta.lhs, lhs_amax, fwd, config),
-        rhs=update_scale_state(meta.rhs, rhs_amax, fwd, config),
-        grad=update_scale_state(meta.grad, amax(g), gdt, config),
+        lhs=update_scale_state(meta.lhs, lhs_amax, fwd, config, stats=lhs_stats),
+        rhs=update_scale_state(meta.rhs, rhs_amax, fwd, config, stats=rhs_stats),
+        grad=update_scale_state(meta.grad, amax(g), gdt, config, stats=quantization_stats(g, q_g, g_scale)),
     )
     # `later_meta` is the cotangent from calls of this op that consumed the returned meta:
     # zeros if none, else their updates, which are combined with ours by max.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from mpx.fp8 import Fp8Meta, fp8_dot_general
@@ -31,3 +32,54 @@ def dot_general(
         return fp8_dot_general(lhs, rhs, dimension_numbers, meta, config=op.fp8, out_dtype=op.dtype)
     out = lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers)
     return out, meta
+
+
+def _expand_ellipsis(spec: str, ndim: int, fill: str) -> str:
+    if "..." not in spec:
+        return spec
+    return spec.replace("...", fill[: ndim - (len(spec) - 3)])
+
+
+def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+    """Two-operand einsum -> ``(dimension_numbers, perm)`` for ``lax.dot_general``.
+
+    The einsum equals ``transpose(dot_general(lhs, rhs, dims), perm)``. Supported: every
+    index appears at most once per operand and each index of an operand also appears in
+    the other operand or in the output (no traces, no one-sided sums).
+    """
+    subscripts = subscripts.replace(" ", "")
+    if "->" not in subscripts or subscripts.count(",") != 1:
+        raise ValueError(f"einsum {subscripts!r}: expected an explicit two-operand equation 'ab,bc->ac'")
+    ins, out = subscripts.split("->")
+    a, b = ins.split(",")
+    used = set(ins.replace(".", "") + out.replace(".", ""))
+    fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used)
+    n_ell = max(lhs_ndim - (len(a) - 3 if "..." in a else len(a)), rhs_ndim - (len(b) - 3 if "..." in b else len(b)), 0)
+    a, b = _expand_ellipsis(a, lhs_ndim, fill), _expand_ellipsis(b, rhs_ndim, fill)
+    out = out.replace("...", fill[:n_ell])
+    if len(a) != lhs_ndim or len(b) != rhs_ndim:
+        raise ValueError(f"einsum {subscripts!r} does not fit operands of rank {lhs_ndim} and {rhs_ndim}")
+    for spec in (a, b, out):
+        if len(set(spec)) != len(spec):
+            raise ValueError(f"einsum {subscripts!r}: repeated index in {spec!r} (traces) is not supported")
+    for spec, other in ((a, b), (b, a)):
+        lonely = [c for c in spec if c not in other and c not in out]
+        if lonely:
+            raise ValueError(f"einsum {subscripts!r}: index {lonely[0]!r} is summed within one operand; not supported")
+    batch = [c for c in a if c in b and c in out]
+    contract = [c for c in a if c in b and c not in out]
+    dims = (
+        (tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
+        (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)),
+    )
+    result = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+    if sorted(result) != sorted(out):
+        raise ValueError(f"einsum {subscripts!r}: output indices {out!r} do not match the operands")
+    return dims, tuple(result.index(c) for c in out)
+
+
+def einsum(subscripts: str, lhs, rhs, op: OpPrecision, meta: Fp8Meta | None = None):
+    """Two-operand ``jnp.einsum`` as one policy `dot_general`; returns ``(out, meta)``."""
+    dims, perm = einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)
+    out, meta = dot_general(lhs, rhs, dims, op, meta)
+    return jnp.transpose(out, perm), meta

@@ -74,13 +74,17 @@ class DotGeneral(Op):
 
 
 class EinsumOp(DotGeneral):
-    """``jnp.einsum`` whose contraction is a policy `DotGeneral`; injectable as ``nnx.Einsum.einsum_op``."""
+    """A two-operand einsum that obeys its `OpPrecision`; injectable as ``nnx.Einsum.einsum_op``.
+
+    The einsum becomes one ``dot_general`` (see `mpx.ops.einsum`), so it runs as an FP8
+    GEMM under an fp8 rule.
+    """
 
     def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_):
-        dot = super().__call__
-        return jnp.einsum(
-            subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type, _dot_general=dot
-        )
+        if self.precision is None:
+            return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
+        dims, perm = ops.einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)
+        return jnp.transpose(super().__call__(lhs, rhs, dims), perm)
 
 
 class Softmax(Op):

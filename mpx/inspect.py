@@ -1,0 +1,143 @@
+"""Which op runs in which precision, and how the FP8 tensors are doing.
+
+    print(mpx.inspect.describe(model, policy))     # every op, its precision, the deciding rule
+    print(mpx.inspect.fp8_stats(state.fp8_meta))   # amax, scale, saturated / flushed fractions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from mpx.fp8 import Fp8Meta
+from mpx.policy import Policy, Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRow:
+    """One op of a model and what the policy decided for it."""
+
+    path: str
+    kind: str
+    precision: str
+    dtype: str
+    rule: str  # the deciding rule as text, or "default (compute dtype)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionTable:
+    """The ops of a model under a policy; ``unmatched_rules`` matched none of them."""
+
+    rows: tuple[OpRow, ...]
+    unmatched_rules: tuple[Rule, ...]
+
+    def by_precision(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for row in self.rows:
+            out.setdefault(row.precision, []).append(row.path)
+        return out
+
+    def __str__(self) -> str:
+        lines = _format(["path", "kind", "precision", "dtype", "rule"], [dataclasses.astuple(r) for r in self.rows])
+        counts = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.by_precision().items()))
+        lines.append(f"{len(self.rows)} ops ({counts})")
+        for rule in self.unmatched_rules:
+            lines.append(f"warning: rule '{rule}' matches no op of this model (a typo in its path or kind?)")
+        return "\n".join(lines)
+
+
+def _format(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]]
+
+
+def table_for_ops(ops: Sequence[tuple[str, str]], policy: Policy) -> PrecisionTable:
+    """A `PrecisionTable` for (path, kind) pairs, sorted by path."""
+    rows, used = [], set()
+    for path, kind in sorted(ops):
+        op = policy.for_op(path, kind)
+        if op.rule is not None:
+            used.add(op.rule)
+        rule = f"{op.rule}: {policy.rules[op.rule]}" if op.rule is not None else "default (compute dtype)"
+        rows.append(OpRow(path, kind, op.precision, np.dtype(op.dtype).name, rule))
+    # A rule shadowed by an earlier one still matches ops: only a rule matching none is reported.
+    unmatched = tuple(
+        r for i, r in enumerate(policy.rules) if i not in used and not any(r.matches(p, k) for p, k in ops)
+    )
+    return PrecisionTable(tuple(rows), unmatched)
+
+
+def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs) -> PrecisionTable:
+    """Every op of ``model`` with the precision ``policy`` gives it and the deciding rule.
+
+    ``model`` is an NNX module, or a linen module followed by example inputs (``args``,
+    ``kwargs``) to trace it with. ``kinds`` maps path patterns to op kinds, as in
+    `mpx.nn.apply_policy`. Rules that match no op are listed as warnings.
+    """
+    from flax import linen
+
+    if isinstance(model, linen.Module):
+        from mpx.linen import linen_ops
+
+        ops = linen_ops(model, policy, *args, kinds=kinds, **kwargs)
+    else:
+        from mpx.nn.apply import find_ops
+
+        ops = [(f.path, f.kind) for f in find_ops(model, kinds)]
+    return table_for_ops(ops, policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorStats:
+    """Scaling statistics of one FP8 tensor (lhs, rhs or grad of one op) after the last step."""
+
+    path: str
+    tensor: str
+    amax: float
+    scale: float
+    saturated: float
+    flushed: float
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+_PLUMBING = ("fp8_meta", "meta", "dot_general", "einsum_op")
+
+
+def fp8_stats(meta) -> list[TensorStats]:
+    """Per tensor: latest amax, scale, and the fractions saturated / flushed to zero.
+
+    ``meta`` is any pytree of `Fp8Meta` (a dict, an NNX state, a linen collection).
+    Paths leave out container plumbing (``value`` attributes).
+    """
+    found = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: isinstance(x, Fp8Meta))[0]
+    out = []
+    for key_path, m in found:
+        if not isinstance(m, Fp8Meta):
+            continue
+        keys = [_key_str(k) for k in key_path if _key_str(k) not in ("value", "raw_value")]
+        while keys and keys[-1] in _PLUMBING:  # show the op's path, not where its meta is kept
+            keys.pop()
+        path = "/".join(keys)
+        for name in ("lhs", "rhs", "grad"):
+            s = getattr(m, name)
+            out.append(
+                TensorStats(path, name, float(s.amax_history[0]), float(s.scale), float(s.saturated), float(s.flushed))
+            )
+    return out
+
+
+def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
+    """The statistics as an aligned text table."""
+    rows = [(s.path, s.tensor, f"{s.amax:.4g}", f"{s.scale:.4g}", f"{s.saturated:.2%}", f"{s.flushed:.2%}") for s in stats]
+    return "\n".join(_format(["path", "tensor", "amax", "scale", "saturated", "flushed"], rows))
