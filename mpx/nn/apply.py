@@ -24,6 +24,9 @@ class FoundOp:
 def _default_kind(module) -> str | None:
     if isinstance(module, Op):
         return module.kind
+    injected = getattr(module, "dot_general", None) or getattr(module, "einsum_op", None)
+    if isinstance(injected, DotGeneral):  # an earlier apply_policy decided the kind; keep it
+        return injected.kind
     kind = getattr(module, "kind", None)
     if isinstance(kind, str) and kind in KINDS:  # mpx.nn.Linear / Einsum carry one
         return kind
