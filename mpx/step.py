@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mpx.fp8 import apply_meta_updates
+from mpx.fp8 import Fp8Config, Fp8Meta, apply_meta_updates, merge_meta_updates
 from mpx.loss_scale import LossScale, NoOpLossScale, all_finite, select_tree
 
 
@@ -74,6 +74,52 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
+def merge_meta_trees(old, a, b, config: Fp8Config):
+    """`merge_meta_updates` for every `Fp8Meta` of a meta pytree (one config for all)."""
+    is_meta = lambda x: isinstance(x, Fp8Meta)  # noqa: E731
+    return jax.tree.map(lambda o, x, y: merge_meta_updates(o, x, y, config), old, a, b, is_leaf=is_meta)
+
+
+def _grads(state: TrainState, batch, rng, loss_fn, has_aux):
+    """(loss, aux), (scaled param grads, meta updates) for one (micro-)batch."""
+
+    def scaled_loss(params, meta):
+        out = loss_fn(params, meta, batch, rng)
+        loss, aux = out if has_aux else (out, None)
+        return state.loss_scale.scale(loss.astype(jnp.float32)), (loss.astype(jnp.float32), aux)
+
+    (_, (loss, aux)), (grads, meta_updates) = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)(
+        state.params, state.fp8_meta
+    )
+    return loss, aux, grads, meta_updates
+
+
+def _accumulated_grads(state, batch, rng, loss_fn, has_aux, accum_steps, fp8_config):
+    """Gradients averaged over ``accum_steps`` micro-batches (the leading axis of ``batch``),
+    one micro-batch in memory at a time; FP8 meta updates combined by max."""
+    if jax.tree.leaves(state.fp8_meta) and fp8_config is None:
+        raise ValueError("gradient accumulation with FP8 meta needs fp8_config= (the policy's Fp8Config)")
+    for leaf in jax.tree.leaves(batch):
+        if leaf.shape[:1] != (accum_steps,):
+            raise ValueError(
+                f"accum_steps={accum_steps} needs every batch leaf to lead with that many micro-batches; "
+                f"got shape {leaf.shape}"
+            )
+
+    def body(carry, micro):
+        i, grads, meta = carry
+        loss, aux, g, m = _grads(state, micro, jax.random.fold_in(rng, i), loss_fn, has_aux)
+        grads = jax.tree.map(jnp.add, grads, g)
+        meta = merge_meta_trees(state.fp8_meta, meta, m, fp8_config) if fp8_config is not None else meta
+        return (i + 1, grads, meta), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    meta0 = jax.tree.map(jnp.zeros_like, state.fp8_meta)
+    (_, grads, meta_updates), (losses, aux) = jax.lax.scan(body, (0, zeros, meta0), batch)
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    return jnp.mean(losses), aux, grads, meta_updates
+
+
 def train_step(
     state: TrainState,
     batch,
@@ -81,6 +127,8 @@ def train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     has_aux: bool = False,
+    accum_steps: int = 1,
+    fp8_config: Fp8Config | None = None,
 ) -> tuple[TrainState, StepMetrics]:
     """One update. Jit it with ``loss_fn``/``optimizer`` bound, e.g.::
 
@@ -90,16 +138,19 @@ def train_step(
     ``(loss, aux)`` with ``has_aux=True``. A step with non-finite gradients changes
     neither params, optimizer state nor FP8 meta (however many in a row); it only backs
     off the loss scale and advances ``step``.
+
+    ``accum_steps > 1``: ``batch`` leaves lead with ``accum_steps`` micro-batches; the
+    gradients are averaged over them before one optimizer update, and each FP8 op's
+    amaxes are combined by max (its history rolls once per step). With FP8 meta this
+    needs ``fp8_config`` (the policy's). ``aux`` is then stacked over micro-batches.
     """
     rng = step_rng(state)
-
-    def scaled_loss(params, meta):
-        out = loss_fn(params, meta, batch, rng)
-        loss, aux = out if has_aux else (out, None)
-        return state.loss_scale.scale(loss.astype(jnp.float32)), (loss, aux)
-
-    grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
-    (_, (loss, aux)), (grads, meta_updates) = grad_fn(state.params, state.fp8_meta)
+    if accum_steps == 1:
+        loss, aux, grads, meta_updates = _grads(state, batch, rng, loss_fn, has_aux)
+    else:
+        loss, aux, grads, meta_updates = _accumulated_grads(
+            state, batch, rng, loss_fn, has_aux, accum_steps, fp8_config
+        )
     grads = state.loss_scale.unscale(grads)
     finite = all_finite(grads)
 
