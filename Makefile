@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test train install clean
 
 install: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Fresh machine -> venv -> quickstart: train (fp8, CPU, a few minutes), evaluate, sample.
+QUICKSTART ?= configs/quickstart.yaml
+train: $(STAMP)
+	$(PY) -m train train $(QUICKSTART)
+	$(PY) -m train eval $(QUICKSTART)
+	$(PY) -m train generate $(QUICKSTART) --tokens 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache

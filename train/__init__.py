@@ -1,0 +1,1 @@
+"""The mpx training application: config -> data -> loop -> checkpoints -> logs, and its CLI."""

@@ -1,0 +1,98 @@
+"""Command line: ``python -m train {train,eval,generate,data} CONFIG [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """Overrides are dotted keys of the config, e.g. train.steps=100 optim.lr=3e-4
+precision=bf16 data.files=[a.txt,b.txt]. Unknown keys and bad values are errors that
+name the key and what is expected."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description="mpx training runs: pre-training, "
+                                "fine-tuning, evaluation and sampling from YAML configs.", epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        c = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
+        c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        return c
+
+    command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
+    command("eval", "Evaluate a run's newest checkpoint on its validation split.")
+    g = command("generate", "Sample text from a language-model run's newest checkpoint.")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--tokens", type=int, default=200, help="how many tokens to sample (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    d = command("data", "Prepare a run's dataset and tokenizer, or inspect them.")
+    d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from train.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        return _COMMANDS[args.command](config, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(config, args) -> int:
+    from train.loop import train
+
+    out = train(config)
+    print(f"finished at step {out['step']}: " + " ".join(
+        f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
+    return 0
+
+
+def _eval(config, args) -> int:
+    from train.loop import evaluate_trained, load_trained
+
+    trained = load_trained(config)
+    result = evaluate_trained(trained)
+    print(f"eval at step {trained.step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _generate(config, args) -> int:
+    from train.generate import generate
+    from train.loop import load_trained
+
+    if config.data.task != "lm":
+        raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
+    trained = load_trained(config)
+    tokenizer = trained.task.prepared.tokenizer
+    out = generate(trained.graphdef, trained.state.params, trained.state.fp8_meta, tokenizer.encode(args.prompt),
+                   max_len=config.model.max_len, new_tokens=args.tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, seed=args.seed)
+    print(args.prompt + tokenizer.decode(out))
+    return 0
+
+
+def _data(config, args) -> int:
+    from train.loop import make_task
+    from train import data as data_lib
+
+    task = make_task(config)
+    if args.inspect:
+        print(data_lib.describe_dataset(task.prepared))
+    else:
+        print(f"prepared {config.data.task} data in {config.data.data_dir} (vocab {task.vocab_size})")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "data": _data}
+
+if __name__ == "__main__":
+    sys.exit(main())

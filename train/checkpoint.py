@@ -1,0 +1,136 @@
+"""Checkpoints of a run: exact train state, data position and config, via orbax.
+
+Layout: ``<run_dir>/checkpoints/<step>/{state,data,config}``. Saves are asynchronous
+(orbax writes into a temporary directory and renames it on success, so a crash mid-save
+never touches the last good checkpoint); ``keep`` newest are kept. The state is saved
+exactly: fp32 master params, optimizer state, FP8 meta, loss scale, step and RNG key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mpx.step import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore_latest` found."""
+
+    step: int
+    state: TrainState
+    data_state: Any
+    config: dict
+
+
+def _to_disk(state: TrainState) -> TrainState:
+    """Typed PRNG keys are stored as their raw key data."""
+    return state.replace(rng=jax.random.key_data(state.rng))
+
+
+def _from_disk(state: TrainState, like: TrainState) -> TrainState:
+    impl = jax.random.key_impl(like.rng)
+    return state.replace(rng=jax.random.wrap_key_data(state.rng, impl=impl))
+
+
+def abstract_like(tree):
+    """Shapes, dtypes and shardings of ``tree``: what a restore is checked against."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(run_dir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+    """Saves every ``every`` steps, keeps ``keep``, restores the newest readable one."""
+
+    def __init__(self, run_dir: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
+        self.directory = checkpoint_dir(run_dir)
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: TrainState, *, data_state: Any, config: dict, force: bool = False) -> bool:
+        """Save if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did."""
+        if not force and (self.every <= 0 or step % self.every):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_disk(state)),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore(self, step: int, like: TrainState) -> Restored:
+        """The checkpoint at ``step``, checked against the shapes/dtypes/shardings of ``like``."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(_to_disk(like))),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        out = self._manager.restore(step, args=args)
+        return Restored(step, _from_disk(out.state, like), out.data, out.config)
+
+    def restore_latest(self, like: TrainState, *, say=log.warning) -> Restored | None:
+        """The newest checkpoint that reads back, or None if there is none.
+
+        A truncated or corrupt newest checkpoint is reported through ``say`` and the
+        previous one is tried, and so on.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, like)
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+                say(f"checkpoint at step {step} in {self.directory} is unreadable ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to the previous one")
+        return None
+
+
+def restore_params(run_dir: str | pathlib.Path, like_params) -> tuple[Any, int]:
+    """The params of the newest readable checkpoint of a run (for fine-tuning).
+
+    ``like_params`` gives the structure, shapes and dtypes to read; entries of a saved
+    state that it lacks (a pre-training LM head, the optimizer state) are not read.
+    Returns ``(params, step)``.
+    """
+    directory = pathlib.Path(run_dir).absolute()
+    if directory.name != "checkpoints":
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise ValueError(f"no checkpoints found at {directory}; finetune.init_from must name a pre-training run dir")
+    with ocp.CheckpointManager(directory) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                item = ocp.args.PyTreeRestore(
+                    item={"params": like_params},
+                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": like_params}),
+                    partial_restore=True,
+                )
+                restored = manager.restore(step, args=ocp.args.Composite(state=item))
+                return restored.state["params"], step
+            except Exception as e:  # noqa: BLE001
+                log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one", step, directory, e)
+    raise ValueError(f"no readable checkpoint in {directory}")

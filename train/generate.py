@@ -1,0 +1,47 @@
+"""Sampling text from a trained LM: temperature and top-k, one compiled step."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None) -> jax.Array:
+    """One token id from f32 ``logits`` (V,): greedy at temperature 0, else softmax sampling
+    restricted to the ``top_k`` most likely tokens."""
+    if temperature <= 0:
+        return jnp.argmax(logits)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][-1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
+
+
+def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = 40, seed: int = 0) -> list[int]:
+    """Continue ``prompt`` by ``new_tokens`` tokens.
+
+    The model sees a fixed window of ``max_len`` tokens, right-padded: a causal model's
+    logits at position p depend only on tokens <= p, so one compiled step serves every
+    position. Past ``max_len`` the window slides.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token (e.g. a newline)")
+
+    @functools.partial(jax.jit, static_argnames=())
+    def step(window, pos, key):
+        model = nnx.merge(graphdef, params, meta)
+        logits = model(window[None])[0, pos]
+        return sample_logits(logits, key, temperature=temperature, top_k=top_k)
+
+    tokens = list(prompt)
+    key = jax.random.key(seed)
+    for i in range(new_tokens):
+        context = tokens[-max_len:]
+        window = jnp.zeros((max_len,), jnp.int32).at[: len(context)].set(jnp.asarray(context, jnp.int32))
+        tokens.append(int(step(window, len(context) - 1, jax.random.fold_in(key, i))))
+    return tokens[len(prompt):]

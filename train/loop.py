@@ -1,0 +1,330 @@
+"""The training loop: config -> data -> model -> jitted mpx steps -> logs, evals, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import mpx
+import mpx.nn as mn
+from mpx.inspect import fp8_stats
+from train import checkpoint as ckpt
+from train import data as data_lib
+from train import metrics as mt
+from train.config import RunConfig
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """AdamW on a linear-warmup + cosine schedule, after global-norm clipping."""
+    o = config.optim
+    decay_steps = o.decay_steps or config.train.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(decay_steps, o.warmup_steps + 1),
+        end_value=o.lr * o.min_lr_ratio,
+    )
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if o.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+    return adamw
+
+
+@dataclasses.dataclass
+class Task:
+    """What the loop needs from the data for one task (lm or classification)."""
+
+    prepared: Any
+    vocab_size: int
+    num_classes: int | None
+    train_iter: Callable[[], Any]
+    eval_iter: Callable[[], Any]
+
+
+def make_task(config: RunConfig) -> Task:
+    d = config.data
+    seed = config.train.seed
+    batch = d.batch_size
+    if d.task == "lm":
+        prepared = data_lib.prepare_lm(
+            d.data_dir, files=d.files or None, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+            validation_fraction=d.validation_fraction, seed=seed,
+        )
+        loader = functools.partial(data_lib.lm_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len)
+        return Task(
+            prepared, prepared.tokenizer.vocab_size, None,
+            lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
+            lambda: loader(prepared.validation, batch_size=batch, seed=seed, shuffle=False, num_epochs=1),
+        )
+    prepared = data_lib.prepare_classification(
+        d.data_dir, path=d.path, text_column=d.text_column, label_column=d.label_column,
+        tokenizer=d.tokenizer, vocab_size=d.vocab_size, validation_fraction=d.validation_fraction, seed=seed,
+    )
+    loader = functools.partial(data_lib.classification_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len)
+    return Task(
+        prepared, prepared.tokenizer.vocab_size, len(prepared.label_names),
+        lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
+        lambda: loader(prepared.validation, batch_size=batch, seed=seed, shuffle=False, num_epochs=1),
+    )
+
+
+def make_model(config: RunConfig, task: Task, policy: mpx.Policy) -> nnx.Module:
+    shape = config.model.to_transformer(task.vocab_size)
+    rngs = nnx.Rngs(config.train.seed)
+    if config.data.task == "lm":
+        return mn.TransformerLM(shape, policy=policy, rngs=rngs)
+    num_classes = config.finetune.num_classes or task.num_classes
+    return mn.SequenceClassifier(shape, num_classes, policy=policy, rngs=rngs)
+
+
+def lm_loss(graphdef, params, meta, batch, rng, *, dropout: bool):
+    model = nnx.merge(graphdef, params, meta)
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1], deterministic=not dropout, rngs=nnx.Rngs(dropout=rng))
+    loss = model.loss(logits, tokens[:, 1:])
+    return loss, {"correct": jnp.float32(0), "count": jnp.float32(tokens[:, 1:].size)}
+
+
+def classification_loss(graphdef, params, meta, batch, rng, *, dropout: bool):
+    model = nnx.merge(graphdef, params, meta)
+    logits = model(batch["tokens"], batch["mask"], deterministic=not dropout, rngs=nnx.Rngs(dropout=rng))
+    loss = model.loss(logits, batch["label"])
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return loss, {"correct": correct, "count": jnp.float32(batch["label"].shape[0])}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Logger:
+    """Console (with a progress bar) and TensorBoard."""
+
+    def __init__(self, config: RunConfig, say: Callable[[str], None], total: int, start: int):
+        self.say = say
+        self.jsonl = pathlib.Path(config.run_dir) / "metrics.jsonl"
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = None
+        if config.logging.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+        self.writer = None
+        if config.logging.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(pathlib.Path(config.run_dir) / "tensorboard"))
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, scalars: dict[str, float], prefix: str):
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"split": prefix, "step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        text = " ".join(f"{k} {_fmt(v)}" for k, v in scalars.items() if v is not None)
+        (self.bar.write if self.bar is not None else self.say)(f"{prefix} step {step}: {text}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def evaluate(eval_step, state, batches, max_batches: int) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over the validation split."""
+    total, correct, count, n = 0.0, 0.0, 0.0, 0
+    for batch in batches:
+        if n >= max_batches:
+            break
+        loss, aux = eval_step(state.params, state.fp8_meta, batch)
+        total += float(loss)
+        correct += float(aux["correct"])
+        count += float(aux["count"])
+        n += 1
+    if n == 0:
+        raise ValueError("the validation split gave no batch; lower data.batch_size or raise data.validation_fraction")
+    out = {"loss": total / n, "perplexity": math.exp(min(total / n, 50.0))}
+    if correct:
+        out["accuracy"] = correct / count
+    return out
+
+
+def _stack(batches):
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def train(
+    config: RunConfig,
+    *,
+    say: Callable[[str], None] = print,
+    on_step: Callable[[int, mpx.TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the training run ``config`` describes; returns the final metrics.
+
+    ``on_step(step, state)`` is called after each step (and its checkpoint request).
+    """
+    policy = config.policy()
+    task = make_task(config)
+    model = make_model(config, task, policy)
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+
+    if config.finetune.init_from and not _has_checkpoints(config):
+        body = nnx.State({k: v for k, v in params.items() if k not in ("classifier", "head")})
+        loaded, from_step = ckpt.restore_params(config.finetune.init_from, body)
+        nnx.update(params, loaded)
+        say(f"fine-tuning from {config.finetune.init_from} (step {from_step}): body params loaded, new head")
+
+    optimizer = make_optimizer(config)
+    state = mpx.init_train_state(
+        params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create(), rng=jax.random.key(config.train.seed)
+    )
+    checkpointer = ckpt.Checkpointer(
+        config.run_dir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    train_iter = task.train_iter()
+    restored = checkpointer.restore_latest(state, say=say)
+    if restored is not None:
+        state = restored.state
+        train_iter.set_state(restored.data_state)
+        say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
+
+    loss_impl = lm_loss if config.data.task == "lm" else classification_loss
+    accum = config.optim.grad_accum
+    step_fn = jax.jit(
+        functools.partial(
+            mpx.train_step,
+            loss_fn=functools.partial(loss_impl, graphdef, dropout=config.model.dropout > 0),
+            optimizer=optimizer, has_aux=True, accum_steps=accum, fp8_config=policy.fp8,
+        ),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
+
+    shape = config.model.to_transformer(task.vocab_size)
+    embedding = shape.max_len * shape.d_model + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
+    flops_token = mt.flops_per_token(
+        params, num_layers=shape.num_layers, seq_len=config.data.seq_len, d_model=shape.d_model,
+        embedding_params=embedding,
+    )
+    peak = mt.peak_flops()
+    tokens_per_step = config.data.batch_size * config.data.seq_len * accum
+
+    baseline = None
+    if config.data.task == "lm":
+        baseline = data_lib.unigram_entropy(task.prepared.train, task.prepared.validation, task.vocab_size)
+        say(f"unigram baseline on the validation split: {baseline:.4f} nats/token")
+    start = int(state.step)
+    logger = Logger(config, say, config.train.steps, start)
+    window_start, window_steps, skipped = time.perf_counter(), 0, 0
+    last: dict[str, Any] = {}
+    try:
+        for step in range(start, config.train.steps):
+            batches = [next(train_iter) for _ in range(accum)]
+            batch = batches[0] if accum == 1 else _stack(batches)
+            state, m = step_fn(state, batch)
+            logger.step()
+            window_steps += 1
+            skipped += int(m.skipped)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                loss = float(m.loss)
+                elapsed = time.perf_counter() - window_start
+                tps = window_steps * tokens_per_step / elapsed
+                stats = fp8_stats(state.fp8_meta)
+                last = {
+                    "loss": loss,
+                    "perplexity": math.exp(min(loss, 50.0)),
+                    "tokens_per_s": tps,
+                    "mfu": mt.mfu(tps, flops_token, devices=jax.device_count(), peak=peak),
+                    "loss_scale": float(m.loss_scale),
+                    "skipped": skipped,
+                    "grad_norm": float(m.grad_norm),
+                    "fp8_min_scale": min((s.scale for s in stats), default=None),
+                    "fp8_max_saturated": max((s.saturated for s in stats), default=None),
+                    "fp8_max_flushed": max((s.flushed for s in stats), default=None),
+                }
+                logger.log(done, last, "train")
+                window_start, window_steps = time.perf_counter(), 0
+            if config.train.eval_every and (done % config.train.eval_every == 0 or done == config.train.steps):
+                last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches)
+                if baseline is not None:
+                    last_eval["unigram_baseline"] = baseline
+                logger.log(done, last_eval, "eval")
+                last.update({f"eval_{k}": v for k, v in last_eval.items()})
+            checkpointer.save(done, state, data_state=train_iter.get_state(), config=config.to_dict())
+            if on_step is not None:
+                on_step(done, state)
+        final = int(state.step)
+        checkpointer.save(final, state, data_state=train_iter.get_state(), config=config.to_dict(), force=True)
+        checkpointer.wait()
+    finally:
+        logger.close()
+        checkpointer.close()
+    last["step"] = int(state.step)
+    return last
+
+
+def _has_checkpoints(config: RunConfig) -> bool:
+    directory = ckpt.checkpoint_dir(config.run_dir)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+@dataclasses.dataclass
+class Trained:
+    """A run's model restored from its newest readable checkpoint."""
+
+    config: RunConfig
+    task: Task
+    graphdef: Any
+    state: mpx.TrainState
+    step: int
+
+
+def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
+    """Rebuild the run's model and restore its newest checkpoint (for eval / generate)."""
+    policy = config.policy()
+    task = make_task(config)
+    model = make_model(config, task, policy)
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+    optimizer = make_optimizer(config)
+    state = mpx.init_train_state(params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create())
+    checkpointer = ckpt.Checkpointer(config.run_dir, every=0, keep=config.checkpoint.keep, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(state, say=say)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(f"no checkpoint in {checkpointer.directory}; train first: python -m train train CONFIG")
+    return Trained(config, task, graphdef, restored.state, restored.step)
+
+
+def evaluate_trained(trained: Trained) -> dict[str, float]:
+    loss_impl = lm_loss if trained.config.data.task == "lm" else classification_loss
+    graphdef = trained.graphdef
+    eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
+    return evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches)
