@@ -25,6 +25,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -73,9 +74,13 @@ class NoOpLossScale:
 
 @struct.dataclass
 class StaticLossScale:
-    """A fixed loss scale."""
+    """A fixed loss scale (stored as f32)."""
 
     loss_scale: jax.Array
+
+    def __post_init__(self):
+        if isinstance(self.loss_scale, (int, float)):
+            object.__setattr__(self, "loss_scale", jnp.asarray(self.loss_scale, jnp.float32))
 
     def scale(self, tree):
         return _scale_tree(tree, self.loss_scale)
@@ -160,6 +165,8 @@ class LossScaleConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"loss_scale {name} must be a positive number, got {value!r}")
+            if not value <= float(np.finfo(np.float32).max):  # the scale lives in f32
+                raise ValueError(f"loss_scale {name} must be a finite float32 (<= 3.4e38), got {value!r}")
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
             raise ValueError(f"loss_scale period must be an integer >= 1, got {self.period!r}")
         if self.kind == "dynamic" and self.factor <= 1:

@@ -93,6 +93,13 @@ class Rule:
         self._validate(where=f"rule {self}")
 
     def _validate(self, *, where: str):
+        for field in ("use", "match", "kind"):
+            value = getattr(self, field)
+            if not (isinstance(value, str) or (value is None and field != "use")):
+                raise ValueError(
+                    f"{where}: {field} must be a string, got {value!r}"
+                    + (" (write several kinds as one string: 'dense|head')" if field == "kind" else "")
+                )
         if self.use not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {self.use!r} for {where}; expected one of "
@@ -134,7 +141,7 @@ class Rule:
         return d
 
     def __str__(self) -> str:
-        return f"{self.match or ''}{'@' + self.kind if self.kind else ''}->{self.use}"
+        return f"{self.match or ''}{'@' + str(self.kind) if self.kind else ''}->{self.use}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +240,15 @@ class Policy:
 def _path_str(path) -> str:
     if isinstance(path, str):
         return path
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    return "/".join(_key_name(p) for p in path)
+
+
+def _key_name(key) -> str:
+    """A path entry as users see it: DictKey.key, SequenceKey.idx, GetAttrKey.name, or itself."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 @functools.lru_cache(maxsize=4096)
