@@ -14,6 +14,7 @@ from mpx.loss_scale import (
 from mpx.policy import OpPrecision, Policy, Rule, parse as parse_policy
 from mpx.step import StepMetrics, TrainState, init_train_state, train_step
 from mpx import nn  # noqa: E402 - layers build on everything above
+from mpx import linen  # noqa: E402
 
 __all__ = [
     "DynamicLossScale",
@@ -34,6 +35,7 @@ __all__ = [
     "fp8_dot_general",
     "inspect",
     "init_train_state",
+    "linen",
     "loss_scale",
     "nn",
     "ops",

@@ -126,7 +126,7 @@ def fp8_stats(meta) -> list[TensorStats]:
         if not isinstance(m, Fp8Meta):
             continue
         keys = [_key_str(k) for k in key_path if _key_str(k) not in ("value", "raw_value")]
-        while keys and keys[-1] in _PLUMBING:  # show the op's path, not where its meta is kept
+        while keys and (keys[-1] in _PLUMBING or keys[-1].startswith("PolicyDotGeneral_")):  # the op's path
             keys.pop()
         path = "/".join(keys)
         for name in ("lhs", "rhs", "grad"):

@@ -1,55 +1,77 @@
-"""Flax linen models under a precision policy.
+"""Put an existing Flax linen model under a precision policy.
 
-Two ways in, one mechanism (`PolicyDotGeneral`):
+Run ``init`` and ``apply`` inside `policy_context`: every ``nn.Dense``,
+``nn.DenseGeneral`` and ``nn.Einsum`` call then goes through a `PolicyDotGeneral` and
+computes in its op's dtype. The model's code is not touched and its parameter tree is
+the plain model's, so a plain checkpoint loads. Each fp8 matmul keeps its
+`mpx.fp8.Fp8Meta` in the `FP8_COLLECTION` collection, next to (not inside) ``params``,
+at ``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``::
 
-* a model you write: pass ``dot_general_cls=functools.partial(PolicyDotGeneral, policy=policy)``
-  to ``nn.Dense`` / ``nn.DenseGeneral``;
-* a model you cannot change (it just uses ``nn.Dense``): run it inside
-  ``policy_context(policy)``, which intercepts every Dense / DenseGeneral call.
+    policy = mpx.parse_policy("fp8")
+    kinds = {"head": "head"}                       # path pattern -> op kind
+    with mpx.linen.policy_context(policy, kinds=kinds):
+        params, fp8_meta = mpx.linen.split_variables(model.init(key, x))
 
-Either way the parameter tree is the plain model's, and each FP8 matmul keeps its
-`mpx.fp8.Fp8Meta` in the ``fp8_meta`` collection (`FP8_COLLECTION`), next to its layer::
-
-    with mpx.linen.policy_context(policy):
-        variables = model.init(key, x)
-    params, meta = variables["params"], variables.get(mpx.linen.FP8_COLLECTION, {})
-
-    def loss_fn(params, meta, batch, rng):          # for mpx.train_step
-        with mpx.linen.policy_context(policy):
-            y, _ = model.apply({"params": params, FP8_COLLECTION: meta}, batch["x"],
-                               mutable=[FP8_COLLECTION])
+    def loss_fn(params, fp8_meta, batch, rng):
+        with mpx.linen.policy_context(policy, kinds=kinds):   # inside: it acts at trace time
+            y, _ = model.apply({"params": params, "fp8_meta": fp8_meta}, batch["x"],
+                               mutable=["fp8_meta"])
         return jnp.mean((y.astype(jnp.float32) - batch["y"]) ** 2)
+
+    state = mpx.init_train_state(params, opt, fp8_meta=fp8_meta)
+    step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt))
+
+``mutable=["fp8_meta"]`` threads each op's meta from one call to the next, so a layer
+called twice in a step combines its amaxes by max; the returned collection can be
+dropped, `mpx.train_step` takes the new meta from the gradient. Layers you write
+yourself can take the op directly (no context needed):
+``nn.Dense(n, dot_general_cls=functools.partial(PolicyDotGeneral, policy=policy))``.
+``nn.Einsum`` has no such hook; `policy_context` covers it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import opt_einsum
 from flax import linen as nn
 
 from mpx import ops
 from mpx.fp8 import Fp8Meta
-from mpx.policy import KINDS, Policy, _translate_pattern
+from mpx.nn.apply import kind_overrides
+from mpx.policy import Policy
 
 FP8_COLLECTION = "fp8_meta"
-_DENSE = (nn.Dense, nn.DenseGeneral)
+"""The variable collection of FP8 state: one variable ``meta`` (an `Fp8Meta`) per fp8 matmul."""
 
 
-def _op_path(scope_path) -> str:
-    return "/".join(str(p) for p in scope_path)
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    policy: Policy
+    kinds: list  # (compiled path pattern, kind), first match wins
+    record: list | None  # (path, kind) of every op that runs, for `linen_ops`
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("mpx_linen_policy", default=None)
 
 
 class PolicyDotGeneral(nn.Module):
-    """A ``dot_general_cls`` that obeys ``policy`` for the layer that owns it.
+    """A ``lax.dot_general`` that obeys ``policy``: a ``dot_general_cls`` for ``nn.Dense`` /
+    ``nn.DenseGeneral`` (bind ``policy`` and ``kind`` with ``functools.partial``).
 
-    The op's path is the owning layer's path in the parameter tree; ``kind`` defaults to
-    ``dense``. FP8 ops keep their meta in the ``fp8_meta`` collection and write the
-    threaded meta back when that collection is mutable.
+    The op's path is that of the layer that owns this module (``"encoder/fc1"``), its kind
+    ``kind``. In fp8 it keeps an `Fp8Meta` as variable ``meta`` of `FP8_COLLECTION` and,
+    when that collection is mutable, writes back the meta the FP8 matmul returns, so a
+    second call in the same step combines by max in the backward pass. Other precisions
+    cast both operands to the op's dtype. ``precision`` and ``preferred_element_type``
+    are ignored: the policy decides.
     """
 
     policy: Policy
@@ -57,101 +79,141 @@ class PolicyDotGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-        op = self.policy.for_op(_op_path(self.scope.path[:-1]), self.kind)
+        path = "/".join(str(p) for p in self.path[:-1])
+        active = _ACTIVE.get()
+        if active is not None and active.record is not None:
+            active.record.append((path, self.kind))
+        op = self.policy.for_op(path, self.kind)
         if not op.is_fp8:
-            out, _ = ops.dot_general(lhs, rhs, dimension_numbers, op)
-            return out
+            return ops.dot_general(lhs, rhs, dimension_numbers, op)[0]
+        if not self.has_variable(FP8_COLLECTION, "meta") and not self.is_initializing():
+            raise ValueError(
+                f"op {path!r} ({self.kind}) runs in fp8 but the variables have no "
+                f"{FP8_COLLECTION}/{'/'.join(self.path)}/meta; init the model under the same policy "
+                f"(inside mpx.linen.policy_context) and pass {{'params': ..., {FP8_COLLECTION!r}: ...}} to apply"
+            )
         meta = self.variable(FP8_COLLECTION, "meta", Fp8Meta.init, op.fp8.amax_history)
-        out, new = ops.dot_general(lhs, rhs, dimension_numbers, op, meta.value)
+        out, new_meta = ops.dot_general(lhs, rhs, dimension_numbers, op, meta.value)
         if self.is_mutable_collection(FP8_COLLECTION):
-            meta.value = new  # threaded: a second call of this layer combines amaxes by max
+            meta.value = new_meta
         return out
 
 
-def _kind_for(path: str, overrides) -> str:
-    for regex, kind in overrides:
+def _op_kind(module: nn.Module, path: str, kinds) -> str:
+    for regex, kind in kinds:
         if regex.fullmatch(path):
             return kind
-    return "dense"
+    return "einsum" if isinstance(module, nn.Einsum) else "dense"
 
 
-def _compile_kinds(kinds: Mapping[str, str] | None):
-    out = []
-    for pattern, kind in (kinds or {}).items():
-        if kind not in KINDS:
-            raise ValueError(f"unknown op kind {kind!r} for path {pattern!r} in kinds; expected one of {', '.join(KINDS)}")
-        out.append((re.compile(_translate_pattern(pattern)), kind))
-    return out
+def _einsum(module: nn.Einsum, active: _Active, kind: str, dtype, inputs, einsum_str=None):
+    """``nn.Einsum.__call__`` with the einsum as one policy dot_general.
+
+    nn.Einsum calls ``jnp.einsum`` itself (no ``dot_general_cls``), so its forward is
+    re-done here with the module's own fields; parameter names, shapes and initializers
+    are nn.Einsum's.
+    """
+    einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
+    if "->" not in einsum_str or einsum_str.count(",") != 1:
+        raise ValueError(f"nn.Einsum equation {einsum_str!r} must be explicit ('->') with exactly two operands")
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        # The bias covers the output axes that come from the kernel (as nn.Einsum does it).
+        operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, inputs, kernel))
+        rhs_axes = {c: i for i, c in enumerate(operands.split(",")[1])}
+        bias_shape = [module.shape[rhs_axes[c]] for c in result if c in rhs_axes]
+        broadcast = [module.shape[rhs_axes[c]] if c in rhs_axes else 1 for c in result]
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=dtype)
+    dims, perm = ops.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
+    dot = PolicyDotGeneral(policy=active.policy, kind=kind, parent=module)
+    y = jnp.transpose(dot(inputs, kernel, dims), perm)
+    return y if bias is None else y + jnp.reshape(bias, broadcast)
+
+
+def _intercept(next_fun, args, kwargs, context):
+    module, active = context.module, _ACTIVE.get()
+    if active is None or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return next_fun(*args, **kwargs)
+    path = "/".join(str(p) for p in module.path)
+    kind = _op_kind(module, path, active.kinds)
+    dtype = active.policy.for_op(path, kind).dtype
+    if isinstance(module, nn.Einsum):
+        return _einsum(module, active, kind, dtype, *args, **kwargs)
+    if module.dot_general_cls is not None or module.dot_general is not None:
+        return next_fun(*args, **kwargs)  # the layer's own choice stands
+    # The layer's own forward with the policy's op and dtype. The fields are swapped on the
+    # bound module for this call only: a clone on the same scope would work too, but would
+    # show up twice in capture_intermediates and tabulate.
+    dot = functools.partial(PolicyDotGeneral, policy=active.policy, kind=kind)
+    with _swapped(module, dot_general_cls=dot, dtype=dtype):
+        return next_fun(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def _swapped(module, **attrs) -> Iterator[None]:
-    """Temporarily set attributes of a (frozen) bound linen module."""
-    old = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        object.__setattr__(module, k, v)
+def _swapped(module: nn.Module, **fields) -> Iterator[None]:
+    old = {name: getattr(module, name) for name in fields}
+    for name, value in fields.items():
+        object.__setattr__(module, name, value)  # linen modules are frozen dataclasses
     try:
         yield
     finally:
-        for k, v in old.items():
-            object.__setattr__(module, k, v)
+        for name, value in old.items():
+            object.__setattr__(module, name, value)
 
 
 @contextlib.contextmanager
-def policy_context(policy: Policy, *, kinds: Mapping[str, str] | None = None) -> Iterator[None]:
-    """Run every ``nn.Dense`` / ``nn.DenseGeneral`` called inside under ``policy``.
+def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | None) -> Iterator[None]:
+    token = _ACTIVE.set(_Active(policy, kind_overrides(kinds), record))
+    try:
+        with nn.intercept_methods(_intercept):
+            yield
+    finally:
+        _ACTIVE.reset(token)
 
-    Layers that already have a ``dot_general_cls`` are left alone. ``kinds`` maps path
-    patterns (policy syntax) to op kinds, e.g. ``{"head": "head"}``.
+
+def policy_context(policy: Policy, *, kinds: Mapping[str, str] | None = None):
+    """Run unmodified linen models under ``policy`` inside this ``with`` block.
+
+    Every ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call computes in its op's
+    dtype through a `PolicyDotGeneral` (fp8 ops with their meta in `FP8_COLLECTION`).
+    Ops are named by their path in the parameter tree and are of kind ``dense``
+    (``einsum`` for nn.Einsum) unless ``kinds`` maps a matching path pattern (policy
+    syntax: ``*`` one segment, ``**`` any) to another kind, e.g. ``{"head": "head"}``.
+    A layer given its own ``dot_general_cls`` / ``dot_general`` keeps it. The innermost
+    context wins. It acts when the model is traced: enter it inside the jitted function.
     """
-    overrides = _compile_kinds(kinds)
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, _DENSE) or module.dot_general_cls is not None:
-            return next_fun(*args, **kwargs)
-        path = _op_path(module.scope.path)
-        kind = _kind_for(path, overrides)
-        op = policy.for_op(path, kind)
-        dot = functools.partial(PolicyDotGeneral, policy=policy, kind=kind)
-        with _swapped(module, dot_general_cls=dot, dtype=op.dtype):
-            return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
+    return _activate(policy, kinds, None)
 
 
 def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
-    """The (path, kind) of every Dense / DenseGeneral op ``model`` runs on these inputs.
+    """Every policy op ``model`` runs on ``args``/``kwargs``, as ``[(path, kind)]`` in call order.
 
-    Traced abstractly (``jax.eval_shape`` of ``model.init``): nothing is computed. A
+    Traces ``model.init`` abstractly (nothing is computed) under `policy_context`; a
     layer called several times is listed once.
     """
-    del policy  # the ops a model has do not depend on the policy
-    overrides = _compile_kinds(kinds)
-    found: dict[str, str] = {}
+    record: list = []
 
-    def interceptor(next_fun, a, kw, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, _DENSE):
-            path = _op_path(module.scope.path)
-            found.setdefault(path, _kind_for(path, overrides))
-        return next_fun(*a, **kw)
+    def init(*a):
+        key = jax.random.key(0)
+        return model.init({"params": key, "dropout": key}, *a, **kwargs)
 
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
-    return sorted(found.items())
+    with _activate(policy, kinds, record):
+        jax.eval_shape(init, *args)
+    return list(dict.fromkeys(record))
 
 
 def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
-    """``(params, fp8_meta)`` of a linen variable dict, for `mpx.init_train_state`."""
+    """``(params, fp8_meta)`` of linen ``variables``: what `mpx.init_train_state` and the
+    ``loss_fn`` of `mpx.train_step` take. ``fp8_meta`` is ``{}`` when no op runs in fp8."""
+    other = sorted(set(variables) - {"params", FP8_COLLECTION})
+    if other:
+        raise ValueError(
+            f"variables hold collections {other} besides params and {FP8_COLLECTION}; mpx.train_step "
+            f"carries only those two. Keep the others yourself (e.g. close over them in loss_fn) and "
+            f"pass the variables without them"
+        )
     return variables["params"], variables.get(FP8_COLLECTION, {})
-
-
-def apply_with_meta(model: nn.Module, params, meta, *args, **kwargs):
-    """``model.apply`` with the FP8 meta threaded through (call inside `policy_context`)."""
-    out, _ = model.apply({"params": params, FP8_COLLECTION: meta}, *args, mutable=[FP8_COLLECTION], **kwargs)
-    return out
-
-
-__all__ = ["FP8_COLLECTION", "PolicyDotGeneral", "apply_with_meta", "linen_ops", "policy_context", "split_variables"]

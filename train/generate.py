@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,8 +30,8 @@ def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tok
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token (e.g. a newline)")
 
-    @functools.partial(jax.jit, static_argnames=())
-    def step(window, pos, key):
+    @jax.jit
+    def step(params, meta, window, pos, key):  # state as arguments: merged Variables belong to this trace
         model = nnx.merge(graphdef, params, meta)
         logits = model(window[None])[0, pos]
         return sample_logits(logits, key, temperature=temperature, top_k=top_k)
@@ -43,5 +41,5 @@ def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tok
     for i in range(new_tokens):
         context = tokens[-max_len:]
         window = jnp.zeros((max_len,), jnp.int32).at[: len(context)].set(jnp.asarray(context, jnp.int32))
-        tokens.append(int(step(window, len(context) - 1, jax.random.fold_in(key, i))))
+        tokens.append(int(step(params, meta, window, len(context) - 1, jax.random.fold_in(key, i))))
     return tokens[len(prompt):]

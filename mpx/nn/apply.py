@@ -41,7 +41,7 @@ def _default_kind(module) -> str | None:
     return None
 
 
-def _kind_overrides(kinds: Mapping[str, str] | None):
+def kind_overrides(kinds: Mapping[str, str] | None):
     out = []
     for pattern, kind in (kinds or {}).items():
         if kind not in KINDS:
@@ -58,7 +58,7 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
     (norm). ``kinds`` maps path patterns (policy syntax) to a kind, e.g.
     ``{"lm_head": "head"}`` for a model whose output projection is a plain Linear.
     """
-    overrides = _kind_overrides(kinds)
+    overrides = kind_overrides(kinds)
     found = []
     for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
