@@ -78,8 +78,8 @@ class Fp8Config:
         _check_choice("amax_compute", self.amax_compute, _AMAX_COMPUTE)
         if not isinstance(self.amax_history, int) or isinstance(self.amax_history, bool) or self.amax_history < 1:
             raise ValueError(f"fp8 amax_history must be an integer >= 1, got {self.amax_history!r}")
-        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
-            raise ValueError(f"fp8 margin must be an integer >= 0, got {self.margin!r}")
+        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or not 0 <= self.margin <= 32:
+            raise ValueError(f"fp8 margin must be an integer in [0, 32], got {self.margin!r}")
 
     @property
     def forward_dtype(self):
@@ -181,7 +181,7 @@ def compute_scale(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, mar
     """
     amax = jnp.asarray(amax, jnp.float32)
     scale = jnp.float32(fp8_max) / amax / jnp.float32(2.0**margin)
-    ok = (amax > 0) & jnp.isfinite(amax) & jnp.isfinite(scale)
+    ok = (amax > 0) & jnp.isfinite(amax) & jnp.isfinite(scale) & (scale > 0)
     return jnp.where(ok, scale, prev_scale.astype(jnp.float32))
 
 

@@ -120,7 +120,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, precision):
     ref, got = losses(tmp_path / "runs" / "whole"), losses(cut)
     assert [got[s] for s in range(resume_at + 1, 9)] == [ref[s] for s in range(resume_at + 1, 9)]
     if "fp16" in precision:
-        state = load_trained(load_config(config, ["run_dir=runs/cut"]), say=lambda _: None).state
+        state = load_trained(load_config(config, [f"run_dir={cut}"]), say=lambda _: None).state
         assert float(state.loss_scale.loss_scale) > 1024  # grew every 2 finite steps: the state mattered
 
 
@@ -132,7 +132,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f) and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated data files
     said = []
-    trained = load_trained(load_config(config, ["run_dir=runs/c"]), say=said.append)
+    trained = load_trained(load_config(config, [f"run_dir={tmp_path / 'runs' / 'c'}"]), say=said.append)
     assert trained.step == 6
     assert any("step 8" in s and "falling back" in s for s in said), said
     out = cli("eval", config, "run_dir=runs/c", cwd=tmp_path)
@@ -149,7 +149,7 @@ def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.d_model=30", r"model.d_model \(30\) must be divisible by model.num_heads \(2\)"),
+        ("model.d_model=31", r"model.d_model \(31\) must be divisible by model.num_heads \(2\)"),
         ("optim.lrr=1", r"optim.lrr: unknown key.*did you mean 'lr'"),
         ("train.steps=abc", r"train.steps: expected an integer, got 'abc'"),
         ("data.seq_len=64", r"data.seq_len \(64\) must be <= model.max_len \(32\)"),
