@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     from train.config import load_config
 
     try:
@@ -45,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """TFDS progress bars and absl notices would drown the run's own log."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
 
 
 def _train(config, args) -> int:
@@ -86,7 +97,8 @@ def _data(config, args) -> int:
 
     task = make_task(config)
     if args.inspect:
-        print(data_lib.describe_dataset(task.prepared))
+        facts = data_lib.describe_dataset(task.prepared)
+        print("\n".join(f"{k}: {v}" for k, v in facts.items()))
     else:
         print(f"prepared {config.data.task} data in {config.data.data_dir} (vocab {task.vocab_size})")
     return 0

@@ -109,6 +109,23 @@ def classification_loss(graphdef, params, meta, batch, rng, *, dropout: bool):
     return loss, {"correct": correct, "count": jnp.float32(batch["label"].shape[0])}
 
 
+def unigram_baseline(prepared) -> float:
+    """Cross-entropy (nats/token) of the validation split under the add-one smoothed
+    unigram distribution of the training split: what a model that learned only token
+    frequencies would score. A trained LM must be clearly below it."""
+    tok = prepared.tokenizer
+    counts = np.ones(tok.vocab_size, np.float64)
+    for text in data_lib.loaders.source_texts(prepared.train):
+        counts += np.bincount(np.asarray(tok.encode(text), np.int64), minlength=tok.vocab_size)[: tok.vocab_size]
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for text in data_lib.loaders.source_texts(prepared.validation):
+        ids = np.asarray(tok.encode(text), np.int64)
+        total -= logp[ids].sum()
+        n += ids.size
+    return total / max(n, 1)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -236,7 +253,7 @@ def train(
 
     baseline = None
     if config.data.task == "lm":
-        baseline = data_lib.unigram_entropy(task.prepared.train, task.prepared.validation, task.vocab_size)
+        baseline = unigram_baseline(task.prepared)
         say(f"unigram baseline on the validation split: {baseline:.4f} nats/token")
     start = int(state.step)
     logger = Logger(config, say, config.train.steps, start)
@@ -327,4 +344,8 @@ def evaluate_trained(trained: Trained) -> dict[str, float]:
     loss_impl = lm_loss if trained.config.data.task == "lm" else classification_loss
     graphdef = trained.graphdef
     eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
-    return evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches)
+    out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches)
+    if trained.config.data.task == "lm":
+        prepared = trained.task.prepared
+        out["unigram_baseline"] = unigram_baseline(prepared)
+    return out

@@ -1,0 +1,153 @@
+"""grain pipelines: random-access source -> shuffled, tokenized, packed/padded batches.
+
+The returned iterators are grain ``DatasetIterator``s: ``it.get_state()`` is a small
+JSON-able dict and ``it.set_state(state)`` continues with exactly the batches that
+would have followed (an orbax checkpoint can hold it via grain's checkpoint handler, or
+``json.dumps`` it). Same seed -> same batches; each epoch is reshuffled (seed + epoch).
+Incomplete final batches are dropped, so every batch has the stated shape.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from train.data.corpora import DataError
+from train.data.tokenizers import Tokenizer
+
+
+def _text(example) -> str:
+    text = example["text"]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def source_texts(source, *, chunk: int = 1024) -> Iterator[str]:
+    """Every text of a random-access source, in order (read ``chunk`` records at a time)."""
+    for start in range(0, len(source), chunk):
+        indices = range(start, min(start + chunk, len(source)))
+        records = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
+        yield from map(_text, records)
+
+
+def _check(source, *, seq_len: int, batch_size: int, seed: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if len(source) == 0:
+        raise DataError("the data source is empty; prepare the data again or check the split name")
+
+
+def _documents(source, *, seed: int, shuffle: bool, num_epochs: int | None, encode):
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # index i of epoch e uses seed + e: a new order every epoch
+    return ds.repeat(num_epochs).map(encode)
+
+
+class _PackIterDataset(grain.IterDataset):
+    """Concatenates 1-D token arrays and cuts the stream into ``{"tokens": (length,)}``
+    pieces; a piece may span documents, and the tail of the last one is dropped."""
+
+    def __init__(self, parent: grain.IterDataset, *, length: int, num_docs: int):
+        super().__init__(parent)
+        self._length, self._num_docs = length, num_docs
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), length=self._length, num_docs=self._num_docs)
+
+
+class _PackIterator(grain.DatasetIterator):
+    """State = the parent's state before the current document + the offset into it, so
+    restoring re-reads (re-tokenizes) one document instead of storing a token buffer."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, length: int, num_docs: int):
+        super().__init__(parent)
+        self._length, self._num_docs = length, num_docs
+        self._doc_state = copy.deepcopy(parent.get_state())
+        self._doc = np.zeros(0, np.int32)
+        self._pos = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        pieces, need, empty = [], self._length, 0
+        while need:
+            if self._pos == len(self._doc):
+                self._doc_state = copy.deepcopy(self._parent.get_state())
+                self._doc, self._pos = next(self._parent), 0  # StopIteration: the partial piece is dropped
+                empty = empty + 1 if len(self._doc) == 0 else 0
+                if empty > self._num_docs:
+                    raise DataError("every document of the source tokenizes to nothing; the split has no text")
+                continue
+            take = min(need, len(self._doc) - self._pos)
+            pieces.append(self._doc[self._pos: self._pos + take])
+            self._pos += take
+            need -= take
+        return {"tokens": np.concatenate(pieces)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": copy.deepcopy(self._doc_state), "offset": self._pos}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self._doc_state = copy.deepcopy(state["parent"])
+        self._doc, self._pos = np.zeros(0, np.int32), 0
+        if state["offset"]:
+            self._doc, self._pos = next(self._parent), int(state["offset"])
+
+
+def lm_loader(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """Batches ``{"tokens": int32 (batch_size, seq_len + 1)}`` of packed text.
+
+    Documents are shuffled (by ``seed``), tokenized and concatenated in that order; the
+    stream is cut into consecutive, non-overlapping rows of ``seq_len + 1`` tokens
+    (inputs ``[:, :-1]``, targets ``[:, 1:]``). ``num_epochs=None`` repeats forever; with
+    ``shuffle=False`` the rows are the source's stream in order, e.g. for evaluation.
+    """
+    _check(source, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    docs = _documents(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                      encode=lambda ex: np.asarray(tokenizer.encode(_text(ex)), np.int32))
+    packed = _PackIterDataset(docs.to_iter_dataset(), length=seq_len + 1, num_docs=len(source))
+    return iter(packed.batch(batch_size, drop_remainder=True))
+
+
+def classification_loader(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """Batches ``{"tokens": int32 (B, seq_len), "mask": bool (B, seq_len), "label": int32 (B,)}``.
+
+    Each text's ids are truncated to ``seq_len`` and right-padded with 0; ``mask`` is
+    True on real tokens (a text always has at least one: blank rows are dropped at
+    prepare time).
+    """
+    _check(source, seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+    def encode(example) -> dict[str, np.ndarray]:
+        ids = tokenizer.encode(_text(example))[:seq_len]
+        tokens = np.zeros(seq_len, np.int32)
+        tokens[: len(ids)] = ids
+        return {"tokens": tokens, "mask": np.arange(seq_len) < len(ids), "label": np.int32(example["label"])}
+
+    docs = _documents(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, encode=encode)
+    return iter(docs.batch(batch_size, drop_remainder=True).to_iter_dataset())
