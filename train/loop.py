@@ -22,6 +22,7 @@ import mpx.nn as mn
 from mpx.inspect import fp8_stats
 from train import checkpoint as ckpt
 from train import data as data_lib
+from train import mesh as mesh_lib
 from train import metrics as mt
 from train.config import RunConfig
 
@@ -220,6 +221,10 @@ def train(
     state = mpx.init_train_state(
         params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create(), rng=jax.random.key(config.train.seed)
     )
+    mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
+    shardings = mesh_lib.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    batch_sharding = mesh_lib.batch_sharding(mesh, accumulated=config.optim.grad_accum > 1)
     checkpointer = ckpt.Checkpointer(
         config.run_dir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
@@ -238,6 +243,7 @@ def train(
             loss_fn=functools.partial(loss_impl, graphdef, dropout=config.model.dropout > 0),
             optimizer=optimizer, has_aux=True, accum_steps=accum, fp8_config=policy.fp8,
         ),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),  # the state keeps its layout: no recompiles
         donate_argnums=0,
     )
     eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
@@ -262,7 +268,7 @@ def train(
     try:
         for step in range(start, config.train.steps):
             batches = [next(train_iter) for _ in range(accum)]
-            batch = batches[0] if accum == 1 else _stack(batches)
+            batch = jax.device_put(batches[0] if accum == 1 else _stack(batches), batch_sharding)
             state, m = step_fn(state, batch)
             logger.step()
             window_steps += 1

@@ -51,6 +51,10 @@ def state_shardings(state, mesh: Mesh):
     )
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh, *, accumulated: bool) -> NamedSharding:
     """The batch axis (axis 1 under gradient accumulation) split over every device."""
     return NamedSharding(mesh, P(None, AXES) if accumulated else P(AXES))
