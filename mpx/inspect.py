@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from mpx.fp8 import Fp8Meta
-from mpx.policy import Policy, Rule
+from mpx.policy import Policy, Rule, key_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +104,6 @@ class TensorStats:
     flushed: float
 
 
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 _PLUMBING = ("fp8_meta", "meta", "dot_general", "einsum_op")
 
 
@@ -125,7 +118,7 @@ def fp8_stats(meta) -> list[TensorStats]:
     for key_path, m in found:
         if not isinstance(m, Fp8Meta):
             continue
-        keys = [_key_str(k) for k in key_path if _key_str(k) not in ("value", "raw_value")]
+        keys = [k for k in map(key_name, key_path) if k not in ("value", "raw_value")]
         while keys and (keys[-1] in _PLUMBING or keys[-1].startswith("PolicyDotGeneral_")):  # the op's path
             keys.pop()
         path = "/".join(keys)

@@ -240,10 +240,10 @@ class Policy:
 def _path_str(path) -> str:
     if isinstance(path, str):
         return path
-    return "/".join(_key_name(p) for p in path)
+    return "/".join(key_name(p) for p in path)
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
     """A path entry as users see it: DictKey.key, SequenceKey.idx, GetAttrKey.name, or itself."""
     for attr in ("key", "idx", "name"):
         if hasattr(key, attr):

@@ -196,6 +196,30 @@ def _stack(batches):
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
+def _fresh_state(config: RunConfig, *, say: Callable[[str], None], finetune: bool):
+    """Policy, task, graphdef, optimizer and a step-0 state; with ``finetune`` and
+    ``finetune.init_from`` set, the body params come from that pre-training run."""
+    policy = config.policy()
+    task = make_task(config)
+    model = make_model(config, task, policy)
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+    if finetune and config.finetune.init_from:
+        body = nnx.State({k: v for k, v in params.items() if k not in ("classifier", "head")})
+        loaded, from_step = ckpt.restore_params(config.finetune.init_from, body)
+        nnx.update(params, loaded)
+        say(f"fine-tuning from {config.finetune.init_from} (step {from_step}): body params loaded, new head")
+    optimizer = make_optimizer(config)
+    state = mpx.init_train_state(
+        params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create(), rng=jax.random.key(config.train.seed)
+    )
+    return policy, task, graphdef, optimizer, state
+
+
+def _eval_step(config: RunConfig, graphdef):
+    loss_impl = lm_loss if config.data.task == "lm" else classification_loss
+    return jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
+
+
 def train(
     config: RunConfig,
     *,
@@ -206,21 +230,7 @@ def train(
 
     ``on_step(step, state)`` is called after each step (and its checkpoint request).
     """
-    policy = config.policy()
-    task = make_task(config)
-    model = make_model(config, task, policy)
-    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
-
-    if config.finetune.init_from and not _has_checkpoints(config):
-        body = nnx.State({k: v for k, v in params.items() if k not in ("classifier", "head")})
-        loaded, from_step = ckpt.restore_params(config.finetune.init_from, body)
-        nnx.update(params, loaded)
-        say(f"fine-tuning from {config.finetune.init_from} (step {from_step}): body params loaded, new head")
-
-    optimizer = make_optimizer(config)
-    state = mpx.init_train_state(
-        params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create(), rng=jax.random.key(config.train.seed)
-    )
+    policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not _has_checkpoints(config))
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
@@ -246,12 +256,12 @@ def train(
         out_shardings=(shardings, mesh_lib.replicated(mesh)),  # the state keeps its layout: no recompiles
         donate_argnums=0,
     )
-    eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
+    eval_step = _eval_step(config, graphdef)
 
     shape = config.model.to_transformer(task.vocab_size)
     embedding = shape.max_len * shape.d_model + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
     flops_token = mt.flops_per_token(
-        params, num_layers=shape.num_layers, seq_len=config.data.seq_len, d_model=shape.d_model,
+        state.params, num_layers=shape.num_layers, seq_len=config.data.seq_len, d_model=shape.d_model,
         embedding_params=embedding,
     )
     peak = mt.peak_flops()
@@ -330,12 +340,7 @@ class Trained:
 
 def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
     """Rebuild the run's model and restore its newest checkpoint (for eval / generate)."""
-    policy = config.policy()
-    task = make_task(config)
-    model = make_model(config, task, policy)
-    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
-    optimizer = make_optimizer(config)
-    state = mpx.init_train_state(params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create())
+    _, task, graphdef, _, state = _fresh_state(config, say=say, finetune=False)
     checkpointer = ckpt.Checkpointer(config.run_dir, every=0, keep=config.checkpoint.keep, async_save=False)
     try:
         restored = checkpointer.restore_latest(state, say=say)
@@ -347,9 +352,7 @@ def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Tr
 
 
 def evaluate_trained(trained: Trained) -> dict[str, float]:
-    loss_impl = lm_loss if trained.config.data.task == "lm" else classification_loss
-    graphdef = trained.graphdef
-    eval_step = jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
+    eval_step = _eval_step(trained.config, trained.graphdef)
     out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches)
     if trained.config.data.task == "lm":
         prepared = trained.task.prepared
