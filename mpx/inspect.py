@@ -94,7 +94,12 @@ def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = Non
 
 @dataclasses.dataclass(frozen=True)
 class TensorStats:
-    """Scaling statistics of one FP8 tensor (lhs, rhs or grad of one op) after the last step."""
+    """Scaling statistics of one FP8 tensor (lhs, rhs or grad of one op) after the last step.
+
+    ``calls``: how many times the op ran in that step; ``fanout``: 1 when every reuse of
+    its meta was threaded, k > 1 when k un-threaded uses added up their amaxes (a larger,
+    safe amax; thread the meta to get the exact max).
+    """
 
     path: str
     tensor: str
@@ -102,16 +107,19 @@ class TensorStats:
     scale: float
     saturated: float
     flushed: float
+    calls: float
+    fanout: float
 
 
 _PLUMBING = ("fp8_meta", "meta", "dot_general", "einsum_op")
 
 
 def fp8_stats(meta) -> list[TensorStats]:
-    """Per tensor: latest amax, scale, and the fractions saturated / flushed to zero.
+    """Per tensor: latest amax, scale, the fractions saturated / flushed to zero, calls, fan-out.
 
     ``meta`` is any pytree of `Fp8Meta` (a dict, an NNX state, a linen collection).
-    Paths leave out container plumbing (``value`` attributes).
+    Paths leave out container plumbing (``value`` attributes). A stacked meta (a
+    scanned stack of layers) gives one row per layer, its index in brackets.
     """
     found = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: isinstance(x, Fp8Meta))[0]
     out = []
@@ -122,15 +130,19 @@ def fp8_stats(meta) -> list[TensorStats]:
         while keys and (keys[-1] in _PLUMBING or keys[-1].startswith("PolicyDotGeneral_")):  # the op's path
             keys.pop()
         path = "/".join(keys)
-        for name in ("lhs", "rhs", "grad"):
-            s = getattr(m, name)
-            out.append(
-                TensorStats(path, name, float(s.amax_history[0]), float(s.scale), float(s.saturated), float(s.flushed))
-            )
+        for index in np.ndindex(*m.stack):
+            where = path + (f"[{','.join(map(str, index))}]" if index else "")
+            for name, s, _ in m.tensors():
+                values = [float(np.asarray(getattr(s, f))[index]) for f in _STAT_FIELDS]
+                out.append(TensorStats(where, name, *values))
     return out
+
+
+_STAT_FIELDS = ("amax", "scale", "saturated", "flushed", "calls", "fanout")
 
 
 def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
     """The statistics as an aligned text table."""
-    rows = [(s.path, s.tensor, f"{s.amax:.4g}", f"{s.scale:.4g}", f"{s.saturated:.2%}", f"{s.flushed:.2%}") for s in stats]
-    return "\n".join(_format(["path", "tensor", "amax", "scale", "saturated", "flushed"], rows))
+    rows = [(s.path, s.tensor, f"{s.amax:.4g}", f"{s.scale:.4g}", f"{s.saturated:.2%}", f"{s.flushed:.2%}",
+             f"{s.calls:g}", f"{s.fanout:g}") for s in stats]
+    return "\n".join(_format(["path", "tensor", "amax", "scale", "saturated", "flushed", "calls", "fanout"], rows))

@@ -23,7 +23,9 @@ at ``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``::
 
 ``mutable=["fp8_meta"]`` threads each op's meta from one call to the next, so a layer
 called twice in a step combines its amaxes by max; the returned collection can be
-dropped, `mpx.train_step` takes the new meta from the gradient. Layers you write
+dropped, `mpx.train_step` advances the meta from what the gradient observed. (Without
+it a layer called twice still trains safely, with a summed amax and a warning.) Under
+``nn.scan`` over layers add ``"fp8_meta": 0`` to ``variable_axes``: one meta per layer. Layers you write
 yourself can take the op directly (no context needed):
 ``nn.Dense(n, dot_general_cls=functools.partial(PolicyDotGeneral, policy=policy))``.
 ``nn.Einsum`` has no such hook; `policy_context` covers it.
@@ -41,7 +43,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import opt_einsum
+from flax import errors as flax_errors
 from flax import linen as nn
+from flax.linen import dtypes as linen_dtypes
 
 from mpx import ops
 from mpx.fp8 import Fp8Meta
@@ -86,17 +90,33 @@ class PolicyDotGeneral(nn.Module):
         op = self.policy.for_op(path, self.kind)
         if not op.is_fp8:
             return ops.dot_general(lhs, rhs, dimension_numbers, op)[0]
-        if not self.has_variable(FP8_COLLECTION, "meta") and not self.is_initializing():
+        try:
+            present = self.has_variable(FP8_COLLECTION, "meta")
+            if not present and not self.is_initializing():
+                raise ValueError(
+                    f"op {path!r} ({self.kind}) runs in fp8 but the variables have no "
+                    f"{FP8_COLLECTION}/{'/'.join(self.path)}/meta; init the model under the same policy "
+                    f"(inside mpx.linen.policy_context) and pass {{'params': ..., {FP8_COLLECTION!r}: ...}} to apply"
+                )
+            meta = self.variable(FP8_COLLECTION, "meta", Fp8Meta.init, op.fp8)
+        except flax_errors.ScopeCollectionNotFound:
             raise ValueError(
-                f"op {path!r} ({self.kind}) runs in fp8 but the variables have no "
-                f"{FP8_COLLECTION}/{'/'.join(self.path)}/meta; init the model under the same policy "
-                f"(inside mpx.linen.policy_context) and pass {{'params': ..., {FP8_COLLECTION!r}: ...}} to apply"
-            )
-        meta = self.variable(FP8_COLLECTION, "meta", Fp8Meta.init, op.fp8.amax_history)
+                f"op {path!r} ({self.kind}) runs in fp8 inside a lifted transform (nn.scan, nn.vmap, ...) "
+                f"that does not carry the {FP8_COLLECTION!r} collection; add {FP8_COLLECTION!r}: 0 to its "
+                f"variable_axes, next to 'params': 0, so that each layer keeps its own FP8 state"
+            ) from None
         out, new_meta = ops.dot_general(lhs, rhs, dimension_numbers, op, meta.value)
         if self.is_mutable_collection(FP8_COLLECTION):
             meta.value = new_meta
         return out
+
+
+def _promote_keep_kernel(*args, dtype=None, inexact=True):
+    """Flax linen's ``promote_dtype``, except that the kernel (the second array) keeps its
+    storage dtype: an FP8 matmul quantizes the master weight itself (one rounding)."""
+    inputs, kernel, *rest = args
+    inputs, *rest = linen_dtypes.promote_dtype(inputs, *rest, dtype=dtype, inexact=inexact)
+    return [inputs, kernel, *rest]
 
 
 def _op_kind(module: nn.Module, path: str, kinds) -> str:
@@ -106,7 +126,7 @@ def _op_kind(module: nn.Module, path: str, kinds) -> str:
     return "einsum" if isinstance(module, nn.Einsum) else "dense"
 
 
-def _einsum(module: nn.Einsum, active: _Active, kind: str, dtype, inputs, einsum_str=None):
+def _einsum(module: nn.Einsum, active: _Active, kind: str, op, inputs, einsum_str=None):
     """``nn.Einsum.__call__`` with the einsum as one policy dot_general.
 
     nn.Einsum calls ``jnp.einsum`` itself (no ``dot_general_cls``), so its forward is
@@ -125,7 +145,8 @@ def _einsum(module: nn.Einsum, active: _Active, kind: str, dtype, inputs, einsum
         bias_shape = [module.shape[rhs_axes[c]] for c in result if c in rhs_axes]
         broadcast = [module.shape[rhs_axes[c]] if c in rhs_axes else 1 for c in result]
         bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
-    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=dtype)
+    promote = _promote_keep_kernel if op.is_fp8 else module.promote_dtype
+    inputs, kernel, bias = promote(inputs, kernel, bias, dtype=op.dtype)
     dims, perm = ops.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
     dot = PolicyDotGeneral(policy=active.policy, kind=kind, parent=module)
     y = jnp.transpose(dot(inputs, kernel, dims), perm)
@@ -140,16 +161,17 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.path)
     kind = _op_kind(module, path, active.kinds)
-    dtype = active.policy.for_op(path, kind).dtype
+    op = active.policy.for_op(path, kind)
     if isinstance(module, nn.Einsum):
-        return _einsum(module, active, kind, dtype, *args, **kwargs)
+        return _einsum(module, active, kind, op, *args, **kwargs)
     if module.dot_general_cls is not None or module.dot_general is not None:
         return next_fun(*args, **kwargs)  # the layer's own choice stands
-    # The layer's own forward with the policy's op and dtype. The fields are swapped on the
-    # bound module for this call only: a clone on the same scope would work too, but would
-    # show up twice in capture_intermediates and tabulate.
+    # The layer's own forward with the policy's op and dtype (an fp8 op gets the master
+    # kernel). The fields are swapped on the bound module for this call only: a clone on
+    # the same scope would work too, but would show up twice in capture_intermediates.
     dot = functools.partial(PolicyDotGeneral, policy=active.policy, kind=kind)
-    with _swapped(module, dot_general_cls=dot, dtype=dtype):
+    promote = _promote_keep_kernel if op.is_fp8 else module.promote_dtype
+    with _swapped(module, dot_general_cls=dot, dtype=op.dtype, promote_dtype=promote):
         return next_fun(*args, **kwargs)
 
 

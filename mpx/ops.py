@@ -19,17 +19,23 @@ def dot_general(
 ) -> tuple[jax.Array, Fp8Meta | None]:
     """``lax.dot_general`` in the precision ``op`` was given; returns ``(out, meta)``.
 
-    fp8: `fp8_dot_general` with ``meta`` (required), output in ``op.dtype``; the meta it
-    returns is for the next call of the same op in this step. Otherwise both operands are
-    cast to ``op.dtype`` and multiplied there; ``meta`` is passed through untouched.
+    fp8: `fp8_dot_general` with ``meta`` (required, made for the policy's `Fp8Config`),
+    output in ``op.dtype``; the meta it returns is for the next call of the same op in
+    this step. Otherwise both operands are cast to ``op.dtype`` and multiplied there;
+    ``meta`` is passed through untouched.
     """
     if op.is_fp8:
         if meta is None:
             raise ValueError(
                 f"op {op.path!r} ({op.kind}) runs in fp8 but no Fp8Meta was given; create one with "
-                f"Fp8Meta.init({op.fp8.amax_history}) and pass it as `meta`"
+                f"Fp8Meta.init(policy.fp8) and pass it as `meta`"
             )
-        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, config=op.fp8, out_dtype=op.dtype)
+        if meta.config != op.fp8:
+            raise ValueError(
+                f"op {op.path!r} ({op.kind}): its Fp8Meta was made for {meta.config} but the policy says "
+                f"{op.fp8}; build the meta under this policy (Fp8Meta.init(policy.fp8), or apply the policy again)"
+            )
+        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, out_dtype=op.dtype)
     out = lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers)
     return out, meta
 

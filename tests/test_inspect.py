@@ -8,7 +8,7 @@ from flax import nnx
 
 import mpx
 import mpx.nn as mn
-from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
+from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.inspect import describe, fp8_stats, format_fp8_stats
 
 
@@ -55,18 +55,18 @@ def test_user_rules_change_the_table_and_unmatched_rules_are_reported():
 
 
 def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
-    """One FP8 matmul with a scale of 1: the statistics equal a numpy/ml_dtypes recount of
-    the values that E4M3 saturates (|x| > 448) and flushes to zero (|x| < 2**-10, half
-    the smallest subnormal 2**-9)."""
+    """One FP8 matmul with a delayed scale of 1 (a history holding amax 1): the statistics
+    equal a numpy/ml_dtypes recount of the values that E4M3 saturates (|x| > 448) and
+    flushes to zero (|x| < 2**-10, half the smallest subnormal 2**-9); the new scale is
+    448 over the max of the history."""
     config = Fp8Config(amax_history=4)
     lhs = np.array([[1000.0, -500.0, 3.0, 1e-4], [0.5, 2e-3, 0.0, -7e-4]], np.float32)
     rhs = np.ones((4, 3), np.float32)
-    meta = Fp8Meta.init(4)
+    seen_once = Fp8Scale.init(4).replace(amax_history=jnp.float32([1.0, 0, 0, 0]))
+    meta = Fp8Meta(seen_once, seen_once, seen_once, config=config)
     dims = (((1,), (0,)), ((), ()))
-    new = jax.grad(lambda m: jnp.sum(fp8_dot_general(lhs, rhs, dims, m, config=config, out_dtype=jnp.float32)[0]))(
-        meta
-    )
-    stats = {s.tensor: s for s in fp8_stats({"layer": new})}
+    observed = jax.grad(lambda m: jnp.sum(fp8_dot_general(lhs, rhs, dims, m, out_dtype=jnp.float32)[0]))(meta)
+    stats = {s.tensor: s for s in fp8_stats({"layer": meta.advance(observed)})}
     q = np.clip(lhs, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
     assert stats["lhs"].saturated == np.mean(np.abs(lhs) > 448) == 2 / 8
     assert stats["lhs"].flushed == np.mean((lhs != 0) & (q == 0)) == 2 / 8
@@ -74,6 +74,7 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
     assert stats["lhs"].scale == np.float32(448.0) / np.float32(1000.0)
     assert stats["rhs"].saturated == stats["rhs"].flushed == 0.0
     assert stats["grad"].amax == 1.0 and stats["grad"].scale == 57344.0
+    assert all(s.calls == 1.0 and s.fanout == 1.0 for s in stats.values())
     assert {s.path for s in stats.values()} == {"layer"}
     text = format_fp8_stats(list(stats.values()))
     assert "25.00%" in text and "layer" in text

@@ -12,7 +12,7 @@ from flax import nnx
 
 import mpx
 import mpx.nn as mn
-from mpx.fp8 import apply_meta_updates, fp8_max
+from mpx.fp8 import advance_tree, fp8_max
 
 CORPUS = (pathlib.Path(__file__).parent / "data" / "tiny_corpus.txt").read_bytes()
 TINY = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layers=2, d_ff=128, max_len=32)
@@ -114,8 +114,8 @@ def test_fp8_block_is_close_to_bf16_block_forward_and_backward():
     ref_out, (ref_g, _, ref_gx), _ = block_grads(block_and_meta("bf16"), x, w)
 
     fp8 = block_and_meta("fp8")
-    _, (_, meta_updates, _), (graphdef, params, meta) = block_grads(fp8, x, w)
-    calibrated = nnx.merge(graphdef, params, apply_meta_updates(meta, meta_updates))  # delayed scaling, step 2
+    _, (_, observed, _), (graphdef, params, meta) = block_grads(fp8, x, w)
+    calibrated = nnx.merge(graphdef, params, advance_tree(meta, observed))  # delayed scaling, step 2
     out, (g, _, gx), _ = block_grads(calibrated, x, w)
 
     assert out.dtype == ref_out.dtype == jnp.bfloat16
@@ -214,11 +214,16 @@ def classifier(name):
 @pytest.mark.parametrize("name", ["fp32", "fp8"])
 def test_classifier_ignores_padded_tokens(name):
     """Changing tokens where mask is False leaves the logits bit-for-bit unchanged:
-    masked keys get probability exactly 0 and pooling weight exactly 0 (delayed FP8
-    scales come from the meta, not from the current tensor, so they cannot leak either)."""
+    masked keys get probability exactly 0 and pooling weight exactly 0. Past the first
+    step, delayed FP8 scales come from the meta, not from the current tensor, so they
+    cannot leak either (on a fresh meta the first step scales from the tensor itself,
+    padding included, like the current recipe)."""
     model = classifier(name)
     tokens = jax.random.randint(jax.random.key(0), (3, 12), 0, 256)
     mask = jnp.arange(12)[None, :] < jnp.array([[12], [7], [3]])
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+    observed = jax.grad(lambda m: jnp.sum(nnx.merge(graphdef, params, m)(tokens, mask).astype(jnp.float32)))(meta)
+    model = nnx.merge(graphdef, params, advance_tree(meta, observed))  # one step of delayed scaling
     noise = jax.random.randint(jax.random.key(1), (3, 12), 0, 256)
     changed = jnp.where(mask, tokens, noise)
     a, b = model(tokens, mask), model(changed, mask)
@@ -312,20 +317,25 @@ def test_a_layer_called_twice_combines_amaxes_by_max():
     model = mn.apply_policy(Twice(nnx.Rngs(0)), policy("fp8"))
     graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
     a, b = jnp.full((2, 4), 2.0), jnp.full((2, 4), -5.0)
-    updates = jax.grad(lambda meta: nnx.merge(graphdef, params, meta)(a, b))(meta)
-    new = nnx.to_pure_dict(updates)["fc"]["dot_general"]["fp8_meta"]
-    assert float(new.lhs.amax_history[0]) == 5.0  # max(2, 5); the sum would be 7
-    assert float(new.grad.amax_history[0]) == 3.0  # output gradients 1 and 3
+    observed = jax.grad(lambda meta: nnx.merge(graphdef, params, meta)(a, b))(meta)
+    seen = nnx.to_pure_dict(observed)["fc"]["dot_general"]["fp8_meta"]
+    assert float(seen.lhs.amax) == 5.0  # max(2, 5); the sum would be 7
+    assert float(seen.grad.amax) == 3.0  # output gradients 1 and 3
+    assert (float(seen.lhs.calls), float(seen.lhs.fanout)) == (2.0, 1.0)  # threaded by the Variable
+    new = nnx.to_pure_dict(advance_tree(meta, observed))["fc"]["dot_general"]["fp8_meta"]
     assert float(new.lhs.scale) == np.float32(448.0) / np.float32(5.0)
 
 
 def test_apply_policy_on_nnx_einsum_matches_the_plain_einsum():
     """nnx.Einsum gets an FP8 EinsumOp; on FP8-representable inputs (small integers and
-    halves, fresh scale 1) the result equals the plain einsum exactly."""
+    halves, delayed scales of 1) the result equals the plain einsum exactly."""
     layer = nnx.Einsum("btd,dhk->bthk", (4, 2, 3), (2, 3), rngs=nnx.Rngs(0))
     layer.kernel.set_value(jnp.round(layer.kernel[...] * 4) / 2)
     x = jnp.asarray(np.random.default_rng(0).integers(-3, 4, (2, 5, 4)), jnp.float32)
     plain = layer(x)
     mn.apply_policy(layer, mpx.parse_policy("fp32; @einsum->fp8; fp8.amax_history=4"))
     assert isinstance(layer.einsum_op, mn.EinsumOp) and layer.einsum_op.fp8_meta is not None
+    fresh = layer.einsum_op.fp8_meta.get_value()
+    seen_once = fresh.lhs.replace(amax_history=fresh.lhs.amax_history.at[0].set(1.0))  # scale 1 in use
+    layer.einsum_op.fp8_meta.set_value(fresh.replace(lhs=seen_once, rhs=seen_once, grad=seen_once))
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(plain))

@@ -48,7 +48,7 @@ def test_unsupported_einsums_are_clear_errors(subscripts, message):
 
 def test_fp8_op_without_meta_says_how_to_make_one():
     op = mpx.parse_policy("fp8").for_op("mlp/fc", "dense")
-    with pytest.raises(ValueError, match=r"Fp8Meta.init\(1024\)"):
+    with pytest.raises(ValueError, match=r"Fp8Meta.init\(policy.fp8\)"):
         dot_general(jnp.ones((2, 3)), jnp.ones((3, 4)), DIMS, op)
 
 

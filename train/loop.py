@@ -251,7 +251,7 @@ def train(
         functools.partial(
             mpx.train_step,
             loss_fn=functools.partial(loss_impl, graphdef, dropout=config.model.dropout > 0),
-            optimizer=optimizer, has_aux=True, accum_steps=accum, fp8_config=policy.fp8,
+            optimizer=optimizer, has_aux=True, accum_steps=accum,
         ),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),  # the state keeps its layout: no recompiles
         donate_argnums=0,

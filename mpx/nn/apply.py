@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 
 from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from mpx.nn.op import DotGeneral, EinsumOp, Op
 from mpx.policy import KINDS, Policy, _translate_pattern
@@ -19,6 +20,7 @@ class FoundOp:
     path: str
     kind: str
     module: nnx.Module
+    stack: tuple[int, ...] = ()  # leading axes of a layer built under nnx.vmap (a scanned stack)
 
 
 def _default_kind(module) -> str | None:
@@ -50,6 +52,57 @@ def kind_overrides(kinds: Mapping[str, str] | None):
     return out
 
 
+def _unstacked_param_ndim(module) -> tuple[str, int] | None:
+    """(a parameter of ``module``, its rank when the module is not stacked), for the Flax
+    layers whose parameter ranks are known from their configuration."""
+    if isinstance(module, nnx.Linear):
+        return "kernel", 2
+    if isinstance(module, nnx.LinearGeneral):
+        return "kernel", len(module.batch_axis) + len(module.in_features) + len(module.out_features)
+    if isinstance(module, nnx.Einsum):
+        return "kernel", len(module.kernel_shape)
+    if isinstance(module, nnx.Embed):
+        return "embedding", 2
+    if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)) and module.scale is not None:
+        return "scale", 1
+    return None
+
+
+def _own_stack(module) -> tuple[int, ...] | None:
+    """Leading axes that ``nnx.vmap`` added to ``module``'s parameters, if they can be told."""
+    known = _unstacked_param_ndim(module)
+    if known is None:
+        return None
+    name, ndim = known
+    shape = getattr(module, name).shape
+    return tuple(shape[: len(shape) - ndim])
+
+
+def _stacks(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Path -> leading (layer) axes of every module whose parameters reveal them."""
+    out = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module):
+            stack = _own_stack(module)
+            if stack is not None:
+                out["/".join(str(p) for p in path)] = stack
+    return out
+
+
+def _stack_of(path: str, stacks: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The leading axes of the op at ``path``: its own, else those of a layer beside it in
+    the nearest enclosing module (a vmapped block stacks everything in it alike)."""
+    if path in stacks:
+        return stacks[path]
+    parts = path.split("/")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = "/".join(parts[:n]) + "/"
+        for other, stack in stacks.items():
+            if other.startswith(prefix):
+                return stack
+    return ()
+
+
 def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[FoundOp]:
     """Every op of ``model`` that a policy can decide, in graph order.
 
@@ -57,8 +110,11 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
     ``nnx.Einsum`` (einsum), ``nnx.Embed`` (embed) and ``nnx.LayerNorm``/``RMSNorm``
     (norm). ``kinds`` maps path patterns (policy syntax) to a kind, e.g.
     ``{"lm_head": "head"}`` for a model whose output projection is a plain Linear.
+    Layers built under ``nnx.vmap`` (to run with ``nnx.scan``) are found once, with
+    their leading axes as ``stack``.
     """
     overrides = kind_overrides(kinds)
+    stacks = _stacks(model)
     found = []
     for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
@@ -73,8 +129,17 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
             if regex.fullmatch(path_str):
                 kind = k
                 break
-        found.append(FoundOp(path_str, kind, module))
+        found.append(FoundOp(path_str, kind, module, _stack_of(path_str, stacks)))
     return found
+
+
+def promote_keep_kernel(args, /, *, dtype=None, inexact=True):
+    """Flax NNX's ``promote_dtype``, except that the kernel (the second array) keeps its
+    storage dtype: an FP8 matmul quantizes the f32 master weight itself, so the weight is
+    rounded once (to FP8), not first to the compute dtype."""
+    inputs, kernel, *rest = args
+    inputs, *rest = nnx_dtypes.promote_dtype((inputs, *rest), dtype=dtype, inexact=inexact)
+    return (inputs, kernel, *rest)
 
 
 def apply_policy(model: nnx.Module, policy: Policy, *, kinds: Mapping[str, str] | None = None) -> nnx.Module:
@@ -83,8 +148,10 @@ def apply_policy(model: nnx.Module, policy: Policy, *, kinds: Mapping[str, str] 
     Linear / LinearGeneral get a policy `DotGeneral` (with an `Fp8MetaVariable` where the
     policy says fp8) and compute in the op's dtype; Einsum gets an `EinsumOp`; Embed and
     norms compute in their op's dtype; mpx op modules take their precision. Parameters
-    are cast to the policy's storage dtype. Applying again replaces earlier decisions
-    (and resets FP8 meta).
+    are cast to the policy's storage dtype; an fp8 layer quantizes its kernel from that
+    dtype directly. Layers built under ``nnx.vmap`` get one FP8 meta per layer, stacked
+    like their parameters, so ``nnx.scan`` slices both alike. Applying again replaces
+    earlier decisions (and resets FP8 meta).
     """
     for param_path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
@@ -93,17 +160,15 @@ def apply_policy(model: nnx.Module, policy: Policy, *, kinds: Mapping[str, str] 
         op = policy.for_op(found.path, found.kind)
         module = found.module
         if isinstance(module, Op):
-            module.set_precision(op)
-        elif isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
-            dot = DotGeneral(found.kind, path=found.path)
-            dot.set_precision(op)
-            module.dot_general = nnx.data(dot)
-            module.dtype = op.dtype
-        elif isinstance(module, nnx.Einsum):
-            dot = EinsumOp(found.kind, path=found.path)
-            dot.set_precision(op)
-            module.einsum_op = nnx.data(dot)
-            module.dtype = op.dtype
-        else:
-            module.dtype = op.dtype
+            module.set_precision(op, stack=found.stack)
+            continue
+        if isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+            dot = (EinsumOp if isinstance(module, nnx.Einsum) else DotGeneral)(found.kind, path=found.path)
+            dot.set_precision(op, stack=found.stack)
+            if isinstance(module, nnx.Einsum):
+                module.einsum_op = nnx.data(dot)
+            else:
+                module.dot_general = nnx.data(dot)
+            module.promote_dtype = promote_keep_kernel if op.is_fp8 else nnx_dtypes.promote_dtype
+        module.dtype = op.dtype
     return model

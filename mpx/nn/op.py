@@ -20,8 +20,8 @@ class Fp8MetaVariable(nnx.Variable):
     """The FP8 state (an `mpx.fp8.Fp8Meta`) of one matmul.
 
     Select it with ``nnx.split(model, nnx.Param, Fp8MetaVariable, ...)``: it is not a
-    parameter, the optimizer never sees it, and `mpx.train_step` overwrites it with the
-    update its matmul returns.
+    parameter, the optimizer never sees it, and `mpx.train_step` advances it once per
+    step from what its matmul observed.
     """
 
 
@@ -32,7 +32,8 @@ class Op(nnx.Module):
         self.kind = kind
         self.precision: OpPrecision | None = None
 
-    def set_precision(self, op: OpPrecision) -> None:
+    def set_precision(self, op: OpPrecision, *, stack: tuple[int, ...] = ()) -> None:
+        del stack  # only ops with FP8 state have per-layer state
         self.precision = op
 
     @property
@@ -55,9 +56,10 @@ class DotGeneral(Op):
         self.path = path
         self.fp8_meta = nnx.data(None)
 
-    def set_precision(self, op: OpPrecision) -> None:
+    def set_precision(self, op: OpPrecision, *, stack: tuple[int, ...] = ()) -> None:
+        """Take ``op``'s precision; in fp8 with a fresh meta (``stack``: leading layer axes)."""
         super().set_precision(op)
-        meta = Fp8MetaVariable(Fp8Meta.init(op.fp8.amax_history)) if op.is_fp8 else None
+        meta = Fp8MetaVariable(Fp8Meta.init(op.fp8, stack=stack)) if op.is_fp8 else None
         self.fp8_meta = nnx.data(meta)
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):

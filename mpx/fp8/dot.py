@@ -1,0 +1,200 @@
+"""``fp8_dot_general``: a ``lax.dot_general`` whose forward and both gradients are FP8 GEMMs.
+
+FP8 arrays go straight into ``lax.dot_general`` and the scales are applied to its output
+(in f32), the pattern XLA rewrites into a cuBLASLt FP8 GEMM on GPUs that have one. The
+op's `Fp8Meta` goes in with the operands and comes back with the output; in the backward
+pass its cotangent is what this call observed (amaxes, a call count, statistics: see
+`mpx.fp8.meta`), which a train step turns into the next state with `Fp8Meta.advance`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mpx.fp8.meta import Fp8Meta, combine_metas, observation, scale_for_use
+from mpx.fp8.numerics import amax, quantization_stats, quantize
+
+
+class Fp8FanoutWarning(UserWarning):
+    """One `Fp8Meta` fed two FP8 matmuls under differentiation without being threaded."""
+
+
+def _dot_transpose_dims(dims, x_ndim: int, y_ndim: int, *, wrt: Literal["lhs", "rhs"]):
+    """Dimension numbers and output permutation for the gradient of a ``dot_general``.
+
+    For ``out = dot_general(x, y, dims)`` (out axes: batch, x free, y free) the gradient
+    wrt x is ``transpose(dot_general(g, y, dims_g), perm)``; wrt y, swap the roles.
+    Returns ``(dims_g, perm)``.
+    """
+    (xc, yc), (xb, yb) = dims
+    if wrt == "rhs":
+        xc, yc, xb, yb, x_ndim, y_ndim = yc, xc, yb, xb, y_ndim, x_ndim
+        first_free = "y"
+    else:
+        first_free = "x"
+    x_free = [a for a in range(x_ndim) if a not in xc and a not in xb]
+    y_free = [a for a in range(y_ndim) if a not in yc and a not in yb]
+    nb = len(xb)
+    # Output axes of the forward dot: batch, then lhs free, then rhs free.
+    if first_free == "x":
+        g_x = list(range(nb, nb + len(x_free)))
+        g_y = list(range(nb + len(x_free), nb + len(x_free) + len(y_free)))
+    else:  # roles swapped: "x" is the forward rhs, whose free axes come second
+        g_y = list(range(nb, nb + len(y_free)))
+        g_x = list(range(nb + len(y_free), nb + len(y_free) + len(x_free)))
+    dims_g = ((tuple(g_y), tuple(y_free)), (tuple(range(nb)), tuple(yb)))
+    # Result axes: batch, g's x-free axes, then y's contracting axes in increasing order.
+    y_contract_sorted = sorted(yc)
+    perm = []
+    for a in range(x_ndim):
+        if a in xb:
+            perm.append(xb.index(a))
+        elif a in x_free:
+            perm.append(nb + x_free.index(a))
+        else:
+            partner = yc[xc.index(a)]
+            perm.append(nb + len(x_free) + y_contract_sorted.index(partner))
+    return dims_g, tuple(perm)
+
+
+def _gemm_dtype(out_dtype):
+    # The unscaled FP8 product reaches 448 * 448 * K (57344 * 448 * K for gradients):
+    # far beyond fp16's 65504. bf16 and f32 share f32's range.
+    return out_dtype if out_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else jnp.dtype(jnp.float32)
+
+
+def _scaled_dot(qa, qb, dims, scale_a, scale_b, out_dtype):
+    """FP8 x FP8 ``dot_general``, rescaled by ``1 / (scale_a * scale_b)`` in f32.
+
+    The inverse scale is never rounded to a narrow dtype (a bf16 scale would be a gain
+    error shared by every element), and a GEMM output whose range cannot hold the
+    unscaled product (fp16) is produced in f32 and cast after the rescale.
+    """
+    out = lax.dot_general(qa, qb, dims, preferred_element_type=_gemm_dtype(out_dtype))
+    inv = (1.0 / scale_a.astype(jnp.float32)) * (1.0 / scale_b.astype(jnp.float32))
+    return (out.astype(jnp.float32) * inv).astype(out_dtype)
+
+
+def _normalize_dims(dimension_numbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+
+
+# Metas already consumed by an FP8 matmul in a trace under differentiation, by identity.
+_CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _warn_if_reused(meta: Fp8Meta, lhs, rhs) -> None:
+    """Warn (at trace time) when the very same traced meta feeds a second matmul.
+
+    Only tracers of differentiation (they have a ``primal``) are tracked: in a forward
+    pass alone, reuse is harmless. A meta closed over by ``lax.scan`` is traced once and
+    not seen here; its fan-out shows in the ``fanout`` statistic instead.
+    """
+    leaf = meta.lhs.scale
+    if not hasattr(leaf, "primal"):
+        return
+    if _CONSUMED.get(id(leaf)) is leaf:
+        warnings.warn(
+            f"an Fp8Meta was passed to a second FP8 matmul (lhs {lhs.shape}, rhs {rhs.shape}) without "
+            "threading: pass on the meta the first call returned. Un-threaded uses add their amax "
+            "observations instead of taking the max, so this op's scale is smaller than it needs "
+            "to be (reported as `fanout` in mpx.inspect.fp8_stats). NNX layers thread by themselves; "
+            "linen: apply(..., mutable=['fp8_meta']); lax.scan: carry the meta.",
+            Fp8FanoutWarning,
+            stacklevel=3,
+        )
+    else:
+        _CONSUMED[id(leaf)] = leaf
+
+
+def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8Meta, *, out_dtype=None):
+    """``lax.dot_general`` with both operands quantized to FP8; returns ``(out, meta)``.
+
+    Forward: lhs and rhs are quantized to E4M3 with the scales of ``meta`` (see
+    `mpx.fp8.meta.scale_for_use`), multiplied as FP8 and rescaled in f32 to
+    ``out_dtype`` (default: ``lhs.dtype``). Backward: the output gradient is quantized
+    (E5M2 under ``hybrid``, E4M3 under ``e4m3``) and both input gradients are FP8 GEMMs.
+    The cotangent of ``meta`` is this call's observation (plus those of later calls that
+    received the returned meta, combined by max): feed it to `Fp8Meta.advance` once per
+    step. A non-finite operand or gradient gives NaN, never a clipped finite value.
+
+    The returned ``meta`` equals the input; pass it to the next call of the same op in
+    this step (weight sharing, a loop) so that their amaxes combine by max. A meta fed
+    to two calls without threading still works, with summed (larger, safe) amaxes, a
+    `Fp8FanoutWarning` at trace time and ``fanout`` > 1 in the statistics.
+
+    Args:
+      lhs, rhs: operands, any float dtype (e.g. bf16 activations, f32 master weights:
+        each is quantized from the dtype it comes in, never rounded twice).
+      dimension_numbers: as for ``lax.dot_general``; batch dimensions are supported.
+      meta: the op's `Fp8Meta` (its config says recipe, format, history and margin).
+      out_dtype: dtype of the result.
+    """
+    if not isinstance(meta, Fp8Meta):
+        raise TypeError(f"meta must be an Fp8Meta (Fp8Meta.init(config)), got {type(meta).__name__}")
+    if meta.stack:
+        raise ValueError(
+            f"this Fp8Meta is stacked with leading axes {meta.stack} (one meta per layer of a scanned stack); "
+            "an FP8 matmul takes the meta of one layer: run the layers with nnx.scan / nn.scan / lax.scan "
+            "over the stacked meta, or index it"
+        )
+    history_len = meta.lhs.amax_history.shape[-1]
+    if history_len != meta.config.amax_history:
+        raise ValueError(
+            f"Fp8Meta has an amax history of length {history_len} but its Fp8Config asks for "
+            f"{meta.config.amax_history}; create the meta with Fp8Meta.init(config)."
+        )
+    dims = _normalize_dims(dimension_numbers)
+    out_dtype = jnp.dtype(out_dtype if out_dtype is not None else lhs.dtype)
+    _warn_if_reused(meta, lhs, rhs)
+    return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype):
+    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype)[0]
+
+
+def _quantized(x, state, dtype, config):
+    """(q, scale, observation) of one operand."""
+    x_amax = amax(x)
+    scale = scale_for_use(state, x_amax, dtype, config)
+    q = quantize(x, dtype, scale)
+    return q, scale, observation(state, x_amax, quantization_stats(x, q, scale))
+
+
+def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype):
+    fwd = meta.config.forward_dtype
+    q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config)
+    q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config)
+    out = _scaled_dot(q_lhs, q_rhs, dims, lhs_scale, rhs_scale, out_dtype)
+    residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta)
+    return (out, meta), residuals
+
+
+def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, residuals, cotangents):
+    q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta = residuals
+    g, later = cotangents
+    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config)
+
+    dims_l, perm_l = _dot_transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
+    d_lhs = _scaled_dot(q_g, q_rhs, dims_l, g_scale, rhs_scale, out_dtype)
+    d_lhs = jnp.transpose(d_lhs, perm_l).astype(lhs_dtype)
+    dims_r, perm_r = _dot_transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="rhs")
+    d_rhs = _scaled_dot(q_g, q_lhs, dims_r, g_scale, lhs_scale, out_dtype)
+    d_rhs = jnp.transpose(d_rhs, perm_r).astype(rhs_dtype)
+
+    mine = Fp8Meta(seen_lhs, seen_rhs, seen_g, config=meta.config)
+    # `later`: observations of calls that received the returned meta (zeros if none).
+    return d_lhs, d_rhs, combine_metas(mine, later)
+
+
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)

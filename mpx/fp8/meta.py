@@ -1,0 +1,266 @@
+"""The FP8 state of a matmul and every rule that changes it, in one place.
+
+An `Fp8Meta` holds one `Fp8Scale` for each of a matmul's three FP8 tensors (lhs, rhs,
+output gradient) and carries its `Fp8Config` as a static field, so the state knows how
+it is to be updated and nothing else has to be told.
+
+One step of FP8 state, whatever the model's structure:
+
+1. the forward and backward passes quantize with `scale_for_use` (the stored, delayed
+   scale; a tensor whose history is still empty is scaled from its own amax);
+2. each call *observes* its tensors: an `observation` (this step's amax, a call count,
+   saturation statistics) is returned as the cotangent of the meta. Observations never
+   contain a history, so however autodiff combines them (a sum, when one meta feeds
+   several calls without being threaded), the result is bounded by the number of calls;
+3. the calls of one op that pass the meta on (threading) merge with `combine`: amaxes by
+   max, calls counted. A sum from un-threaded reuse is kept as it is (an upper bound of
+   the max, so the scale errs on the safe side) and reported through ``fanout``;
+4. once per step, `advance` rolls the history by one with the observed amax and
+   recomputes the scale. A step whose observations hold a non-finite amax must not
+   advance (`observations_finite`; `mpx.train_step` skips the whole update).
+
+Every array may carry leading axes (a scanned stack of layers keeps one meta per layer,
+stacked along axis 0); all rules act elementwise over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mpx.fp8.numerics import E4M3, E5M2, compute_scale, fp8_max
+
+Recipe = Literal["delayed", "current"]
+Format = Literal["hybrid", "e4m3"]
+AmaxCompute = Literal["max", "most_recent"]
+
+_RECIPES = ("delayed", "current")
+_FORMATS = ("hybrid", "e4m3")
+_AMAX_COMPUTE = ("max", "most_recent")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """How FP8 tensors are scaled. Static: hashable, safe as a jit static argument.
+
+    Attributes:
+      recipe: ``delayed`` (scale from the amax history) or ``current`` (from this amax).
+      format: ``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3`` (E4M3 everywhere).
+      amax_history: length N of the amax history kept per tensor.
+      amax_compute: ``max`` over the history, or its ``most_recent`` entry.
+      margin: extra headroom; the scale is divided by ``2**margin``.
+    """
+
+    recipe: Recipe = "delayed"
+    format: Format = "hybrid"
+    amax_history: int = 1024
+    amax_compute: AmaxCompute = "max"
+    margin: int = 0
+
+    def __post_init__(self):
+        _check_choice("recipe", self.recipe, _RECIPES)
+        _check_choice("format", self.format, _FORMATS)
+        _check_choice("amax_compute", self.amax_compute, _AMAX_COMPUTE)
+        if not isinstance(self.amax_history, int) or isinstance(self.amax_history, bool) or self.amax_history < 1:
+            raise ValueError(f"fp8 amax_history must be an integer >= 1, got {self.amax_history!r}")
+        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or not 0 <= self.margin <= 32:
+            raise ValueError(f"fp8 margin must be an integer in [0, 32], got {self.margin!r}")
+
+    @property
+    def forward_dtype(self):
+        """FP8 dtype of the forward operands (activations and weights)."""
+        return E4M3
+
+    @property
+    def grad_dtype(self):
+        """FP8 dtype of the output gradient in the backward pass."""
+        return E5M2 if self.format == "hybrid" else E4M3
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"fp8 {name} {value!r} is not supported; expected one of {', '.join(choices)}")
+
+
+def _zero():
+    return jnp.zeros((), jnp.float32)
+
+
+@struct.dataclass
+class Fp8Scale:
+    """Scaling state of one tensor, or (as a cotangent) what one step observed of it.
+
+    State: ``scale`` in use and ``amax_history`` (newest first). Observation fields, in
+    the state those of the last step that ran: ``amax`` (this step's absolute maximum),
+    ``calls`` (how many calls quantized the tensor), ``fanout`` (1 when all calls were
+    threaded; k when k un-threaded uses added their observations up), ``saturated`` /
+    ``flushed`` (fractions clipped to ±fp8_max / nonzero but rounded to 0).
+
+    Shapes: ``amax_history`` f32[*S, N], every other field f32[*S], where S are the
+    leading (layer) axes of a stacked meta, () otherwise.
+    """
+
+    scale: jax.Array
+    amax_history: jax.Array
+    amax: jax.Array = struct.field(default_factory=_zero)
+    calls: jax.Array = struct.field(default_factory=_zero)
+    fanout: jax.Array = struct.field(default_factory=_zero)
+    saturated: jax.Array = struct.field(default_factory=_zero)
+    flushed: jax.Array = struct.field(default_factory=_zero)
+
+    @classmethod
+    def init(cls, history_len: int, *, stack: tuple[int, ...] = ()) -> Fp8Scale:
+        """Scale 1, an empty (all-zero) history, no observations."""
+        zeros = jnp.zeros(stack, jnp.float32)
+        return cls(jnp.ones(stack, jnp.float32), jnp.zeros((*stack, history_len), jnp.float32),
+                   zeros, zeros, zeros, zeros, zeros)
+
+
+@struct.dataclass
+class Fp8Meta:
+    """FP8 state of one matmul: its two operands and its output gradient, and its config."""
+
+    lhs: Fp8Scale
+    rhs: Fp8Scale
+    grad: Fp8Scale
+    config: Fp8Config = struct.field(pytree_node=False, default=Fp8Config())
+
+    @classmethod
+    def init(cls, config: Fp8Config = Fp8Config(), *, stack: tuple[int, ...] = ()) -> Fp8Meta:
+        """A fresh meta; ``stack`` adds leading axes (one meta per layer of a scanned stack)."""
+        if not isinstance(config, Fp8Config):
+            raise TypeError(f"Fp8Meta.init takes an Fp8Config, got {config!r}; e.g. Fp8Meta.init(Fp8Config(amax_history=16))")
+        return cls(*(Fp8Scale.init(config.amax_history, stack=tuple(stack)) for _ in range(3)), config=config)
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading (layer) axes: () for the meta of a single matmul."""
+        return tuple(self.lhs.scale.shape)
+
+    def tensors(self) -> tuple[tuple[str, Fp8Scale, object], ...]:
+        """``(name, state, fp8 dtype)`` for lhs, rhs and grad."""
+        fwd, grad = self.config.forward_dtype, self.config.grad_dtype
+        return (("lhs", self.lhs, fwd), ("rhs", self.rhs, fwd), ("grad", self.grad, grad))
+
+    def advance(self, observed: Fp8Meta) -> Fp8Meta:
+        """The state after one step that made the observations ``observed`` (see `advance`)."""
+        return Fp8Meta(*(advance(s, o, dt, self.config) for (_, s, dt), o in
+                         zip(self.tensors(), (observed.lhs, observed.rhs, observed.grad))), config=self.config)
+
+
+def is_fp8_meta(x) -> bool:
+    return isinstance(x, Fp8Meta)
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def history_is_empty(state: Fp8Scale) -> jax.Array:
+    """True where no positive amax was ever recorded (a fresh meta, or only zero tensors so far)."""
+    return jnp.max(state.amax_history, axis=-1) <= 0
+
+
+def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config) -> jax.Array:
+    """The scale that quantizes a tensor of absolute maximum ``x_amax`` now.
+
+    ``current``: from ``x_amax``. ``delayed``: the stored scale, except while the history
+    is empty: then from ``x_amax`` too, so the first step neither saturates nor flushes
+    (a stored scale of 1 would flush most small gradients to zero).
+    """
+    current = compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
+    if config.recipe == "current":
+        return current
+    return jnp.where(history_is_empty(state), current, state.scale)
+
+
+def observation(state: Fp8Scale, x_amax: jax.Array, stats: tuple[jax.Array, jax.Array]) -> Fp8Scale:
+    """What one call saw of a tensor, shaped like ``state`` (its state fields are zero)."""
+    one = jnp.ones_like(state.scale)
+    saturated, flushed = stats
+    return Fp8Scale(
+        scale=jnp.zeros_like(state.scale), amax_history=jnp.zeros_like(state.amax_history),
+        amax=x_amax * one, calls=one, fanout=one, saturated=saturated * one, flushed=flushed * one,
+    )
+
+
+def combine(a: Fp8Scale, b: Fp8Scale) -> Fp8Scale:
+    """Observations of two calls of one op in one step: amax by max, calls added.
+
+    For calls that pass the meta on (threading) and for the micro-batches of gradient
+    accumulation. ``fanout`` keeps the larger one: threading adds no fan-out.
+    """
+    return Fp8Scale(
+        scale=a.scale + b.scale, amax_history=a.amax_history + b.amax_history,  # zero in observations
+        amax=jnp.maximum(a.amax, b.amax), calls=a.calls + b.calls, fanout=jnp.maximum(a.fanout, b.fanout),
+        saturated=jnp.maximum(a.saturated, b.saturated), flushed=jnp.maximum(a.flushed, b.flushed),
+    )
+
+
+def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config) -> Fp8Scale:
+    """One step of a tensor's state: roll the observed amax into the history once, rescale.
+
+    Where the tensor was not used (``calls == 0``) or its amax is not finite, the state is
+    kept exactly: an idle op must not roll its history, and an overflow must not enter it.
+    Statistics summed by un-threaded reuse are divided by ``fanout`` (their mean); the
+    amax is kept as summed, which bounds the max from above.
+    """
+    history = jnp.concatenate([observed.amax[..., None], state.amax_history[..., :-1]], axis=-1)
+    if config.recipe == "delayed" and config.amax_compute == "max":
+        reduced = jnp.max(history, axis=-1)
+    else:  # `current` keeps the newest amax as its reference scale
+        reduced = history[..., 0]
+    fanout = jnp.maximum(observed.fanout, 1.0)
+    new = Fp8Scale(
+        scale=compute_scale(reduced, state.scale, fp8_max(dtype), margin=config.margin),
+        amax_history=history, amax=observed.amax, calls=observed.calls, fanout=observed.fanout,
+        saturated=observed.saturated / fanout, flushed=observed.flushed / fanout,
+    )
+    keep_going = (observed.calls > 0) & jnp.isfinite(observed.amax)
+
+    def pick(n, o):
+        cond = jnp.reshape(keep_going, keep_going.shape + (1,) * (n.ndim - keep_going.ndim))
+        return jnp.where(cond, n, o)
+
+    return jax.tree.map(pick, new, state)
+
+
+# ----------------------------------------------------------------------------- pytrees of metas
+
+
+def combine_metas(a: Fp8Meta, b: Fp8Meta) -> Fp8Meta:
+    """`combine` for each tensor of two observations of the same op."""
+    return Fp8Meta(combine(a.lhs, b.lhs), combine(a.rhs, b.rhs), combine(a.grad, b.grad), config=a.config)
+
+
+def combine_trees(a, b):
+    """`combine_metas` over two pytrees of observations with the same structure."""
+    return jax.tree.map(combine_metas, a, b, is_leaf=is_fp8_meta)
+
+
+def advance_tree(meta, observed):
+    """`Fp8Meta.advance` for every meta of a pytree (a dict, an NNX state, a linen collection)."""
+    return jax.tree.map(lambda m, o: m.advance(o), meta, observed, is_leaf=is_fp8_meta)
+
+
+def _observed_amaxes(observed) -> list[jax.Array]:
+    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
+    return [s.amax for m in metas for s in (m.lhs, m.rhs, m.grad)]
+
+
+def observations_finite(observed) -> jax.Array:
+    """bool[]: every amax observed in this step is finite (True for a tree without metas)."""
+    amaxes = _observed_amaxes(observed)
+    if not amaxes:
+        return jnp.array(True)
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in amaxes]).all()
+
+
+def max_fanout(observed) -> jax.Array:
+    """f32[]: the largest ``fanout`` observed (0 without metas, 1 when every reuse was threaded)."""
+    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
+    values = [jnp.max(s.fanout) for m in metas for s in (m.lhs, m.rhs, m.grad)]
+    return jnp.max(jnp.stack(values)) if values else jnp.float32(0)

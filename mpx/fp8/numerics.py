@@ -1,0 +1,67 @@
+"""FP8 arithmetic on arrays: saturating quantize, dequantize, amax and scales.
+
+Convention: ``scale`` multiplies into the FP8 domain.
+
+    q = saturate(x * scale)          quantize
+    x ~= q / scale                   dequantize
+    scale = fp8_max / (amax * 2**margin)
+
+so a tensor whose absolute maximum is ``amax`` just fills the FP8 range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+
+
+def fp8_max(dtype) -> float:
+    """Largest finite value of an FP8 dtype (448 for E4M3, 57344 for E5M2)."""
+    return float(jnp.finfo(dtype).max)
+
+
+def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
+    """Saturating cast of ``x * scale`` to the FP8 ``dtype`` (round to nearest even).
+
+    Finite values beyond the FP8 range become ``±fp8_max``. A non-finite input (inf or
+    NaN) becomes NaN: an overflow upstream must stay visible downstream, never be
+    clipped into a plausible finite number.
+    """
+    limit = fp8_max(dtype)
+    y = jnp.clip(x.astype(jnp.float32) * scale.astype(jnp.float32), -limit, limit)
+    return jnp.where(jnp.isfinite(x), y, jnp.nan).astype(dtype)
+
+
+def quantization_stats(x: jax.Array, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Fractions of ``x`` that `quantize` saturated (|x * scale| > fp8_max) and flushed (x != 0, q == 0)."""
+    limit = fp8_max(q.dtype)
+    y = jnp.abs(x.astype(jnp.float32) * scale.astype(jnp.float32))
+    saturated = jnp.mean((y > limit).astype(jnp.float32))
+    flushed = jnp.mean(((x != 0) & (q.astype(jnp.float32) == 0)).astype(jnp.float32))
+    return saturated, flushed
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Inverse of `quantize`: ``q / scale`` in ``dtype``."""
+    return (q.astype(jnp.float32) / scale.astype(jnp.float32)).astype(dtype)
+
+
+def amax(x: jax.Array) -> jax.Array:
+    """Absolute maximum of ``x`` as f32[] (inf or NaN when ``x`` holds one)."""
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def compute_scale(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
+    """``fp8_max / (amax * 2**margin)``; ``prev_scale`` when that is not a finite positive number.
+
+    Keeping the previous scale covers an all-zero tensor (amax 0), a non-finite amax and
+    an amax so small that the quotient overflows f32. Elementwise: ``amax`` and
+    ``prev_scale`` may carry leading (layer) axes.
+    """
+    amax = jnp.asarray(amax, jnp.float32)
+    scale = jnp.float32(fp8_max) / amax / jnp.float32(2.0**margin)
+    ok = (amax > 0) & jnp.isfinite(amax) & jnp.isfinite(scale) & (scale > 0)
+    return jnp.where(ok, scale, jnp.asarray(prev_scale, jnp.float32))
