@@ -147,7 +147,12 @@ class _Section:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
-    """Decoder shape. ``vocab_size``: None takes the tokenizer's; a larger value pads it."""
+    """Decoder shape. ``vocab_size``: None takes the tokenizer's; a larger value pads it.
+
+    ``scan_layers``: the blocks are one stacked module run by ``nnx.scan`` (one block
+    compiled, one FP8 meta per layer); ``remat``: recompute block activations in the
+    backward pass. Checkpoints of a scanned and an unrolled model are not interchangeable.
+    """
 
     _key: ClassVar[str] = "model"
 
@@ -159,6 +164,8 @@ class ModelConfig(_Section):
     dropout: float = 0.0
     tie_embeddings: bool = True
     vocab_size: int | None = None
+    scan_layers: bool = False
+    remat: bool = False
 
     def _validate(self):
         self._positive("d_model", "num_heads", "num_layers", "d_ff", "max_len", "vocab_size")
@@ -181,7 +188,7 @@ class ModelConfig(_Section):
         return TransformerConfig(
             vocab_size=self.vocab_size or vocab_size, d_model=self.d_model, num_heads=self.num_heads,
             num_layers=self.num_layers, d_ff=self.d_ff, max_len=self.max_len, dropout=self.dropout,
-            tie_embeddings=self.tie_embeddings,
+            tie_embeddings=self.tie_embeddings, scan_layers=self.scan_layers, remat=self.remat,
         )
 
 

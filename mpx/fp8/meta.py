@@ -115,9 +115,9 @@ class Fp8Scale:
     @classmethod
     def init(cls, history_len: int, *, stack: tuple[int, ...] = ()) -> Fp8Scale:
         """Scale 1, an empty (all-zero) history, no observations."""
-        zeros = jnp.zeros(stack, jnp.float32)
-        return cls(jnp.ones(stack, jnp.float32), jnp.zeros((*stack, history_len), jnp.float32),
-                   zeros, zeros, zeros, zeros, zeros)
+        # A buffer of its own per field: a donated state must not alias one array twice.
+        observed = (jnp.zeros(stack, jnp.float32) for _ in range(5))
+        return cls(jnp.ones(stack, jnp.float32), jnp.zeros((*stack, history_len), jnp.float32), *observed)
 
 
 @struct.dataclass

@@ -4,6 +4,8 @@ Shapes: B batch, T sequence, D d_model, H heads, K = D // H, F d_ff, V vocab, C 
 Module paths (what policy rules match): ``embed``, ``pos_embed``, ``blocks/{i}/ln1``,
 ``blocks/{i}/attn/{qkv,logits,softmax,values,out}``, ``blocks/{i}/ln2``,
 ``blocks/{i}/mlp/{fc,proj}``, ``ln_f``, ``head`` (LM) or ``classifier``, ``loss``.
+With ``scan_layers`` the blocks are one stacked module (every parameter and FP8 meta
+gains a leading layer axis) and the paths lose the index: ``blocks/attn/qkv``, ...
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from mpx.policy import Policy
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Shape of a decoder. ``tie_embeddings``: the LM head reuses the token embedding."""
+    """Shape of a decoder. ``tie_embeddings``: the LM head reuses the token embedding.
+
+    ``scan_layers``: build the blocks as one stack (``nnx.vmap``) and run them with
+    ``nnx.scan``: one block is compiled instead of ``num_layers``. ``remat``: recompute
+    each block's activations in the backward pass (``nnx.remat``) instead of storing them.
+    """
 
     vocab_size: int
     d_model: int
@@ -32,6 +39,8 @@ class TransformerConfig:
     max_len: int
     dropout: float = 0.0
     tie_embeddings: bool = True
+    scan_layers: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
@@ -45,6 +54,9 @@ class TransformerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("tie_embeddings", "scan_layers", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def _divisor_hint(d: int, h: int) -> int:
@@ -120,6 +132,17 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln2(x), deterministic=deterministic, rngs=rngs).astype(x.dtype)
 
 
+def _stacked_blocks(config: TransformerConfig, policy: Policy, rngs: nnx.Rngs) -> Block:
+    """``num_layers`` blocks as one module whose every array has a leading layer axis."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(config, policy, rngs=rngs)
+
+    return make(rngs)
+
+
 class Decoder(nnx.Module):
     """Token + position embeddings, N blocks, final norm. tokens (B, T) -> features (B, T, D)."""
 
@@ -127,7 +150,10 @@ class Decoder(nnx.Module):
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.d_model, param_dtype=policy.param_dtype, rngs=rngs)
         self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=policy.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(config, policy, rngs=rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            self.blocks = _stacked_blocks(config, policy, rngs)
+        else:
+            self.blocks = nnx.List([Block(config, policy, rngs=rngs) for _ in range(config.num_layers)])
         self.ln_f = _ln(config.d_model, policy, rngs)
         self.dropout = nnx.Dropout(config.dropout)
         self.loss = CrossEntropy()
@@ -138,8 +164,27 @@ class Decoder(nnx.Module):
             raise ValueError(f"sequence length {t} exceeds max_len {self.config.max_len} of this model")
         x = self.embed(tokens) + self.pos_embed(jnp.arange(t))[None]  # (B, T, D)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        for block in self.blocks:
-            x = block(x, mask, deterministic=deterministic, rngs=rngs)
+        # Each block draws its dropout key from a key of its own: the same in both layouts.
+        n = self.config.num_layers
+        keys = jax.random.split(rngs.dropout(), n) if rngs is not None and not deterministic else [None] * n
+
+        def run(block, x, key):
+            block_rngs = None if key is None else nnx.Rngs(dropout=key)
+            return block(x, mask, deterministic=deterministic, rngs=block_rngs)
+
+        if self.config.remat:
+            run = nnx.remat(run)
+        if self.config.scan_layers:
+            keys = None if keys[0] is None else keys
+
+            @nnx.scan(in_axes=(0, nnx.Carry, 0 if keys is not None else None), out_axes=nnx.Carry)
+            def scanned(block, x, key):
+                return run(block, x, key)
+
+            x = scanned(self.blocks, x, keys)
+        else:
+            for block, key in zip(self.blocks, keys):
+                x = run(block, x, key)
         return self.ln_f(x)
 
 
