@@ -541,6 +541,34 @@ def test_meta_round_trips_through_jit():
     assert isinstance(back, Fp8Meta) and tree_equal(back, meta) and back.config == config
     assert len(jax.tree.leaves(meta)) == 21
     assert [x.shape for x in jax.tree.leaves(back)[:7]] == [(), (5,), (), (), (), (), ()]
+    # A fresh meta can be donated: no two of its leaves share a buffer.
+    fresh = Fp8Meta.init(config, stack=(2,))
+    assert tree_equal(jax.jit(lambda m: m, donate_argnums=0)(fresh), Fp8Meta.init(config, stack=(2,)))
+
+
+# ----------------------------------------------------------------------------- the emitted program
+
+
+@pytest.mark.parametrize("out_dtype, gemm_out", [(jnp.bfloat16, "bf16"), (jnp.float32, "f32"), (jnp.float16, "f32")])
+def test_fp8_operands_go_straight_into_dot_general(out_dtype, gemm_out):
+    """The StableHLO of forward + both gradients has exactly three dot_generals, each taking
+    two FP8 arrays (e4m3 x e4m3 forward, e5m2 x e4m3 backward) as its operands: the pattern
+    XLA rewrites into cuBLASLt FP8 GEMMs (a dequantize before the dot would not be). The
+    GEMM produces the compute dtype for bf16/f32 (its range holds the unscaled product),
+    f32 for fp16 (448**2 * K overflows 65504); the f32 rescale follows it."""
+    meta = Fp8Meta.init(Fp8Config(amax_history=4))
+
+    def f(x, w):
+        return jnp.sum(fp8_dot_general(x, w, MATMUL, meta, out_dtype=out_dtype)[0].astype(jnp.float32))
+
+    text = jax.jit(jax.value_and_grad(f, (0, 1))).lower(jnp.ones((32, 64), out_dtype), jnp.ones((64, 16))).as_text()
+    dots = [line.split(" : ")[-1] for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 3, dots
+    operands = sorted(d.split(" -> ")[0] for d in dots)
+    assert operands == sorted(["(tensor<32x64xf8E4M3FN>, tensor<64x16xf8E4M3FN>)",
+                               "(tensor<32x16xf8E5M2>, tensor<64x16xf8E4M3FN>)",
+                               "(tensor<32x16xf8E5M2>, tensor<32x64xf8E4M3FN>)"]), operands
+    assert all(d.endswith(f"x{gemm_out}>") for d in dots), dots
 
 
 # ----------------------------------------------------------------------------- GPU: real FP8 GEMMs

@@ -52,8 +52,8 @@ def losses(run_dir: pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def final_leaves(config_path, run_dir):
-    trained = load_trained(load_config(config_path, [f"run_dir={run_dir}"]), say=lambda _: None)
+def final_leaves(config_path, run_dir, *overrides):
+    trained = load_trained(load_config(config_path, [f"run_dir={run_dir}", *overrides]), say=lambda _: None)
     state = trained.state.replace(rng=jax.random.key_data(trained.state.rng))
     return trained.step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
@@ -89,39 +89,51 @@ KILL = textwrap.dedent("""
 """)
 
 
+SCANNED = ("model.scan_layers=true", "model.remat=true", "model.num_layers=2")
+
+
 @pytest.mark.parametrize(
-    "precision",
-    ["fp8", "{preset: fp16, loss_scale: {kind: dynamic, initial: 1024, period: 2}}"],
-    ids=["fp8", "fp16-dynamic"],
+    "precision, overrides",
+    [("fp8", ()), ("{preset: fp16, loss_scale: {kind: dynamic, initial: 1024, period: 2}}", ()), ("fp8", SCANNED)],
+    ids=["fp8", "fp16-dynamic", "fp8-scanned-remat"],
 )
-def test_killed_run_resumes_bit_identically(tmp_path, precision):
+def test_killed_run_resumes_bit_identically(tmp_path, precision, overrides):
     """SIGKILL right after step 5 (no clean exit; the async step-4 save may still be in
     flight, so the newest complete checkpoint is step 4 or step 2), then resume: params,
     optimizer state, FP8 meta, loss scale and RNG at step 8 are bit-identical to an
-    uninterrupted run, and so are the losses of every step after the resume point."""
+    uninterrupted run, and so are the losses of every step after the resume point. The
+    scanned case also pins that every layer keeps its own, moving FP8 meta."""
     config = write_config(tmp_path, precision=precision)
-    cli("train", config, "run_dir=runs/whole", cwd=tmp_path)
+    cli("train", config, "run_dir=runs/whole", *overrides, cwd=tmp_path)
 
-    killed = subprocess.run([sys.executable, "-c", KILL, str(config), "5", "run_dir=runs/cut"], cwd=tmp_path,
-                            env=ENV, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run([sys.executable, "-c", KILL, str(config), "5", "run_dir=runs/cut", *overrides],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     cut = tmp_path / "runs" / "cut"
     resume_at = max(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
     assert resume_at in (2, 4)
-    out = cli("train", config, "run_dir=runs/cut", cwd=tmp_path)
+    out = cli("train", config, "run_dir=runs/cut", *overrides, cwd=tmp_path)
     assert f"resumed from checkpoint at step {resume_at}" in out.stdout
 
-    whole_step, whole = final_leaves(config, tmp_path / "runs" / "whole")
-    cut_step, resumed = final_leaves(config, cut)
+    whole_step, whole = final_leaves(config, tmp_path / "runs" / "whole", *overrides)
+    cut_step, resumed = final_leaves(config, cut, *overrides)
     assert whole_step == cut_step == 8
     assert len(whole) == len(resumed)
     for a, b in zip(whole, resumed):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     ref, got = losses(tmp_path / "runs" / "whole"), losses(cut)
     assert [got[s] for s in range(resume_at + 1, 9)] == [ref[s] for s in range(resume_at + 1, 9)]
+    state = load_trained(load_config(config, [f"run_dir={cut}", *overrides]), say=lambda _: None).state
     if "fp16" in precision:
-        state = load_trained(load_config(config, [f"run_dir={cut}"]), say=lambda _: None).state
         assert float(state.loss_scale.loss_scale) > 1024  # grew every 2 finite steps: the state mattered
+    if overrides:
+        from mpx.inspect import fp8_stats
+
+        stats = fp8_stats(state.fp8_meta)
+        assert {s.path for s in stats} >= {"blocks/mlp/fc[0]", "blocks/mlp/fc[1]", "blocks/attn/qkv[1]"}
+        layer0, layer1 = ({(s.path.split("[")[0], s.tensor): s.scale for s in stats if s.path.endswith(f"[{i}]")}
+                          for i in (0, 1))
+        assert layer0 != layer1 and all(v != 1.0 for v in layer0.values())
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):

@@ -300,6 +300,8 @@ def train(
                     "fp8_min_scale": min((s.scale for s in stats), default=None),
                     "fp8_max_saturated": max((s.saturated for s in stats), default=None),
                     "fp8_max_flushed": max((s.flushed for s in stats), default=None),
+                    # > 1: an FP8 meta fed several matmuls without threading (summed amaxes).
+                    "fp8_max_fanout": max((s.fanout for s in stats), default=None),
                 }
                 logger.log(done, last, "train")
                 window_start, window_steps = time.perf_counter(), 0
