@@ -215,6 +215,54 @@ def test_unthreaded_reuse_never_compounds_over_steps():
     assert abs(fanned_loss[-1] - threaded_loss[-1]) < 0.1 * threaded_loss[-1]
 
 
+class SharedCell(nnx.Module):
+    """A weight-shared recurrent cell applied by lax.scan over time, as people write RNNs."""
+
+    def __init__(self, rngs):
+        self.cell = nnx.Linear(8, 8, use_bias=False, rngs=rngs)
+
+    def __call__(self, xs):  # (T, B, 8)
+        def step(h, x):
+            h = jnp.tanh(self.cell(h) + x)
+            return h, h
+
+        return jax.lax.scan(step, jnp.zeros(xs.shape[1:]), xs)[1]
+
+
+def test_layer_closed_over_by_lax_scan_trains_with_bounded_reported_fanout():
+    """An NNX layer closed over by lax.scan (T=5 steps): NNX forbids writing its meta from
+    inside the scan. Before, that crashed (TraceContextError) only under fp8; now the five
+    calls add their observations: one warning at trace time, fanout 5 in the metrics and
+    fp8_stats, calls 5, and the observed lhs amax lies between the true max over the five
+    hidden states and 5 times it. Training proceeds (no skipped step, loss falls)."""
+    model = mn.apply_policy(SharedCell(nnx.Rngs(0)), POLICY)
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+    xs = jax.random.normal(jax.random.key(8), (5, 4, 8))
+
+    def loss_fn(params, meta, batch, rng):
+        return jnp.mean((nnx.merge(graphdef, params, meta)(batch).astype(jnp.float32) - 0.5) ** 2)
+
+    opt = optax.adam(1e-2)
+    state = mpx.init_train_state(params, opt, fp8_meta=meta)
+    step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt))
+    with pytest.warns(mpx.fp8.Fp8FanoutWarning, match="does not carry its FP8 meta"):
+        first, m0 = step(state, xs)
+    assert float(m0.fp8_fanout) == 5.0 and not bool(m0.skipped)
+    stats = {s.tensor: s for s in mpx.inspect.fp8_stats(first.fp8_meta)}
+    assert stats["lhs"].calls == 5.0 and stats["lhs"].fanout == 5.0
+    # The cell's inputs are the hidden states h_0 = 0, h_1, ..., h_4 (as bf16, the compute dtype).
+    hs = np.asarray(model(xs).astype(jnp.bfloat16).astype(jnp.float32))
+    true_max = float(np.abs(hs[:-1]).max())
+    assert true_max <= stats["lhs"].amax <= 5 * true_max
+    losses = [float(m0.loss)]
+    state = first
+    for _ in range(20):
+        state, m = step(state, xs)
+        assert not bool(m.skipped)
+        losses.append(float(m.loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 # ----------------------------------------------------------------------------- the first step
 
 

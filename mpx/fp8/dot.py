@@ -91,6 +91,11 @@ def _normalize_dims(dimension_numbers):
 _CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+def under_differentiation(meta: Fp8Meta) -> bool:
+    """Whether ``meta`` is being differentiated (its arrays are tracers of jax.grad / vjp)."""
+    return hasattr(meta.lhs.scale, "primal")
+
+
 def _warn_if_reused(meta: Fp8Meta, lhs, rhs) -> None:
     """Warn (at trace time) when the very same traced meta feeds a second matmul.
 
@@ -98,9 +103,9 @@ def _warn_if_reused(meta: Fp8Meta, lhs, rhs) -> None:
     pass alone, reuse is harmless. A meta closed over by ``lax.scan`` is traced once and
     not seen here; its fan-out shows in the ``fanout`` statistic instead.
     """
-    leaf = meta.lhs.scale
-    if not hasattr(leaf, "primal"):
+    if not under_differentiation(meta):
         return
+    leaf = meta.lhs.scale
     if _CONSUMED.get(id(leaf)) is leaf:
         warnings.warn(
             f"an Fp8Meta was passed to a second FP8 matmul (lhs {lhs.shape}, rhs {rhs.shape}) without "

@@ -6,13 +6,17 @@ run, an `OpPrecision`. Before that it computes like the plain op would.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+from flax import errors as flax_errors
 from flax import nnx
 from jax import lax
 
 from mpx import ops
-from mpx.fp8 import Fp8Meta
+from mpx.fp8 import Fp8FanoutWarning, Fp8Meta
+from mpx.fp8.dot import under_differentiation
 from mpx.policy import OpPrecision
 
 
@@ -68,11 +72,33 @@ class DotGeneral(Op):
                 lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
             )
         meta = None if self.fp8_meta is None else self.fp8_meta.get_value()
-        out, meta = ops.dot_general(lhs, rhs, dimension_numbers, self.precision, meta)
+        out, new_meta = ops.dot_general(lhs, rhs, dimension_numbers, self.precision, meta)
         if self.fp8_meta is not None:
-            # Thread the meta: a second call of this op in the same step combines by max.
-            self.fp8_meta.set_value(meta)
+            self._thread(new_meta, differentiated=under_differentiation(meta))
         return out
+
+    def _thread(self, meta, *, differentiated: bool) -> None:
+        """Thread the meta: a second call of this op in the same step combines by max.
+
+        Inside a plain JAX transform that does not carry the layer's state (a layer
+        closed over by ``lax.scan`` / ``fori_loop``), NNX forbids the write; the calls of
+        its iterations then add up their observations (a larger, safe amax, reported as
+        ``fanout``) and a warning says so.
+        """
+        try:
+            self.fp8_meta.set_value(meta)
+        except flax_errors.TraceContextError:
+            if not differentiated:
+                return  # a forward pass alone has nothing to combine
+            warnings.warn(
+                f"FP8 op {self.path or self.kind!r} runs inside a JAX transform (lax.scan, fori_loop, ...) "
+                "that does not carry its FP8 meta, so its calls cannot be threaded: their amaxes add up "
+                "instead of taking the max (a larger amax, so a smaller scale: safe from overflow but "
+                "coarser for small values; reported as `fanout` by mpx.inspect.fp8_stats). A loop that "
+                "carries the layer's state combines them by max.",
+                Fp8FanoutWarning,
+                stacklevel=3,
+            )
 
 
 class EinsumOp(DotGeneral):
