@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from mpx.nn.op import DotGeneral, EinsumOp, Op
+from mpx.nn.op import DotGeneral, EinsumOp, Fp8MetaVariable, Op
 from mpx.policy import KINDS, Policy, _translate_pattern
 
 
@@ -78,28 +78,38 @@ def _own_stack(module) -> tuple[int, ...] | None:
     return tuple(shape[: len(shape) - ndim])
 
 
-def _stacks(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    """Path -> leading (layer) axes of every module whose parameters reveal them."""
-    out = {}
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.Module):
-            stack = _own_stack(module)
+def _stacks(model: nnx.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(path -> leading layer axes of every module whose parameters reveal them,
+    path -> shape of every variable)."""
+    stacks, shapes = {}, {}
+    for path, node in nnx.iter_graph(model):
+        key = "/".join(str(p) for p in path)
+        if isinstance(node, nnx.Module):
+            stack = _own_stack(node)
             if stack is not None:
-                out["/".join(str(p) for p in path)] = stack
-    return out
+                stacks[key] = stack
+        elif isinstance(node, nnx.Variable) and not isinstance(node, Fp8MetaVariable):
+            shapes[key] = tuple(getattr(node.get_value(), "shape", ()))
+    return stacks, shapes
 
 
-def _stack_of(path: str, stacks: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The leading axes of the op at ``path``: its own, else those of a layer beside it in
-    the nearest enclosing module (a vmapped block stacks everything in it alike)."""
+def _stack_of(path: str, stacks: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The leading axes of the op at ``path``: its own, else those of the layers in the
+    nearest enclosing module that has any, provided every variable in that module leads
+    with them (a vmapped block stacks everything in it alike). A module that mixes
+    stacked and unstacked parts (a scanned stack beside other layers) is not inside a
+    stack: ()."""
     if path in stacks:
         return stacks[path]
     parts = path.split("/")
     for n in range(len(parts) - 1, 0, -1):
         prefix = "/".join(parts[:n]) + "/"
-        for other, stack in stacks.items():
-            if other.startswith(prefix):
-                return stack
+        found = {stack for other, stack in stacks.items() if other.startswith(prefix)}
+        if not found:
+            continue
+        stack = found.pop() if len(found) == 1 else ()
+        inside = all(shape[: len(stack)] == stack for other, shape in shapes.items() if other.startswith(prefix))
+        return stack if inside else ()
     return ()
 
 
@@ -114,7 +124,7 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
     their leading axes as ``stack``.
     """
     overrides = kind_overrides(kinds)
-    stacks = _stacks(model)
+    stacks, shapes = _stacks(model)
     found = []
     for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
@@ -129,7 +139,7 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
             if regex.fullmatch(path_str):
                 kind = k
                 break
-        found.append(FoundOp(path_str, kind, module, _stack_of(path_str, stacks)))
+        found.append(FoundOp(path_str, kind, module, _stack_of(path_str, stacks, shapes)))
     return found
 
 
