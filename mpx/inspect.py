@@ -2,11 +2,14 @@
 
     print(mpx.inspect.describe(model, policy))     # every op, its precision, the deciding rule
     print(mpx.inspect.fp8_stats(state.fp8_meta))   # amax, scale, saturated / flushed fractions
+    print(mpx.inspect.fp8_gemms(step, state, batch))  # which fp8 matmuls became FP8 GEMMs
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -146,3 +149,94 @@ def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
     rows = [(s.path, s.tensor, f"{s.amax:.4g}", f"{s.scale:.4g}", f"{s.saturated:.2%}", f"{s.flushed:.2%}",
              f"{s.calls:g}", f"{s.fanout:g}") for s in stats]
     return "\n".join(_format(["path", "tensor", "amax", "scale", "saturated", "flushed", "calls", "fanout"], rows))
+
+
+# ----------------------------------------------------------------------------- FP8 GEMMs in the compiled program
+
+FP8_GEMM_TARGET = "__cublas$lt$matmul$f8"
+"""The custom call XLA emits for an FP8 GEMM on NVIDIA GPUs (cuBLASLt)."""
+
+_SCOPE = re.compile(r"mpx\[([^\]]+)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRow:
+    """The matmuls of one policy op in a program: ``dots`` dot_generals traced under its
+    name, ``fp8_dots`` of them with two FP8 operands, ``fp8_gemms`` FP8 GEMM custom calls
+    the backend compiled for it (forward and backward: 3 per call site of an fp8 op)."""
+
+    path: str
+    dots: int
+    fp8_dots: int
+    fp8_gemms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8GemmReport:
+    """What `fp8_gemms` found. ``unattributed_gemms``: FP8 GEMMs outside any policy op."""
+
+    backend: str
+    rows: tuple[GemmRow, ...]
+    unattributed_gemms: int
+
+    @property
+    def fp8_dots(self) -> int:
+        return sum(r.fp8_dots for r in self.rows)
+
+    @property
+    def fp8_gemms(self) -> int:
+        return sum(r.fp8_gemms for r in self.rows) + self.unattributed_gemms
+
+    def missing(self) -> list[str]:
+        """Ops whose FP8 dot_generals did not all become FP8 GEMMs on this backend."""
+        return [r.path for r in self.rows if r.fp8_gemms < r.fp8_dots]
+
+    def __str__(self) -> str:
+        lines = _format(["path", "dots", "fp8 dots", "fp8 GEMMs"], [dataclasses.astuple(r) for r in self.rows])
+        lines.append(f"{self.fp8_gemms} FP8 GEMMs for {self.fp8_dots} FP8 dot_generals on {self.backend}")
+        return "\n".join(lines)
+
+
+def _walk_dots(jaxpr, stack: str, out: dict) -> None:
+    for eqn in jaxpr.eqns:
+        where = f"{stack}/{eqn.source_info.name_stack}"
+        if eqn.primitive.name == "dot_general":
+            scopes = _SCOPE.findall(where)
+            if scopes:
+                row = out.setdefault(scopes[-1], [0, 0])
+                row[0] += 1
+                row[1] += all("float8" in str(v.aval.dtype) for v in eqn.invars)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    _walk_dots(inner, where, out)
+
+
+def fp8_gemms(fn, *args, **kwargs) -> Fp8GemmReport:
+    """Compile ``fn(*args, **kwargs)`` and report, per policy op, its dot_generals, how
+    many take FP8 operands, and how many became FP8 GEMMs on this backend.
+
+    Ops are found by the name `mpx.ops.dot_general` gives them (``mpx[<path>]``), in the
+    traced program (what the policy emitted) and in the compiled one (NVIDIA:
+    ``__cublas$lt$matmul$f8`` custom calls, attributed by their ``op_name``). Pass the
+    train step itself to check the forward and backward together. On a backend without
+    FP8 GEMMs (CPU) every ``fp8_gemms`` is 0.
+    """
+    traced: dict[str, list[int]] = {}
+    _walk_dots(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr, "", traced)
+    compiled = jax.jit(functools.partial(fn, **kwargs)).lower(*args).compile().as_text()
+    gemms: dict[str, int] = {}
+    unattributed = 0
+    for line in compiled.splitlines():
+        if FP8_GEMM_TARGET not in line:
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        scopes = _SCOPE.findall(name.group(1)) if name else []
+        if scopes:
+            gemms[scopes[-1]] = gemms.get(scopes[-1], 0) + 1
+        else:
+            unattributed += 1
+    paths = sorted(set(traced) | set(gemms))
+    rows = tuple(GemmRow(p, *traced.get(p, (0, 0)), gemms.get(p, 0)) for p in paths)
+    return Fp8GemmReport(jax.default_backend(), rows, unattributed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -21,9 +23,36 @@ def dot_general(
 
     fp8: `fp8_dot_general` with ``meta`` (required, made for the policy's `Fp8Config`),
     output in ``op.dtype``; the meta it returns is for the next call of the same op in
-    this step. Otherwise both operands are cast to ``op.dtype`` and multiplied there;
-    ``meta`` is passed through untouched.
+    this step. Otherwise, and for an fp8 matmul smaller than ``fp8.min_size`` in any
+    dimension, both operands are cast to ``op.dtype`` and multiplied there; ``meta`` is
+    passed through untouched (an op that never runs in FP8 never advances its meta).
+
+    The computation is named ``mpx[<op path>]`` (a ``jax.named_scope``), forward and
+    backward: profiles show the op's path, and `mpx.inspect.fp8_gemms` maps compiled
+    GEMMs back to it.
     """
+    if not op.path:
+        return _dot_general(lhs, rhs, dimension_numbers, op, meta)
+    with jax.named_scope(scope_name(op.path)):
+        return _dot_general(lhs, rhs, dimension_numbers, op, meta)
+
+
+def scope_name(path: str) -> str:
+    """The ``jax.named_scope`` of the op at ``path``."""
+    return f"mpx[{path}]"
+
+
+def gemm_dims(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, int]:
+    """(M, K, N) of a ``dot_general``: lhs free, contracted and rhs free sizes (per batch)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    size = lambda shape, axes: int(math.prod(shape[a] for a in axes))  # noqa: E731
+    free = lambda shape, c, b: [a for a in range(len(shape)) if a not in c and a not in b]  # noqa: E731
+    return size(lhs_shape, free(lhs_shape, lc, lb)), size(lhs_shape, lc), size(rhs_shape, free(rhs_shape, rc, rb))
+
+
+def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
+    if op.is_fp8 and min(gemm_dims(lhs.shape, rhs.shape, dimension_numbers)) < op.fp8.min_size:
+        return lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers), meta
     if op.is_fp8:
         if meta is None:
             raise ValueError(

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 from flax import nnx
 
 import mpx
@@ -78,3 +79,73 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
     assert {s.path for s in stats.values()} == {"layer"}
     text = format_fp8_stats(list(stats.values()))
     assert "25.00%" in text and "layer" in text
+
+
+# ----------------------------------------------------------------------------- FP8 GEMMs
+
+
+def fp8_gpu() -> bool:
+    """The first device is a GPU of compute capability >= 8.9 (Ada/Hopper: FP8 tensor cores)."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return False
+    major, minor = (int(p) for p in str(getattr(dev, "compute_capability", "0.0")).split(".")[:2])
+    return (major, minor) >= (8, 9)
+
+
+def lm_train_step(scan: bool, layers: int = 2):
+    """A full fp8 TransformerLM train step (AdamW) and its arguments; matmul dims multiples of 16."""
+    import functools
+
+    import optax
+
+    policy = mpx.parse_policy("fp8; fp8.amax_history=4")
+    config = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layers=layers, d_ff=128, max_len=32,
+                                  scan_layers=scan)
+    model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
+    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+
+    def loss_fn(params, meta, batch, rng):
+        m = nnx.merge(graphdef, params, meta)
+        return m.loss(m(batch[:, :-1]), batch[:, 1:])
+
+    opt = optax.adamw(1e-3)
+    state = mpx.init_train_state(params, opt, fp8_meta=meta)
+    step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt)
+    return model, policy, step, (state, jnp.zeros((4, 33), jnp.int32))
+
+
+def check_every_fp8_op_is_reported(model, policy, report):
+    """Every op the policy marks fp8 has its forward and both gradients as FP8 dot_generals
+    (3), and no other op has any."""
+    fp8_ops = set(describe(model, policy).by_precision()["fp8"])
+    rows = {r.path: r for r in report.rows}
+    assert fp8_ops and fp8_ops <= set(rows), fp8_ops - set(rows)
+    for path, row in rows.items():
+        assert row.fp8_dots == (3 if path in fp8_ops else 0), row
+
+
+def test_fp8_gemms_on_cpu_finds_the_emitted_fp8_matmuls_and_no_gemm():
+    """On CPU: the traced train step of an unrolled and a scanned LM has three FP8
+    dot_generals for each fp8 op (forward and both gradients), named by its path; the
+    backend compiles no FP8 GEMM, and the report says so without failing. (One layer
+    each: compiling a train step dominates this test's time.)"""
+    for scan in (False, True):
+        model, policy, step, args = lm_train_step(scan, layers=1)
+        report = mpx.inspect.fp8_gemms(step, *args)
+        check_every_fp8_op_is_reported(model, policy, report)
+        if jax.default_backend() == "cpu":
+            assert report.fp8_gemms == 0 and report.backend == "cpu"
+            assert set(report.missing()) == set(describe(model, policy).by_precision()["fp8"])
+        assert "FP8 GEMMs for" in str(report)
+
+
+@pytest.mark.skipif(not fp8_gpu(), reason="needs an FP8-capable GPU (compute capability >= 8.9)")
+def test_every_fp8_matmul_of_a_train_step_is_an_fp8_gemm():
+    """On an FP8 GPU every FP8 dot_general of the full train step (unrolled and scanned
+    LM), forward and backward, compiles to a cuBLASLt FP8 GEMM attributed to its op."""
+    for scan in (False, True):
+        model, policy, step, args = lm_train_step(scan)
+        report = mpx.inspect.fp8_gemms(step, *args)
+        check_every_fp8_op_is_reported(model, policy, report)
+        assert report.missing() == [], str(report)

@@ -58,3 +58,29 @@ def test_non_fp8_ops_compute_in_their_dtype(name, dtype):
     out, _ = dot_general(jnp.ones((2, 3)), jnp.ones((3, 4), jnp.float32), DIMS, op)
     assert out.dtype == dtype
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.full((2, 4), 3.0))
+
+
+def test_gemm_dims_of_dense_and_batched_dot_generals():
+    assert mpx.ops.gemm_dims((8, 16), (16, 64), DIMS) == (8, 16, 64)
+    # attention logits (B, T, H, K) x (B, S, H, K), batch (B, H), contract K: M=T, K=K, N=S
+    assert mpx.ops.gemm_dims((2, 5, 3, 4), (2, 7, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))) == (5, 4, 7)
+
+
+def test_fp8_matmuls_below_min_size_run_in_the_compute_dtype():
+    """fp8.min_size=32: an 8x16 @ 16x64 matmul (smallest dimension 8) is the plain bf16
+    dot, bit for bit, and its meta observes nothing (it will not advance); a 64^3 one
+    is an FP8 matmul (the output differs from bf16, one call observed)."""
+    import jax
+
+    policy = mpx.parse_policy("fp8; fp8.min_size=32; fp8.amax_history=4")
+    op = policy.for_op("mlp/fc", "dense")
+    meta = mpx.Fp8Meta.init(policy.fp8)
+    rng = np.random.default_rng(0)
+    for (m, k, n), fp8 in (((8, 16, 64), False), ((64, 64, 64), True)):
+        a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        out, _ = dot_general(a, b, DIMS, op, meta)
+        plain = jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), DIMS)
+        assert np.array_equal(np.asarray(out, np.float32), np.asarray(plain, np.float32)) != fp8
+        seen = jax.grad(lambda mt: jnp.sum(dot_general(a, b, DIMS, op, mt)[0].astype(jnp.float32)))(meta)
+        assert float(seen.lhs.calls) == (1.0 if fp8 else 0.0)

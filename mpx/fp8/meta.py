@@ -53,6 +53,9 @@ class Fp8Config:
       amax_history: length N of the amax history kept per tensor.
       amax_compute: ``max`` over the history, or its ``most_recent`` entry.
       margin: extra headroom; the scale is divided by ``2**margin``.
+      min_size: a matmul whose smallest dimension (M, K or N) is below this runs in the
+        compute dtype instead: FP8 GEMMs only pay off when they are large (``python -m
+        train bench CONFIG --mode crossover`` measures the size on a device). 0: no limit.
     """
 
     recipe: Recipe = "delayed"
@@ -60,6 +63,7 @@ class Fp8Config:
     amax_history: int = 1024
     amax_compute: AmaxCompute = "max"
     margin: int = 0
+    min_size: int = 0
 
     def __post_init__(self):
         _check_choice("recipe", self.recipe, _RECIPES)
@@ -69,6 +73,8 @@ class Fp8Config:
             raise ValueError(f"fp8 amax_history must be an integer >= 1, got {self.amax_history!r}")
         if not isinstance(self.margin, int) or isinstance(self.margin, bool) or not 0 <= self.margin <= 32:
             raise ValueError(f"fp8 margin must be an integer in [0, 32], got {self.margin!r}")
+        if not isinstance(self.min_size, int) or isinstance(self.min_size, bool) or self.min_size < 0:
+            raise ValueError(f"fp8 min_size must be an integer >= 0, got {self.min_size!r}")
 
     @property
     def forward_dtype(self):
