@@ -218,7 +218,7 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
         ("modle.d_model=64", r"^modle: unknown key; the top level accepts name, run_dir, precision, model, .*finetune "
                              r"\(did you mean 'model'\?\)$"),
         ("data.seqlen=64", r"^data.seqlen: unknown key; data accepts task, source, .*\(did you mean 'seq_len'\?\)$"),
-        ("mesh.fdsp=2", r"^mesh.fdsp: unknown key; mesh accepts data, fsdp \(did you mean 'fsdp'\?\)$"),
+        ("mesh.fdsp=2", r"^mesh.fdsp: unknown key; mesh accepts data, fsdp, distributed \(did you mean 'fsdp'\?\)$"),
         ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches$"),
     ],
 )
@@ -235,7 +235,7 @@ def test_unknown_keys_name_the_dotted_key_the_accepted_keys_and_a_suggestion(ove
 
 
 def test_unknown_precision_keys_are_named_under_precision():
-    with raises(r"^precision.fp8.margn: unknown key 'margn' in fp8; accepted keys: .*margin \(did you mean 'margin'\?\)"):
+    with raises(r"^precision.fp8.margn: unknown key 'margn' in fp8; accepted keys: .*margin, min_size \(did you mean 'margin'\?\)"):
         quick("precision.fp8.margn=1")
     with raises(r"^precision.ruls: unknown key 'ruls' in policy; accepted keys: .*\(did you mean 'rules'\?\)"):
         quick("precision={preset: fp8, ruls: []}")

@@ -345,12 +345,22 @@ class LoggingConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(_Section):
     """Device mesh ``(data, fsdp)``; -1 takes all devices the other axis leaves, fsdp=1 is
-    off. A batch is sharded over both axes; see `RunConfig.mesh_shape`."""
+    off. A batch is sharded over both axes; see `RunConfig.mesh_shape`. With several
+    processes (hosts) the mesh spans all their devices.
+
+    ``distributed``: start the JAX distributed system (several processes, one per host):
+    null (auto) does when the environment describes more than one process
+    (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` > 1 + ``JAX_PROCESS_ID``, or a
+    SLURM step / Open MPI job / Cloud TPU pod of several processes); true always does
+    (JAX detects the rest, or the run fails naming what is missing); false never does.
+    See `train.mesh.initialize_distributed`.
+    """
 
     _key: ClassVar[str] = "mesh"
 
     data: int = -1
     fsdp: int = 1
+    distributed: bool | None = None
 
     def _validate(self):
         for name in ("data", "fsdp"):

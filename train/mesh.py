@@ -5,20 +5,165 @@ optimizer moments) is split over ``fsdp`` along its largest dimension that divid
 evenly, everything else (FP8 meta, loss scale, step, small tensors) is replicated. The
 jitted step then runs SPMD: XLA inserts the gradient reductions and all-gathers, and
 FP8 amaxes of sharded tensors are global maxima.
+
+Several hosts (processes): `initialize_distributed` first, before any other JAX call;
+then the mesh spans every process's devices (`make_mesh`), each process loads only its
+own part of the batch (`process_shard`, `local_batch_size`) and `global_batch` assembles
+the global array from the local ones. With one process all of this reduces to the
+single-host behaviour.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from train.config import ConfigError
+
 AXES = ("data", "fsdp")
+
+# ----------------------------------------------------------------------------- processes
+
+#: Explicit launch: the same command on every host with these set (process 0 runs the
+#: coordinator service at JAX_COORDINATOR_ADDRESS, ``host:port``, reachable from all).
+COORDINATOR, NUM_PROCESSES, PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise _config_error(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError(f"mesh.distributed: {message}")
+
+
+def _count(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name, "").split("(")[0])  # SLURM may write "2(x3)"
+    except ValueError:
+        return 0
+
+
+def _cluster(environ: Mapping[str, str]) -> str | None:
+    """The multi-process launcher JAX's own auto-detection reads (SLURM step, Open MPI,
+    Cloud TPU pod), if this process was started by one with more than one process; else None."""
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in environ for v in slurm) and _count(environ, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS"
+                                                  in environ else "SLURM_NTASKS") > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in environ and _count(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return "Cloud TPU"
+    return None
+
+
+def distributed_args(distributed: bool | None, environ: Mapping[str, str] = os.environ) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None when this process
+    should run alone. Pure: reads ``environ`` only, starts nothing.
+
+    ``distributed`` is the config's ``mesh.distributed``: False never initializes; True
+    always does (JAX fills in what the environment does not give, or fails); None (auto)
+    initializes when the environment describes more than one process: ``JAX_NUM_PROCESSES``
+    > 1 (with ``JAX_COORDINATOR_ADDRESS`` and ``JAX_PROCESS_ID``), or a SLURM step, Open
+    MPI job or Cloud TPU pod with several processes (JAX detects those itself).
+    """
+    if distributed is False:
+        return None
+    coordinator = environ.get(COORDINATOR) or None
+    num, pid = _env_int(environ, NUM_PROCESSES), _env_int(environ, PROCESS_ID)
+    if num is not None and num < 1:
+        raise _config_error(f"{NUM_PROCESSES} must be >= 1, got {num}")
+    if pid is not None and (pid < 0 or (num is not None and pid >= num)):
+        raise _config_error(f"{PROCESS_ID} must be in [0, {NUM_PROCESSES}) = [0, {num}), got {pid}"
+                            if num is not None else f"{PROCESS_ID} must be >= 0, got {pid}")
+    args = {k: v for k, v in (("coordinator_address", coordinator), ("num_processes", num), ("process_id", pid))
+            if v is not None}
+    if distributed is True:
+        return args
+    cluster = _cluster(environ)
+    if num == 1 or (cluster is None and not args):
+        return None  # one process: the normal single-host run
+    if cluster is None:
+        missing = [n for n, v in ((COORDINATOR, coordinator), (NUM_PROCESSES, num), (PROCESS_ID, pid)) if v is None]
+        if missing:
+            given = ", ".join(n for n in (COORDINATOR, NUM_PROCESSES, PROCESS_ID) if n not in missing)
+            raise _config_error(
+                f"{given} {'is' if ', ' not in given else 'are'} set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not; a multi-process run needs all three on every host "
+                f"(or run under SLURM, Open MPI or a Cloud TPU pod); mesh.distributed=false runs alone")
+    return args
+
+
+def initialize_distributed(distributed: bool | None = None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Start the JAX distributed system if the run spans several processes (see
+    `distributed_args`); call it before any other JAX call. Returns whether the
+    distributed system is running (started now, or already by an earlier call); False,
+    and nothing touched, for a normal single-process run."""
+    if jax.distributed.is_initialized():
+        return True
+    args = distributed_args(distributed, environ)
+    if args is None:
+        return False
+    try:
+        jax.distributed.initialize(**args)
+    except (ValueError, TypeError) as e:  # JAX found no coordinator / process count / id
+        raise _config_error(
+            f"cannot start the JAX distributed system ({e}); on every host set {COORDINATOR}=host:port "
+            f"(process 0's address), {NUM_PROCESSES} and {PROCESS_ID}, or launch with SLURM, Open MPI or on a "
+            "Cloud TPU pod; mesh.distributed=false runs a single process") from e
+    return True
+
+
+def process_shard() -> tuple[int, int]:
+    """``(jax.process_index(), jax.process_count())``: this process's shard of the data,
+    for the loaders' ``shard_index`` / ``shard_count``."""
+    return jax.process_index(), jax.process_count()
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    """The rows each process loads: ``data.batch_size`` is the global batch (the same
+    config means the same training on one host or several), split evenly over processes."""
+    if batch_size % process_count:
+        raise ConfigError(f"data.batch_size ({batch_size}) must be divisible by the {process_count} processes "
+                          f"of the run: each loads data.batch_size / {process_count} rows")
+    return batch_size // process_count
+
+
+def global_batch(local_batch, sharding: NamedSharding):
+    """This process's batch (a pytree of host arrays) as global `jax.Array`s laid out by
+    ``sharding``: `jax.device_put` with one process; with several, each process passes its
+    own rows and `jax.make_array_from_process_local_data` stitches them together (the
+    global batch dimension is ``process_count`` times the local one)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local_batch, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+# ----------------------------------------------------------------------------- mesh and shardings
 
 
 def make_mesh(data: int, fsdp: int) -> Mesh:
-    devices = np.asarray(jax.devices()[: data * fsdp]).reshape(data, fsdp)
-    return Mesh(devices, AXES)
+    """A ``(data, fsdp)`` mesh over the global devices (every process's), ordered by
+    process (then JAX's order, which is all of it with one process): fsdp groups sit inside a
+    host as far as they fit, and each process's devices hold a contiguous block of the
+    batch. Several processes: the mesh must take every device (each process owns part of it)."""
+    devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable: one process keeps jax.devices()
+    if jax.process_count() > 1 and data * fsdp != len(devices):
+        raise ConfigError(f"mesh: mesh.data ({data}) x mesh.fsdp ({fsdp}) = {data * fsdp} devices, but a "
+                         f"{jax.process_count()}-process run must use all {len(devices)}; use -1 on one axis")
+    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES)
 
 
 def _param_spec(shape: tuple[int, ...], fsdp: int) -> P:

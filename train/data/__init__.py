@@ -11,7 +11,8 @@
 - ``prepare``: TFDS builders ``LMCorpus`` / ``TextClassification`` and ``prepare_lm`` /
   ``prepare_classification`` (build once, atomically; reuse after), ``describe_dataset``.
 - ``loaders``: grain pipelines with checkpointable iterators: packed LM batches and
-  padded classification batches.
+  padded classification batches; ``shard_index``/``shard_count`` give each process of a
+  multi-host run its own disjoint share of the records (``shard_records``).
 """
 
 from train.data.corpora import DataError
@@ -23,6 +24,7 @@ from train.data.corpora import read_labelled
 from train.data.corpora import split_indices
 from train.data.loaders import classification_loader
 from train.data.loaders import lm_loader
+from train.data.loaders import shard_records
 from train.data.prepare import LMCorpus
 from train.data.prepare import LMCorpusConfig
 from train.data.prepare import Prepared
