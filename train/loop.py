@@ -215,6 +215,35 @@ def _fresh_state(config: RunConfig, *, say: Callable[[str], None], finetune: boo
     return policy, task, graphdef, optimizer, state
 
 
+def _make_step_fn(config: RunConfig, graphdef, optimizer, shardings, mesh):
+    """The jitted step ``(state, skipped, batch) -> (state, skipped, metrics)``.
+
+    ``skipped`` is the run's count of skipped steps (i32[], on the device): the step adds
+    its own ``metrics.skipped`` to it, so the loop never has to read a per-step value back
+    to the host; it fetches the count with the other metrics at log steps only.
+    """
+    loss_impl = lm_loss if config.data.task == "lm" else classification_loss
+    train_step = functools.partial(
+        mpx.train_step,
+        loss_fn=functools.partial(loss_impl, graphdef, dropout=config.model.dropout > 0),
+        optimizer=optimizer, has_aux=True, accum_steps=config.optim.grad_accum,
+    )
+
+    def step(state, skipped, batch):
+        state, m = train_step(state, batch)
+        return state, skipped + m.skipped.astype(jnp.int32), m
+
+    replicated = mesh_lib.replicated(mesh)
+    # The state keeps its layout (no recompiles) and its buffers are reused (donated).
+    return jax.jit(step, out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+
+
+def _next_batch(train_iter, accum: int, sharding):
+    """The next (stacked, under gradient accumulation) batch, put on the devices."""
+    batches = [next(train_iter) for _ in range(accum)]
+    return jax.device_put(batches[0] if accum == 1 else _stack(batches), sharding)
+
+
 def _eval_step(config: RunConfig, graphdef):
     loss_impl = lm_loss if config.data.task == "lm" else classification_loss
     return jax.jit(lambda p, m, b: loss_impl(graphdef, p, m, b, jax.random.key(0), dropout=False))
@@ -228,7 +257,14 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) the training run ``config`` describes; returns the final metrics.
 
-    ``on_step(step, state)`` is called after each step (and its checkpoint request).
+    ``on_step(step, state)`` is called after each step (and its checkpoint request); the
+    step may still be running on the device then.
+
+    The loop never waits on the device between log steps: each step is dispatched
+    asynchronously, the next batch is loaded and put on the devices while it runs, and
+    the skipped-step count is kept on the device. Metrics are fetched (one
+    ``jax.device_get``) only at log steps; evaluations and checkpoint saves read the state
+    at their own intervals.
     """
     policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not _has_checkpoints(config))
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
@@ -245,17 +281,8 @@ def train(
         train_iter.set_state(restored.data_state)
         say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
 
-    loss_impl = lm_loss if config.data.task == "lm" else classification_loss
     accum = config.optim.grad_accum
-    step_fn = jax.jit(
-        functools.partial(
-            mpx.train_step,
-            loss_fn=functools.partial(loss_impl, graphdef, dropout=config.model.dropout > 0),
-            optimizer=optimizer, has_aux=True, accum_steps=accum,
-        ),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),  # the state keeps its layout: no recompiles
-        donate_argnums=0,
-    )
+    step_fn = _make_step_fn(config, graphdef, optimizer, shardings, mesh)
     eval_step = _eval_step(config, graphdef)
 
     shape = config.model.to_transformer(task.vocab_size)
@@ -271,32 +298,44 @@ def train(
     if config.data.task == "lm":
         baseline = unigram_baseline(task.prepared)
         say(f"unigram baseline on the validation split: {baseline:.4f} nats/token")
-    start = int(state.step)
-    logger = Logger(config, say, config.train.steps, start)
-    window_start, window_steps, skipped = time.perf_counter(), 0, 0
+    start, steps = int(state.step), config.train.steps
+    logger = Logger(config, say, steps, start)
+    # Skipped steps since this process started, counted on the device by the step itself.
+    skipped = jax.device_put(np.zeros((), np.int32), mesh_lib.replicated(mesh))
+    # The data position after the batches of every step run so far: what a checkpoint
+    # saves. The iterator itself runs one batch ahead (the prefetched one).
+    data_state = train_iter.get_state()
+    batch = _next_batch(train_iter, accum, batch_sharding) if start < steps else None
+    config_dict = config.to_dict()
+    window_start, window_steps = time.perf_counter(), 0
     last: dict[str, Any] = {}
     try:
-        for step in range(start, config.train.steps):
-            batches = [next(train_iter) for _ in range(accum)]
-            batch = jax.device_put(batches[0] if accum == 1 else _stack(batches), batch_sharding)
-            state, m = step_fn(state, batch)
+        for step in range(start, steps):
+            state, skipped, m = step_fn(state, skipped, batch)  # dispatched; returns before the step has run
+            done = step + 1
+            data_state = train_iter.get_state()
+            if done < steps:  # prefetch: load and transfer the next batch while this step runs
+                batch = _next_batch(train_iter, accum, batch_sharding)
             logger.step()
             window_steps += 1
-            skipped += int(m.skipped)
-            done = step + 1
-            if done % config.train.log_every == 0 or done == config.train.steps:
-                loss = float(m.loss)
+            if done % config.train.log_every == 0 or done == steps:
+                # The one wait on the device in a log window: every value in one fetch.
+                host = jax.device_get({
+                    "loss": m.loss, "loss_scale": m.loss_scale, "grad_norm": m.grad_norm, "skipped": skipped,
+                    "fp8_meta": state.fp8_meta,
+                })
                 elapsed = time.perf_counter() - window_start
                 tps = window_steps * tokens_per_step / elapsed
-                stats = fp8_stats(state.fp8_meta)
+                loss = float(host["loss"])
+                stats = fp8_stats(host["fp8_meta"])
                 last = {
                     "loss": loss,
                     "perplexity": math.exp(min(loss, 50.0)),
                     "tokens_per_s": tps,
                     "mfu": mt.mfu(tps, flops_token, devices=jax.device_count(), peak=peak),
-                    "loss_scale": float(m.loss_scale),
-                    "skipped": skipped,
-                    "grad_norm": float(m.grad_norm),
+                    "loss_scale": float(host["loss_scale"]),
+                    "skipped": int(host["skipped"]),
+                    "grad_norm": float(host["grad_norm"]),
                     "fp8_min_scale": min((s.scale for s in stats), default=None),
                     "fp8_max_saturated": max((s.saturated for s in stats), default=None),
                     "fp8_max_flushed": max((s.flushed for s in stats), default=None),
@@ -305,17 +344,19 @@ def train(
                 }
                 logger.log(done, last, "train")
                 window_start, window_steps = time.perf_counter(), 0
-            if config.train.eval_every and (done % config.train.eval_every == 0 or done == config.train.steps):
+            if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
                 last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches)
                 if baseline is not None:
                     last_eval["unigram_baseline"] = baseline
                 logger.log(done, last_eval, "eval")
                 last.update({f"eval_{k}": v for k, v in last_eval.items()})
-            checkpointer.save(done, state, data_state=train_iter.get_state(), config=config.to_dict())
+            # Host-only unless a save is due (then it reads the state); the data position
+            # excludes the prefetched batch, so a resume continues with exactly that batch.
+            checkpointer.save(done, state, data_state=data_state, config=config_dict)
             if on_step is not None:
                 on_step(done, state)
         final = int(state.step)
-        checkpointer.save(final, state, data_state=train_iter.get_state(), config=config.to_dict(), force=True)
+        checkpointer.save(final, state, data_state=data_state, config=config_dict, force=True)
         checkpointer.wait()
     finally:
         logger.close()
