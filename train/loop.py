@@ -61,13 +61,16 @@ class Task:
 def make_task(config: RunConfig) -> Task:
     d = config.data
     seed = config.train.seed
-    batch = d.batch_size
+    # Each process loads its own shard of the records and its share of the global batch.
+    shard_index, shard_count = mesh_lib.process_shard()
+    batch = mesh_lib.local_batch_size(d.batch_size, shard_count)
+    shard = {"shard_index": shard_index, "shard_count": shard_count}
     if d.task == "lm":
         prepared = data_lib.prepare_lm(
             d.data_dir, files=d.files or None, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
             validation_fraction=d.validation_fraction, seed=seed,
         )
-        loader = functools.partial(data_lib.lm_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len)
+        loader = functools.partial(data_lib.lm_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len, **shard)
         return Task(
             prepared, prepared.tokenizer.vocab_size, None,
             lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
@@ -77,7 +80,8 @@ def make_task(config: RunConfig) -> Task:
         d.data_dir, path=d.path, text_column=d.text_column, label_column=d.label_column,
         tokenizer=d.tokenizer, vocab_size=d.vocab_size, validation_fraction=d.validation_fraction, seed=seed,
     )
-    loader = functools.partial(data_lib.classification_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len)
+    loader = functools.partial(data_lib.classification_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len,
+                               **shard)
     return Task(
         prepared, prepared.tokenizer.vocab_size, len(prepared.label_names),
         lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
@@ -241,7 +245,7 @@ def _make_step_fn(config: RunConfig, graphdef, optimizer, shardings, mesh):
 def _next_batch(train_iter, accum: int, sharding):
     """The next (stacked, under gradient accumulation) batch, put on the devices."""
     batches = [next(train_iter) for _ in range(accum)]
-    return jax.device_put(batches[0] if accum == 1 else _stack(batches), sharding)
+    return mesh_lib.global_batch(batches[0] if accum == 1 else _stack(batches), sharding)
 
 
 def _eval_step(config: RunConfig, graphdef):
@@ -266,6 +270,7 @@ def train(
     ``jax.device_get``) only at log steps; evaluations and checkpoint saves read the state
     at their own intervals.
     """
+    mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
     policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not _has_checkpoints(config))
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
@@ -383,6 +388,7 @@ class Trained:
 
 def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
     """Rebuild the run's model and restore its newest checkpoint (for eval / generate)."""
+    mesh_lib.initialize_distributed(config.mesh.distributed)
     _, task, graphdef, _, state = _fresh_state(config, say=say, finetune=False)
     checkpointer = ckpt.Checkpointer(config.run_dir, every=0, keep=config.checkpoint.keep, async_save=False)
     try:
