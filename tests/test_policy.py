@@ -246,7 +246,7 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
                             r"\(did you mean 'fp32'\?\)"),
         ({"params": jnp.int32}, r"unsupported dtype .*int32.* for params; expected one of bf16, fp16, fp32"),
         ("bf16; fp8.histroy=4", r"unknown key 'histroy' in fp8; accepted keys: recipe, format, amax_history, "
-                                r"amax_compute, margin \(did you mean 'amax_history'\?\)"),
+                                r"amax_compute, margin, min_size \(did you mean 'amax_history'\?\)"),
         ("bf16; fp8.recipe=later", r"fp8 recipe 'later' is not supported; expected one of delayed, current"),
         ("fp16; loss_scale.period=0", r"loss_scale period must be an integer >= 1, got 0"),
         ("fp16; loss_scale.factor=1", r"loss_scale factor must be > 1 for a dynamic scale, got 1"),

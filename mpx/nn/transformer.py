@@ -11,6 +11,7 @@ gains a leading layer axis) and the paths lose the index: ``blocks/attn/qkv``, .
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from flax import nnx
 from mpx.nn.apply import apply_policy
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
-from mpx.policy import Policy
+from mpx.policy import OpPrecision, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,48 @@ def _ln(d, policy, rngs):
     return nnx.LayerNorm(d, epsilon=1e-5, param_dtype=policy.param_dtype, rngs=rngs)
 
 
+# fp16 stays explicit: jax's XLA attention asks for an F16_F16_F32 dot, which CPU and TPU
+# reject when compiled under jit (jax 0.10, 0.11).
+_FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def fused_attention_allowed(logits: OpPrecision | None, softmax: OpPrecision | None,
+                            values: OpPrecision | None) -> bool:
+    """Whether ``jax.nn.dot_product_attention`` computes what these three ops were given.
+
+    It multiplies q k^T and probs v in the dtype of its inputs (with f32 logits) and takes
+    the softmax in f32: so both matmuls must be non-fp8 and share a dtype (bf16 or fp32;
+    see `_FUSED_DTYPES` for fp16), and the softmax must be fp32 (every preset's choice).
+    Before a policy was applied (``None``) nothing is decided and the explicit path runs.
+    """
+    if logits is None or softmax is None or values is None:
+        return False
+    if logits.is_fp8 or values.is_fp8:
+        return False
+    dtype = jnp.dtype(logits.dtype)
+    return dtype == jnp.dtype(values.dtype) and dtype in _FUSED_DTYPES and softmax.precision == "fp32"
+
+
 class Attention(nnx.Module):
-    """Causal multi-head self-attention. x (B, T, D), mask (B, T) bool valid -> (B, T, D)."""
+    """Causal multi-head self-attention. x (B, T, D), mask (B, T) bool valid -> (B, T, D).
+
+    Two paths, the same ops for the policy (``logits``, ``softmax``, ``values`` stay named
+    op modules either way, so rules and `mpx.inspect.describe` see them):
+
+    * fused: ``jax.nn.dot_product_attention`` when `fused_attention_allowed` says it gives
+      what the policy asks (bf16 or fp32 matmuls, fp32 softmax) and no dropout is
+      applied to the attention probabilities (the fused kernel has none);
+    * explicit: softmax(q k^T) v through the three op modules, materialising the fp32
+      (B, H, T, S) probabilities; fp8 or fp16 attention matmuls and attention dropout
+      run here.
+
+    A padding query (mask False) with no valid key at or before it (left padding) has
+    nothing to attend to. The explicit path gives it a uniform row (a large finite
+    negative, not -inf); the fused path lets it attend to itself, so no row is empty on
+    any backend. Either way its output is finite, and as a key it stays masked for every
+    other query, so it never reaches a valid position. Every other row is the same
+    softmax on both paths.
+    """
 
     def __init__(self, config: TransformerConfig, policy: Policy, *, rngs: nnx.Rngs):
         d = config.d_model
@@ -84,23 +125,65 @@ class Attention(nnx.Module):
         self.out = Linear(d, d, param_dtype=policy.param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
+    def uses_fused(self, *, deterministic: bool = True) -> bool:
+        """Whether a call with this ``deterministic`` takes the fused path."""
+        dropout_active = self.dropout.rate > 0 and not deterministic
+        allowed = fused_attention_allowed(self.logits.precision, self.softmax.precision, self.values.precision)
+        return allowed and not dropout_active
+
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
         b, t, d = x.shape
         h = self.num_heads
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # (B, T, D) each
         q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))  # (B, T, H, K)
-        q = q * jnp.asarray(1.0 / jnp.sqrt(d // h), q.dtype)
+        if self.uses_fused(deterministic=deterministic):
+            out = self._fused(q, k, v, mask)  # (B, T, H, K)
+        else:
+            out = self._explicit(q, k, v, mask, deterministic=deterministic, rngs=rngs)  # (B, T, H, K)
+        return self.out(out.reshape(b, t, d))
+
+    def _fused(self, q, k, v, mask):
+        """q, k, v (B, T, H, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``.
+
+        On a GPU (bf16/fp16) cuDNN flash attention, else, or where cuDNN refuses the shape,
+        jax's XLA path (``implementation=None`` is XLA as of jax 0.11). The (B, 1, T, S)
+        mask is a shape cuDNN accepts.
+        """
+        dtype = self.logits.dtype
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        allowed = None
+        if mask is not None:
+            # Valid keys; a query with none at or before it (a leading padding query)
+            # attends to itself instead, so no row is empty whatever the backend does there.
+            mask = mask.astype(bool)
+            empty = jnp.cumsum(mask, axis=1) == 0  # (B, T)
+            self_only = empty[:, :, None] & jnp.eye(q.shape[1], dtype=bool)  # (B, T, S)
+            allowed = (mask[:, None, :] | self_only)[:, None]  # (B, 1, T, S)
+        attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=allowed,
+                                   scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=True)
+        if jax.default_backend() == "gpu" and dtype != jnp.float32:
+            try:  # cuDNN flash attention; jax's default (None) is its XLA path
+                return attend(implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError):
+                pass  # a shape or version cuDNN does not take: the XLA path below
+        return attend(implementation=None)
+
+    def _explicit(self, q, k, v, mask, *, deterministic, rngs):
+        """q, k, v (B, T, H, K) -> (B, T, H, K) through the logits, softmax and values ops."""
+        t, kdim = q.shape[1], q.shape[-1]
+        q = q * jnp.asarray(1.0 / jnp.sqrt(kdim), q.dtype)
         logits = self.logits(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, T, S)
         allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
         if mask is not None:
             allowed = allowed & mask[:, None, None, :]
-        # A large finite negative keeps a fully masked row (a padding query) free of NaN.
-        logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        # A large finite negative keeps a fully masked row (a padding query) free of NaN;
+        # finite in the softmax's dtype too (float32's min would become -inf in bf16/fp16).
+        lowest = jnp.finfo(self.softmax.dtype or jnp.float32).min
+        logits = jnp.where(allowed, logits.astype(jnp.float32), lowest)
         probs = self.softmax(logits)
         probs = self.dropout(probs, deterministic=deterministic, rngs=rngs)
         out = self.values(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # (B, H, T, K)
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, d)
-        return self.out(out)
+        return out.transpose(0, 2, 1, 3)  # (B, T, H, K)
 
 
 class MLP(nnx.Module):
