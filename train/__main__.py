@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {train,eval,generate,data} CONFIG [key=value ...]``."""
+"""Command line: ``python -m train {train,eval,generate,data,bench} CONFIG [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     d = command("data", "Prepare a run's dataset and tokenizer, or inspect them.")
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
+    b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
+                "config's model shape (model.*, data.batch_size, data.seq_len; model.vocab_size or 256).")
+    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, all, or a comma list (default all)")
+    b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
+    b.add_argument("--sizes", default=None, help="crossover sizes n,... (square n^3 GEMMs)")
+    b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")
+    b.add_argument("--out", default=None, help="write the JSON record here")
     return p
 
 
@@ -104,7 +113,32 @@ def _data(config, args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "data": _data}
+def _bench(config, args) -> int:
+    from train import bench
+
+    def ints(text, sep):
+        try:
+            return tuple(tuple(int(v) for v in item.split(sep)) if sep else int(item) for item in text.split(","))
+        except ValueError:
+            raise ValueError(f"cannot read {text!r}: expected comma-separated {'MxKxN' if sep else 'integers'}") from None
+
+    defaults = bench.BenchSettings()
+    modes = bench.MODES if args.mode == "all" else tuple(m.strip() for m in args.mode.split(","))
+    settings = bench.BenchSettings(
+        modes=modes, shapes=ints(args.shapes, "x") if args.shapes else defaults.shapes,
+        sizes=ints(args.sizes, None) if args.sizes else defaults.sizes, layers=args.layers,
+        repeats=args.repeats, warmup=args.warmup,
+    )
+    shape = config.model.to_transformer(config.model.vocab_size or 256)
+    record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings)
+    print(bench.format_record(record))
+    if args.out:
+        bench.write(record, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "data": _data, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

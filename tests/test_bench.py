@@ -1,0 +1,88 @@
+"""The bench command: every mode runs end to end on tiny shapes and writes a JSON record
+of the documented schema. (Speed itself is measured by the command, not asserted here.)"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import mpx.nn as mn
+from train import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+SHAPE = mn.TransformerConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16)
+
+
+@pytest.fixture(scope="module")
+def record():
+    settings = bench.BenchSettings(shapes=((32, 16, 48),), sizes=(16,), layers=1, repeats=2, warmup=0)
+    return bench.run(SHAPE, batch=2, seq=16, settings=settings)
+
+
+def check_timing(row):
+    assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"], row
+
+
+def test_record_has_device_versions_and_settings(record):
+    assert set(record) >= {"device", "backend", "versions", "date", "settings", "model", "batch", "seq", "rows",
+                           "crossover"}
+    assert set(record["versions"]) == {"jax", "flax", "optax", "python"}
+    assert tuple(record["settings"]["modes"]) == bench.MODES and record["model"]["d_model"] == 32
+    json.dumps(record)  # JSON-ready as it is
+
+
+def test_gemm_rows_cover_every_variant_and_pass(record):
+    """bf16, raw FP8 (forward only: its operands are quantized outside), mpx and Flax's
+    FP8 dot, forward and forward+backward; ratios are relative to bf16's own time."""
+    rows = [r for r in record["rows"] if r["mode"] == "gemm"]
+    assert {(r["variant"], r["pass"]) for r in rows} == {
+        ("bf16", "fwd"), ("bf16", "fwd+bwd"), ("fp8_raw", "fwd"), ("mpx_fp8", "fwd"), ("mpx_fp8", "fwd+bwd"),
+        ("flax_fp8_direct", "fwd"), ("flax_fp8_direct", "fwd+bwd")}
+    for r in rows:
+        check_timing(r)
+        assert r["shape"] == [32, 16, 48] and r["tflops"] > 0
+        if r["variant"] == "bf16":
+            assert r["speedup_vs_bf16"] == 1.0
+
+
+def test_layer_step_and_crossover_rows(record):
+    layer = {r["variant"]: r for r in record["rows"] if r["mode"] == "layer"}
+    assert set(layer) == {"mpx_bf16", "flax_bf16", "mpx_fp8", "flax_fp8_direct"}
+    assert layer["mpx_bf16"]["speedup_vs_mpx_bf16"] == 1.0
+    step = {r["variant"]: r for r in record["rows"] if r["mode"] == "step"}
+    assert set(step) == {"fp32", "bf16", "fp8", "fp16"}
+    for r in [*layer.values(), *step.values()]:
+        check_timing(r)
+    for r in step.values():
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] * 1e-3))
+        assert r["memory_bytes"] is None or r["memory_bytes"] > 0
+        assert r["mfu"] is None  # no known peak on a CPU
+    cross = record["crossover"]
+    assert cross["min_size"] in (16, None)
+    assert cross["policy_override"] == (f"fp8.min_size={cross['min_size']}" if cross["min_size"] else None)
+
+
+def test_bf16_baseline_that_is_really_f32_is_refused():
+    """The classic benchmark trap: a "bf16" baseline whose matmuls run in f32."""
+    import jax.numpy as jnp
+
+    with pytest.raises(RuntimeError, match="not bf16"):
+        bench._require_bf16("oops", lambda a, b: a @ b, jnp.ones((4, 4)), jnp.ones((4, 4)))
+
+
+def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path):
+    config = ROOT / "configs" / "quickstart.yaml"
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "gemm", "--shapes", "32x16x32",
+                          "--repeats", "1", "--warmup", "0", "--out", str(out)], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "[gemm]" in run.stdout and "mpx_fp8" in run.stdout
+    assert {r["variant"] for r in json.loads(out.read_text())["rows"]} == {"bf16", "fp8_raw", "mpx_fp8", "flax_fp8_direct"}
+    bad = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "gemmm"], cwd=tmp_path,
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown bench mode 'gemmm'" in bad.stderr
