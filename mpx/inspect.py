@@ -44,7 +44,7 @@ class PrecisionTable:
         return out
 
     def __str__(self) -> str:
-        lines = _format(["path", "kind", "precision", "dtype", "rule"], [dataclasses.astuple(r) for r in self.rows])
+        lines = format_table(["path", "kind", "precision", "dtype", "rule"], [dataclasses.astuple(r) for r in self.rows])
         counts = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.by_precision().items()))
         lines.append(f"{len(self.rows)} ops ({counts})")
         for rule in self.unmatched_rules:
@@ -52,7 +52,7 @@ class PrecisionTable:
         return "\n".join(lines)
 
 
-def _format(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -148,7 +148,7 @@ def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
     """The statistics as an aligned text table."""
     rows = [(s.path, s.tensor, f"{s.amax:.4g}", f"{s.scale:.4g}", f"{s.saturated:.2%}", f"{s.flushed:.2%}",
              f"{s.calls:g}", f"{s.fanout:g}") for s in stats]
-    return "\n".join(_format(["path", "tensor", "amax", "scale", "saturated", "flushed", "calls", "fanout"], rows))
+    return "\n".join(format_table(["path", "tensor", "amax", "scale", "saturated", "flushed", "calls", "fanout"], rows))
 
 
 # ----------------------------------------------------------------------------- FP8 GEMMs in the compiled program
@@ -192,25 +192,29 @@ class Fp8GemmReport:
         return [r.path for r in self.rows if r.fp8_gemms < r.fp8_dots]
 
     def __str__(self) -> str:
-        lines = _format(["path", "dots", "fp8 dots", "fp8 GEMMs"], [dataclasses.astuple(r) for r in self.rows])
+        lines = format_table(["path", "dots", "fp8 dots", "fp8 GEMMs"], [dataclasses.astuple(r) for r in self.rows])
         lines.append(f"{self.fp8_gemms} FP8 GEMMs for {self.fp8_dots} FP8 dot_generals on {self.backend}")
         return "\n".join(lines)
 
 
-def _walk_dots(jaxpr, stack: str, out: dict) -> None:
-    for eqn in jaxpr.eqns:
-        where = f"{stack}/{eqn.source_info.name_stack}"
-        if eqn.primitive.name == "dot_general":
-            scopes = _SCOPE.findall(where)
-            if scopes:
-                row = out.setdefault(scopes[-1], [0, 0])
-                row[0] += 1
-                row[1] += all("float8" in str(v.aval.dtype) for v in eqn.invars)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns"):
-                    _walk_dots(inner, where, out)
+def dot_generals(fn, *args) -> list[tuple[str, tuple[str, ...]]]:
+    """Every ``dot_general`` in the program ``fn(*args)`` traces (scan, remat and jit
+    bodies included): ``(name stack, operand dtypes)``."""
+    found = []
+
+    def walk(jaxpr, stack: str) -> None:
+        for eqn in jaxpr.eqns:
+            where = f"{stack}/{eqn.source_info.name_stack}"
+            if eqn.primitive.name == "dot_general":
+                found.append((where, tuple(str(v.aval.dtype) for v in eqn.invars)))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(inner, "eqns"):
+                        walk(inner, where)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, "")
+    return found
 
 
 def fp8_gemms(fn, *args, **kwargs) -> Fp8GemmReport:
@@ -224,7 +228,12 @@ def fp8_gemms(fn, *args, **kwargs) -> Fp8GemmReport:
     FP8 GEMMs (CPU) every ``fp8_gemms`` is 0.
     """
     traced: dict[str, list[int]] = {}
-    _walk_dots(jax.make_jaxpr(functools.partial(fn, **kwargs))(*args).jaxpr, "", traced)
+    for where, dtypes in dot_generals(functools.partial(fn, **kwargs), *args):
+        scopes = _SCOPE.findall(where)
+        if scopes:
+            row = traced.setdefault(scopes[-1], [0, 0])
+            row[0] += 1
+            row[1] += all("float8" in d for d in dtypes)
     compiled = jax.jit(functools.partial(fn, **kwargs)).lower(*args).compile().as_text()
     gemms: dict[str, int] = {}
     unattributed = 0

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from train import data
 from train.data import corpora
 from train.data import prepare as prepare_mod
+from helpers import assert_same_batches, take, texts
 
 TRICKY = [
     "héllo wörld — 日本語 🙂 Ω ﬁ Å\n",
@@ -63,22 +64,6 @@ def write_csv(path: pathlib.Path, rows, header=("label", "text")) -> pathlib.Pat
     lines = [",".join(header)] + [f'{label},"{text}"' for label, text in rows]
     path.write_bytes(("\n".join(lines) + "\n").encode())
     return path
-
-
-def texts(source) -> list[str]:
-    return [source[i]["text"].decode() for i in range(len(source))]
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 import mpx
+from helpers import fp8_gpu
 from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, combine, compute_scale,
                      dequantize, fp8_dot_general, observation, quantize, scale_for_use)
 
@@ -572,15 +573,6 @@ def test_fp8_operands_go_straight_into_dot_general(out_dtype, gemm_out):
 
 
 # ----------------------------------------------------------------------------- GPU: real FP8 GEMMs
-
-
-def fp8_gpu() -> bool:
-    """The first device is a GPU of compute capability >= 8.9 (Ada/Hopper: FP8 tensor cores)."""
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return False
-    major, minor = (int(p) for p in str(getattr(dev, "compute_capability", "0.0")).split(".")[:2])
-    return (major, minor) >= (8, 9)
 
 
 @pytest.mark.skipif(not fp8_gpu(), reason="needs an FP8-capable GPU (compute capability >= 8.9)")

@@ -11,6 +11,7 @@ import mpx
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.inspect import describe, fp8_stats, format_fp8_stats
+from helpers import fp8_gpu
 
 
 def gpt2_small(policy):
@@ -82,15 +83,6 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
 
 
 # ----------------------------------------------------------------------------- FP8 GEMMs
-
-
-def fp8_gpu() -> bool:
-    """The first device is a GPU of compute capability >= 8.9 (Ada/Hopper: FP8 tensor cores)."""
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return False
-    major, minor = (int(p) for p in str(getattr(dev, "compute_capability", "0.0")).split(".")[:2])
-    return (major, minor) >= (8, 9)
 
 
 def lm_train_step(scan: bool, layers: int = 2):

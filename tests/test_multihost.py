@@ -19,6 +19,7 @@ import pytest
 from train import data
 from train import mesh as mesh_lib
 from train.config import ConfigError, load_config
+from helpers import assert_same_batches, take, texts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -47,22 +48,6 @@ def cls(tmp_path_factory) -> data.Prepared:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return data.prepare_classification(tmp_path_factory.mktemp("cls_data"), path, text_column="review",
                                        label_column="stars")
-
-
-def texts(source) -> list[str]:
-    return [source[i]["text"].decode() for i in range(len(source))]
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def markers(text: str) -> list[int]:

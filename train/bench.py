@@ -41,6 +41,7 @@ from flax.linen import fp8_ops as flax_fp8
 import mpx
 import mpx.nn as mn
 from mpx.fp8 import Fp8Meta
+from mpx.inspect import dot_generals, format_table
 from train import metrics as mt
 
 MATMUL = (((1,), (0,)), ((), ()))
@@ -59,28 +60,10 @@ def timed(fn: Callable, *args, repeats: int, warmup: int) -> dict[str, float]:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def _dot_dtypes(fn: Callable, *args) -> set[str]:
-    """The operand dtypes of every dot_general in ``fn``'s program (the bf16-baseline check)."""
-    found: set[str] = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.update(str(v.aval.dtype) for v in eqn.invars)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
 def _require_bf16(name: str, fn: Callable, *args) -> None:
     """A "bf16" baseline that silently runs in f32 would inflate every FP8 ratio: every
     matmul of its forward ``fn`` must take bf16 operands."""
-    dtypes = _dot_dtypes(fn, *args)
+    dtypes = {d for _, operands in dot_generals(fn, *args) for d in operands}
     if dtypes != {"bfloat16"}:
         raise RuntimeError(f"benchmark baseline {name!r} is not bf16: its matmuls take {sorted(dtypes)}")
 
@@ -349,15 +332,13 @@ def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSet
 
 def format_record(record: dict[str, Any]) -> str:
     """The rows as aligned text tables, one per mode."""
-    from mpx.inspect import _format
-
     lines = [f"{record['device']} ({record['backend']}), jax {record['versions']['jax']}, {record['date']}"]
     for mode in MODES:
         rows = [r for r in record["rows"] if r["mode"] == mode]
         if not rows:
             continue
         keys = [k for k in rows[0] if k not in ("mode",)]
-        lines += ["", f"[{mode}]"] + _format(keys, [[_cell(r.get(k)) for k in keys] for r in rows])
+        lines += ["", f"[{mode}]"] + format_table(keys, [[_cell(r.get(k)) for k in keys] for r in rows])
     if "crossover" in record:
         lines.append(f"crossover: {record['crossover']}")
     return "\n".join(lines)
