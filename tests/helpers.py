@@ -13,6 +13,13 @@ def fp8_gpu() -> bool:
     return (major, minor) >= (8, 9)
 
 
+def paragraph(i: int) -> str:
+    """Document ``i`` of a tiny corpus: a unique marker ``¶NNN``, a few lines, some unicode."""
+    words = ["thou", "art", "more", "lovely", "and", "more", "temperate", "été", "naïve", "🙂"]
+    lines = [" ".join(words[(i + k + j) % len(words)] for j in range(3 + (i + k) % 5)) for k in range(1 + i % 4)]
+    return f"¶{i:03d} " + "\n".join(lines) + "\n"
+
+
 def texts(source) -> list[str]:
     return [source[i]["text"].decode() for i in range(len(source))]
 

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from train import data
 from train.data import corpora
 from train.data import prepare as prepare_mod
-from helpers import assert_same_batches, take, texts
+from helpers import assert_same_batches, paragraph, take, texts
 
 TRICKY = [
     "héllo wörld — 日本語 🙂 Ω ﬁ Å\n",
@@ -39,12 +39,6 @@ def no_network():
         m.setattr(socket.socket, "connect", refuse)
         m.setattr(socket, "create_connection", refuse)
         yield
-
-
-def paragraph(i: int) -> str:
-    words = ["thou", "art", "more", "lovely", "and", "more", "temperate", "été", "naïve", "🙂"]
-    lines = [" ".join(words[(i + k + j) % len(words)] for j in range(3 + (i + k) % 5)) for k in range(1 + i % 4)]
-    return f"¶{i:03d} " + "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from jax import lax
 
 import mpx
 from helpers import fp8_gpu
-from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, combine, compute_scale,
+from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, compute_scale,
                      dequantize, fp8_dot_general, observation, quantize, scale_for_use)
 
 NP_E4M3, NP_E5M2 = (ml_dtypes.float8_e4m3fn, 3), (ml_dtypes.float8_e5m2, 2)  # (ml_dtypes type, mantissa bits)

@@ -19,16 +19,10 @@ import pytest
 from train import data
 from train import mesh as mesh_lib
 from train.config import ConfigError, load_config
-from helpers import assert_same_batches, take, texts
+from helpers import assert_same_batches, paragraph, take, texts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-
-
-def paragraph(i: int) -> str:
-    words = ["thou", "art", "more", "lovely", "and", "temperate", "été", "naïve", "🙂"]
-    lines = [" ".join(words[(i + k + j) % len(words)] for j in range(2 + (i + k) % 5)) for k in range(1 + i % 3)]
-    return f"¶{i:03d} " + "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from train.checkpoint import Checkpointer
 from train.config import load_config
 from train.loop import load_trained
 
