@@ -13,7 +13,7 @@ from jax import lax
 import mpx
 from helpers import fp8_gpu
 from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, compute_scale,
-                     dequantize, fp8_dot_general, observation, quantize, scale_for_use)
+                     dequantize, fp8_dot_general, observation, quantization_stats, quantize, scale_for_use)
 
 NP_E4M3, NP_E5M2 = (ml_dtypes.float8_e4m3fn, 3), (ml_dtypes.float8_e5m2, 2)  # (ml_dtypes type, mantissa bits)
 FORMATS = [(E4M3, *NP_E4M3), (E5M2, *NP_E5M2)]
@@ -90,6 +90,33 @@ def test_quantize_matches_ml_dtypes_bit_for_bit(dtype, np_dtype, _, in_dtype):
     got = jax.jit(quantize, static_argnums=1)(jnp.asarray(x), dtype, jnp.float32(scale))
     assert np.array_equal(bits(got), bits(ref))
     assert (np.abs(ref.astype(np.float32)) < ml_dtypes.finfo(np_dtype).smallest_normal).sum() > 100  # subnormals hit
+
+
+@pytest.mark.parametrize("in_dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("dtype, np_dtype, _", FORMATS, ids=FORMAT_IDS)
+def test_quantization_stats_count_what_ml_dtypes_saturates_and_flushes(dtype, np_dtype, _, in_dtype):
+    """The statistics are computed from x and the scale alone (so they fuse into the quantize
+    pass); they must still equal a recount on ml_dtypes' quantization of the same values:
+    saturated = finite |x * scale| > fp8_max, flushed = x != 0 whose FP8 value is 0. The
+    data covers ~2**-40..2**20 and the exact tie at half the smallest subnormal (rounds to
+    the even neighbour 0) and just above it (rounds away); inf/NaN are neither."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(20000) * np.exp2(rng.uniform(-40, 20, 20000))).astype(np.float32)
+    scale = np.float32(0.75)
+    tie = float(ml_dtypes.finfo(np_dtype).smallest_subnormal) / 2 / scale
+    x[:6] = [tie, -tie, np.nextafter(np.float32(tie), np.float32(1)), np.inf, -np.inf, np.nan]
+    x = x.astype(in_dtype)
+    y = x.astype(np.float32) * scale
+    limit = float(ml_dtypes.finfo(np_dtype).max)
+    q = np.clip(y, -limit, limit).astype(np_dtype).astype(np.float32)
+    expected_saturated = np.mean(np.isfinite(y) & (np.abs(y) > limit))
+    expected_flushed = np.mean((x != 0) & (q == 0))
+    got = jax.jit(quantization_stats, static_argnums=1)(jnp.asarray(x), dtype, jnp.float32(scale))
+    # Means of 0/1 in f32 over 20000 elements: exact up to f32 rounding of the sum.
+    np.testing.assert_allclose([float(g) for g in got], [expected_saturated, expected_flushed], rtol=1e-6)
+    assert 0.05 < expected_saturated < 0.9 and 0.05 < expected_flushed < 0.9  # both cases well populated
+    if in_dtype is np.float32:  # the tie and its neighbour survive only in f32
+        assert q[0] == q[1] == 0 and q[2] != 0
 
 
 @pytest.mark.parametrize("dtype, np_dtype, mantissa", FORMATS, ids=FORMAT_IDS)

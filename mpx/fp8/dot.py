@@ -173,7 +173,7 @@ def _quantized(x, state, dtype, config):
     x_amax = amax(x)
     scale = scale_for_use(state, x_amax, dtype, config)
     q = quantize(x, dtype, scale)
-    return q, scale, observation(state, x_amax, quantization_stats(x, q, scale))
+    return q, scale, observation(state, x_amax, quantization_stats(x, dtype, scale))
 
 
 def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype):
