@@ -48,9 +48,9 @@ from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 
 from mpx import ops
+from mpx.capture import Naming
 from mpx.fp8 import Fp8Meta
-from mpx.nn.apply import kind_overrides
-from mpx.policy import Policy
+from mpx.policy import Policy, kind_overrides
 
 FP8_COLLECTION = "fp8_meta"
 """The variable collection of FP8 state: one variable ``meta`` (an `Fp8Meta`) per fp8 matmul."""
@@ -195,6 +195,23 @@ def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | No
             yield
     finally:
         _ACTIVE.reset(token)
+
+
+def _naming_interceptor(naming: Naming):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        path = "/".join(str(p) for p in module.path)
+        with naming.call(path, context.method_name, name=module.name or type(module).__name__):
+            return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+@contextlib.contextmanager
+def module_naming(naming: Naming) -> Iterator[None]:
+    """Mark every linen module method call for `mpx.capture.Captured` (its ``naming``)."""
+    with nn.intercept_methods(_naming_interceptor(naming)):
+        yield
 
 
 def policy_context(policy: Policy, *, kinds: Mapping[str, str] | None = None):

@@ -77,6 +77,17 @@ def _translate_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+
+def kind_overrides(kinds: Mapping[str, str] | None) -> list:
+    """``[(compiled path pattern, kind)]`` of a user's ``kinds`` mapping (policy pattern syntax)."""
+    out = []
+    for pattern, kind in (kinds or {}).items():
+        if kind not in KINDS:
+            raise ValueError(f"unknown op kind {kind!r} for path {pattern!r} in kinds; expected one of {', '.join(KINDS)}")
+        out.append((re.compile(_translate_pattern(pattern)), kind))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """``use`` this precision for ops whose path matches ``match`` and whose kind is in ``kind``.

@@ -293,6 +293,21 @@ out["local"] = [b["tokens"].tolist() for b in local]
 out["shapes"] = [list(batch["tokens"].shape), list(accum["tokens"].shape), list(accum["label"].shape)]
 out["global"] = np.asarray(multihost_utils.process_allgather(batch["tokens"], tiled=True)).tolist()
 out["global_accum"] = np.asarray(multihost_utils.process_allgather(accum["tokens"], tiled=True)).tolist()
+# Each process's data position after its 2 batches, gathered for a checkpoint (through
+# JSON, as orbax stores it) and handed back to the process it came from.
+# Packed LM windows over documents of different lengths: the positions differ by process.
+docs = [{"text": ("x" * (i % 5 + 1) + "\n").encode()} for i in range(41)]
+lm = lambda: data.lm_loader(docs, data.ByteTokenizer(), seq_len=3, batch_size=2, seed=0, shard_index=index,
+                            shard_count=count)
+it = lm()
+next(it), next(it)
+saved = json.loads(json.dumps(mesh_lib.all_process_states(it.get_state())))
+out["own_state"] = mesh_lib.this_process_state(saved) == it.get_state()
+out["states_differ"] = saved["processes"][0] != saved["processes"][1]
+resumed = lm()
+resumed.set_state(mesh_lib.this_process_state(saved))
+out["resumed_next"] = next(resumed)["tokens"].tolist() == next(it)["tokens"].tolist()
+out["all_have"] = [mesh_lib.all_processes_have(True), mesh_lib.all_processes_have(index == 0)]
 weights = jnp.arange(1, 9)[:, None]
 out["weighted_sum"] = int(jax.jit(lambda t: jnp.sum(t * weights))(batch["tokens"]))
 print("RESULT " + json.dumps(out))
@@ -307,7 +322,8 @@ def free_port() -> int:
 
 def test_two_processes_shard_the_data_and_build_one_global_batch(tmp_path):
     """Two CPU processes with 2 devices each, started like two hosts: the coordinator env
-    vars and mesh.distributed auto. Each loads its own 4 rows; the global batch is 8."""
+    vars and mesh.distributed auto. Each loads its own 4 rows; the global batch is 8; a
+    checkpoint's data position holds both processes' and gives each its own back."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(ROOT),
@@ -336,5 +352,16 @@ def test_two_processes_shard_the_data_and_build_one_global_batch(tmp_path):
     for o in (a, b):
         assert o["global"] == a["local"][0] + b["local"][0]
         assert o["global_accum"] == [a["local"][s] + b["local"][s] for s in (0, 1)]
+    # a checkpoint holds both data positions; each process resumes with its own next batch
+    assert [(o["own_state"], o["states_differ"], o["resumed_next"]) for o in (a, b)] == [(True, True, True)] * 2
+    assert a["all_have"] == b["all_have"] == [True, False]  # eval stops together when one shard runs out
     expected = int(np.sum(np.asarray(a["local"][0] + b["local"][0]) * np.arange(1, 9)[:, None]))
     assert a["weighted_sum"] == b["weighted_sum"] == expected
+
+
+def test_a_data_position_from_another_process_count_is_a_clear_error():
+    """One process resuming a checkpoint written by two: the shards differ, so no position fits."""
+    saved = mesh_lib.all_process_states({"next_index": 5})
+    assert saved == {"processes": [{"next_index": 5}]} and mesh_lib.this_process_state(saved) == {"next_index": 5}
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) and this run has 1.*same number of processes"):
+        mesh_lib.this_process_state({"processes": [{"next_index": 5}, {"next_index": 6}]})

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mpx.step import TrainState
+from train.mesh import all_process_states
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Restored:
 
     step: int
     state: TrainState
-    data_state: Any
+    data_state: Any  # every process's data position: `train.mesh.this_process_state` picks this one's
     config: dict
 
 
@@ -65,14 +66,18 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, *, data_state: Any, config: dict, force: bool = False) -> bool:
-        """Save if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did."""
+        """Save if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did.
+
+        ``data_state`` is this process's data position; with several processes the save
+        gathers all of them (every process calls ``save`` at every step, as the loop does).
+        """
         if not force and (self.every <= 0 or step % self.every):
             return False
         if step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_disk(state)),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave(all_process_states(data_state)),
             config=ocp.args.JsonSave(config),
         )
         return self._manager.save(step, args=args, force=True)

@@ -177,12 +177,21 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def evaluate(eval_step, state, batches, max_batches: int) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) over the validation split."""
+def evaluate(eval_step, state, batches, max_batches: int, sharding=None) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over the validation split.
+
+    ``sharding``: lay each batch out as a global array (`train.mesh.global_batch`); with
+    several processes each passes its own shard's rows, and they stop together at the first
+    batch some process lacks (packed shards can differ in length by a window).
+    """
     total, correct, count, n = 0.0, 0.0, 0.0, 0
-    for batch in batches:
-        if n >= max_batches:
+    batches = iter(batches)
+    while n < max_batches:
+        batch = next(batches, None)
+        if not mesh_lib.all_processes_have(batch is not None):
             break
+        if sharding is not None:
+            batch = mesh_lib.global_batch(batch, sharding)
         loss, aux = eval_step(state.params, state.fp8_meta, batch)
         total += float(loss)
         correct += float(aux["correct"])
@@ -283,7 +292,7 @@ def train(
     restored = checkpointer.restore_latest(state, say=say)
     if restored is not None:
         state = restored.state
-        train_iter.set_state(restored.data_state)
+        train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
         say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
 
     accum = config.optim.grad_accum
@@ -350,7 +359,8 @@ def train(
                 logger.log(done, last, "train")
                 window_start, window_steps = time.perf_counter(), 0
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
-                last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches)
+                last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches,
+                                     mesh_lib.batch_sharding(mesh, accumulated=False))
                 if baseline is not None:
                     last_eval["unigram_baseline"] = baseline
                 logger.log(done, last_eval, "eval")
@@ -384,12 +394,15 @@ class Trained:
     graphdef: Any
     state: mpx.TrainState
     step: int
+    mesh: Any
 
 
 def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
     """Rebuild the run's model and restore its newest checkpoint (for eval / generate)."""
     mesh_lib.initialize_distributed(config.mesh.distributed)
     _, task, graphdef, _, state = _fresh_state(config, say=say, finetune=False)
+    mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
+    state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))  # restored with this layout
     checkpointer = ckpt.Checkpointer(config.run_dir, every=0, keep=config.checkpoint.keep, async_save=False)
     try:
         restored = checkpointer.restore_latest(state, say=say)
@@ -397,12 +410,13 @@ def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Tr
         checkpointer.close()
     if restored is None:
         raise ValueError(f"no checkpoint in {checkpointer.directory}; train first: python -m train train CONFIG")
-    return Trained(config, task, graphdef, restored.state, restored.step)
+    return Trained(config, task, graphdef, restored.state, restored.step, mesh)
 
 
 def evaluate_trained(trained: Trained) -> dict[str, float]:
     eval_step = _eval_step(trained.config, trained.graphdef)
-    out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches)
+    out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches,
+                   mesh_lib.batch_sharding(trained.mesh, accumulated=False))
     if trained.config.data.task == "lm":
         prepared = trained.task.prepared
         out["unigram_baseline"] = unigram_baseline(prepared)

@@ -15,6 +15,7 @@ single-host behaviour.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -130,6 +131,47 @@ def process_shard() -> tuple[int, int]:
     """``(jax.process_index(), jax.process_count())``: this process's shard of the data,
     for the loaders' ``shard_index`` / ``shard_count``."""
     return jax.process_index(), jax.process_count()
+
+
+def all_process_states(state: dict) -> dict:
+    """Every process's data position, for a checkpoint: ``{"processes": [state_0, ...]}``
+    on every process (process k's ``state`` at index k). The loaders of several processes
+    read different shards, so each needs its own position back on resume. Collective: all
+    processes call it at the same step."""
+    if jax.process_count() == 1:
+        return {"processes": [state]}
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(encoded.size))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return {"processes": [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, np.asarray(lengths))]}
+
+
+def all_processes_have(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (``flag`` itself with one process).
+    Collective: every process calls it, e.g. to stop a loop over shards of unequal length
+    together."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def this_process_state(saved: dict) -> dict:
+    """This process's data position from what `all_process_states` saved; a checkpoint
+    written by a different number of processes is an error (their shards differ)."""
+    states = saved["processes"]
+    if len(states) != jax.process_count():
+        raise ConfigError(
+            f"the checkpoint's data position was written by {len(states)} process(es) and this run has "
+            f"{jax.process_count()}: each process reads its own shard, so the positions do not carry over; "
+            "resume with the same number of processes, or start a new run (a new name) from its params "
+            "with finetune.init_from")
+    return states[jax.process_index()]
 
 
 def local_batch_size(batch_size: int, process_count: int) -> int:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from mpx.nn.op import DotGeneral, EinsumOp, Fp8MetaVariable, Op
-from mpx.policy import KINDS, Policy, _translate_pattern
+from mpx.policy import KINDS, Policy, kind_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +40,6 @@ def _default_kind(module) -> str | None:
     if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
         return "norm"
     return None
-
-
-def kind_overrides(kinds: Mapping[str, str] | None):
-    out = []
-    for pattern, kind in (kinds or {}).items():
-        if kind not in KINDS:
-            raise ValueError(f"unknown op kind {kind!r} for path {pattern!r} in kinds; expected one of {', '.join(KINDS)}")
-        out.append((re.compile(_translate_pattern(pattern)), kind))
-    return out
 
 
 def _unstacked_param_ndim(module) -> tuple[str, int] | None:

@@ -1,0 +1,377 @@
+"""Every matmul of a traced function under a policy, whatever Python call produced it.
+
+Layers that take a ``dot_general`` hook (``nn.Dense``, ``nnx.Linear``, ...) are put under a
+policy by swapping the hook. Code that calls ``lax.dot_general``, ``jnp.dot``,
+``jnp.matmul``, ``jnp.einsum`` or ``@`` itself has no hook; all of them become the same
+``dot_general`` primitive once traced. `Captured` works there: it traces the function to a
+jaxpr, finds every ``dot_general`` in it (inside ``jax.jit``, ``jax.checkpoint`` and
+``lax.scan`` too), names each by the module call it ran in, and evaluates the jaxpr again
+with each such matmul replaced by `mpx.ops.dot_general` under the policy, FP8 meta
+included. The model's code is not touched.
+
+Naming. While the function is traced, each module method call pushes a marker scope (see
+`Naming`; `mpx.linen` installs it for linen modules). A matmul is named
+``<module path>/dot_general_<k>``: the k-th matmul of that module call (``attend`` and other
+methods than ``__call__`` add ``/<method>`` to the module path). A module called twice gives
+the same names twice, and its FP8 meta is threaded from the first call to the second
+(amaxes combine by max). Matmuls inside ``lax.scan`` get one meta per iteration, stacked
+along a leading axis (a scanned layer stack: one per layer).
+
+Kinds. A matmul with a parameter operand is ``dense`` (``head`` when called through an
+embedding's ``attend``); between two activations it is ``attention_values`` when an
+operand went through ``exp`` since its last matmul (softmax probabilities), else
+``attention_logits``. ``kinds`` (path pattern -> kind, first match wins) overrides both.
+
+Not intercepted, and reported so by `Captured.matmuls`: matmuls inside another library's
+``custom_jvp`` / ``custom_vjp`` function or inside ``lax.cond`` / ``lax.while_loop`` (their
+semantics are not ours to rewrite), and integer matmuls. Matmuls of layers already under
+the policy through their hook (named ``mpx[<path>]``) are listed with their layer's op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from mpx import ops
+from mpx.fp8 import Fp8Meta
+from mpx.policy import OpPrecision, Policy, kind_overrides
+
+_MARK = "mpx@"
+_LAYER_OP = re.compile(r"mpx\[([^\]]*)\]")
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+_OPAQUE = {"custom_jvp_call": "inside a custom_jvp function", "custom_vjp_call": "inside a custom_vjp function",
+           "custom_vjp_call_jaxpr": "inside a custom_vjp function", "cond": "inside lax.cond",
+           "while": "inside lax.while_loop"}
+_HEAD_METHODS = ("attend",)
+
+
+class Naming:
+    """The module-method calls of one trace: each gets a marker scope ``mpx@<n>``.
+
+    ``with naming.call(path, method):`` around a module method call; the matmuls traced
+    inside carry the marker in their name stack, the innermost marker names them.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._active: list[str] = []
+
+    @contextlib.contextmanager
+    def call(self, path: str, method: str, *, name: str = "") -> Iterator[None]:
+        """Mark a call of ``method`` on the module at ``path``. A root module (empty path)
+        called inside another module's call (a nested ``apply``) is named after the
+        caller: ``<caller path>/<name>``."""
+        if not path and self._active:
+            path = "/".join(p for p in (self._active[-1], name) if p)
+        self.calls.append((path, method))
+        self._active.append(path)
+        try:
+            with jax.named_scope(f"{_MARK}{len(self.calls) - 1}"):
+                yield
+        finally:
+            self._active.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """One matmul of a traced computation, as `Captured.matmuls` reports it.
+
+    ``op`` is the policy's decision (None when the matmul is not under the policy, with
+    ``reason`` saying why); ``via`` is ``"capture"`` (replaced by `Captured`) or ``"layer"``
+    (a layer's own policy hook); ``stack`` the lengths of the scans around it.
+    """
+
+    path: str
+    kind: str
+    op: OpPrecision | None
+    via: str
+    lhs: jax.ShapeDtypeStruct
+    rhs: jax.ShapeDtypeStruct
+    stack: tuple[int, ...] = ()
+    reason: str = ""
+
+    @property
+    def precision(self) -> str:
+        return self.op.precision if self.op is not None else "not under the policy"
+
+
+@dataclasses.dataclass
+class _Site:
+    path: str
+    kind: str
+    stack: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class _Flags:
+    data: bool  # depends on a non-parameter input (an activation)
+    soft: bool  # went through exp since its last matmul (softmax probabilities)
+
+
+_CONST = _Flags(False, False)
+
+
+def _join(*flags: _Flags) -> _Flags:
+    return _Flags(any(f.data for f in flags), any(f.soft for f in flags))
+
+
+def _subjaxprs(params) -> list:
+    out = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jcore.ClosedJaxpr):
+                out.append(item.jaxpr)
+            elif isinstance(item, jcore.Jaxpr):
+                out.append(item)
+    return out
+
+
+def _has_exp(jaxpr) -> bool:
+    return any(e.primitive.name in ("exp", "exp2", "logistic") or any(_has_exp(j) for j in _subjaxprs(e.params))
+               for e in jaxpr.eqns)
+
+
+def _open(j) -> tuple[Any, Sequence[Any]]:
+    return (j.jaxpr, j.consts) if isinstance(j, jcore.ClosedJaxpr) else (j, ())
+
+
+class _Analysis:
+    """Static pass over a jaxpr: the name and kind of each matmul, by position."""
+
+    def __init__(self, naming: Naming, policy: Policy, kinds, layer_ops: Mapping[str, OpPrecision]):
+        self.naming, self.policy, self.kinds, self.layer_ops = naming, policy, kinds, layer_ops
+        self.sites: dict[tuple, _Site] = {}  # position -> site (captured matmuls)
+        self.matmuls: list[Matmul] = []
+        self._counters: dict[int, int] = {}
+
+    def _module(self, stack: str) -> tuple[int | None, str]:
+        marks = [int(m) for m in re.findall(re.escape(_MARK) + r"(\d+)", stack)]
+        if not marks:
+            return None, ""
+        path, method = self.naming.calls[marks[-1]]
+        return marks[-1], (path if method == "__call__" else "/".join(p for p in (path, method) if p))
+
+    def _kind(self, path: str, call: int | None, lhs: _Flags, rhs: _Flags) -> str:
+        for regex, kind in self.kinds:
+            if regex.fullmatch(path):
+                return kind
+        if call is not None and self.naming.calls[call][1] in _HEAD_METHODS:
+            return "head"
+        if lhs.data and rhs.data:
+            return "attention_values" if lhs.soft or rhs.soft else "attention_logits"
+        return "dense"
+
+    def run(self, jaxpr, flags: list[_Flags], pos: tuple, stack: str, scans: tuple, opaque: str = "") -> list[_Flags]:
+        env: dict = {}
+
+        def read(v):
+            return _CONST if isinstance(v, jcore.Literal) else env.get(v, _CONST)
+
+        for var, f in zip(jaxpr.invars, flags):
+            env[var] = f
+        for i, eqn in enumerate(jaxpr.eqns):
+            name, here = eqn.primitive.name, (*pos, i)
+            full = f"{stack}/{eqn.source_info.name_stack}"
+            ins = [read(v) for v in eqn.invars]
+            if name == "dot_general":
+                self._dot(eqn, ins, here, full, scans, opaque)
+                outs = [_Flags(_join(*ins).data, False)]
+            elif name in _CALLS or name in ("remat2", "checkpoint"):
+                sub, _ = _open(eqn.params["jaxpr"])
+                outs = self.run(sub, ins, here, full, scans, opaque)
+            elif name == "scan":
+                outs = self._scan(eqn, ins, here, full, scans, opaque)
+            elif _subjaxprs(eqn.params):
+                why = opaque or _OPAQUE.get(name, f"inside {name}")
+                for k, sub in enumerate(_subjaxprs(eqn.params)):
+                    self.run(sub, [_join(*ins)] * len(sub.invars), (*here, k), full, scans, why)
+                soft = any(f.soft for f in ins) or any(_has_exp(s) for s in _subjaxprs(eqn.params))
+                outs = [_Flags(_join(*ins).data, soft)] * len(eqn.outvars)
+            else:
+                f = _join(*ins)
+                outs = [_Flags(f.data, f.soft or name in ("exp", "exp2", "logistic"))] * len(eqn.outvars)
+            for var, f in zip(eqn.outvars, outs):
+                env[var] = f
+        return [read(v) for v in jaxpr.outvars]
+
+    def _scan(self, eqn, ins, here, full, scans, opaque):
+        p = eqn.params
+        body, _ = _open(p["jaxpr"])
+        nc, nk = p["num_consts"], p["num_carry"]
+        carry = ins[nc: nc + nk]
+        for _ in range(2):  # carries that become activations in the body: a fixed point in two rounds
+            matmuls, sites = len(self.matmuls), dict(self.sites)
+            counters = dict(self._counters)
+            outs = self.run(body, [*ins[:nc], *carry, *ins[nc + nk:]], here, full, (*scans, p["length"]), opaque)
+            new = [_join(a, b) for a, b in zip(carry, outs[:nk])]
+            if [(f.data, f.soft) for f in new] == [(f.data, f.soft) for f in carry]:
+                return outs
+            carry = new
+            del self.matmuls[matmuls:]
+            self.sites, self._counters = sites, counters
+        return self.run(body, [*ins[:nc], *carry, *ins[nc + nk:]], here, full, (*scans, p["length"]), opaque)
+
+    def _dot(self, eqn, ins, here, full, scans, opaque):
+        lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+        layer = _LAYER_OP.findall(full)
+        if layer:  # a layer's own policy op (mpx.ops.dot_general named it)
+            path = layer[-1]
+            op = self.layer_ops.get(path)
+            self.matmuls.append(Matmul(path, op.kind if op else "dense", op, "layer", lhs, rhs, scans))
+            return
+        call, module = self._module(full)
+        k = self._counters.get(call, 0)
+        self._counters[call] = k + 1
+        path = "/".join(p for p in (module, f"dot_general_{k}") if p)
+        kind = self._kind(path, call, *ins)
+        reason = opaque or ("integer operands" if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in (lhs, rhs))
+                            else "")
+        if reason:
+            self.matmuls.append(Matmul(path, kind, None, "capture", lhs, rhs, scans, reason))
+            return
+        self.sites[here] = _Site(path, kind, scans)
+        self.matmuls.append(Matmul(path, kind, self.policy.for_op(path, kind), "capture", lhs, rhs, scans))
+
+
+def _bind(eqn, ins) -> list:
+    """Run one equation as it was traced (``jax.core.eval_jaxpr``'s step)."""
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)  # jax < 0.5 returned subfuns too
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with manager if manager is not None else contextlib.nullcontext():
+        outs = eqn.primitive.bind(*subfuns, *ins, **params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
+class _Evaluator:
+    """Evaluates a jaxpr with the captured matmuls replaced by policy ops."""
+
+    def __init__(self, policy: Policy, sites: Mapping[tuple, _Site]):
+        self.policy, self.sites = policy, sites
+
+    def run(self, jaxpr, consts, args, pos: tuple, metas: dict) -> list:
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        for var, value in zip(jaxpr.constvars, consts):
+            env[var] = value
+        for var, value in zip(jaxpr.invars, args):
+            env[var] = value
+        for i, eqn in enumerate(jaxpr.eqns):
+            here, name = (*pos, i), eqn.primitive.name
+            ins = [read(v) for v in eqn.invars]
+            if name == "dot_general" and here in self.sites:
+                outs = [self._dot(eqn, ins, self.sites[here], metas)]
+            elif name in _CALLS and self._inside(here):
+                sub, sub_consts = _open(eqn.params["jaxpr"])
+                outs = self.run(sub, sub_consts, ins, here, metas)
+            elif name in ("remat2", "checkpoint") and self._inside(here):
+                sub, sub_consts = _open(eqn.params["jaxpr"])
+                fun = jax.checkpoint(lambda *a, sub=sub, sub_consts=sub_consts, here=here: self.run(
+                    sub, sub_consts, a, here, metas), prevent_cse=eqn.params["prevent_cse"],
+                    policy=eqn.params["policy"])
+                outs = fun(*ins)
+            elif name == "scan" and self._inside(here):
+                outs = self._scan(eqn, ins, here, metas)
+            else:
+                outs = _bind(eqn, ins)
+            for var, value in zip(eqn.outvars, outs):
+                if not isinstance(var, jcore.DropVar):
+                    env[var] = value
+        return [read(v) for v in jaxpr.outvars]
+
+    def _inside(self, pos: tuple) -> bool:
+        return any(p[: len(pos)] == pos for p in self.sites)
+
+    def _dot(self, eqn, ins, site: _Site, metas: dict):
+        op = self.policy.for_op(site.path, site.kind)
+        out, meta = ops.dot_general(ins[0], ins[1], eqn.params["dimension_numbers"], op, metas.get(site.path))
+        if meta is not None:
+            metas[site.path] = meta  # threaded to the next call of the same op
+        return out.astype(eqn.outvars[0].aval.dtype)
+
+    def _scan(self, eqn, ins, here, metas):
+        p = eqn.params
+        body, body_consts = _open(p["jaxpr"])
+        nc, nk = p["num_consts"], p["num_carry"]
+        inner = {s.path for pos, s in self.sites.items() if pos[: len(here)] == here}
+        stacked = {k: v for k, v in metas.items() if k in inner}
+
+        def step(carry, x):
+            xs, per_layer = x
+            outs = self.run(body, body_consts, [*ins[:nc], *carry, *xs], here, dict(per_layer))
+            return outs[:nk], outs[nk:]
+
+        carry, ys = lax.scan(step, ins[nc: nc + nk], (ins[nc + nk:], stacked), length=p["length"],
+                             reverse=p["reverse"], unroll=p["unroll"])
+        return [*carry, *ys]
+
+
+class Captured:
+    """``fn`` with every matmul it runs under ``policy``.
+
+    ``fn(params, *args)``: the first argument's leaves are the parameters (a matmul with
+    one of them, or anything computed from them alone, is a projection), the rest are
+    activations. ``naming`` is entered around each trace of ``fn`` (a context manager
+    factory taking a `Naming`: `mpx.linen` passes one that marks every module call).
+
+    ``init(params, *args)`` returns the FP8 metas of the captured fp8 matmuls (a dict by
+    path, stacked for matmuls inside scans); ``apply(metas, params, *args)`` runs ``fn``
+    with each captured matmul replaced by its policy op and returns ``fn``'s output.
+    ``matmuls(params, *args)`` lists every matmul of the trace (see `Matmul`).
+    """
+
+    def __init__(self, fn: Callable, policy: Policy, *, kinds: Mapping[str, str] | None = None,
+                 naming: Callable[[Naming], Any] | None = None, layer_ops: Mapping[str, OpPrecision] | None = None):
+        self.fn, self.policy = fn, policy
+        self.kinds = kind_overrides(kinds)
+        self._naming = naming
+        self.layer_ops = dict(layer_ops or {})
+
+    def _trace(self, params, *args):
+        naming = Naming()
+        flat, tree = jax.tree.flatten((params, args))
+        n_params = len(jax.tree.leaves(params))
+
+        def flat_fn(*leaves):
+            p, a = jax.tree.unflatten(tree, leaves)
+            return self.fn(p, *a)
+
+        with self._naming(naming) if self._naming else contextlib.nullcontext():
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
+        analysis = _Analysis(naming, self.policy, self.kinds, self.layer_ops)
+        flags = [_Flags(i >= n_params, False) for i in range(len(flat))]
+        analysis.run(closed.jaxpr, flags, (), "", ())
+        return closed, flat, out_shape, analysis
+
+    def matmuls(self, params, *args) -> list[Matmul]:
+        return self._trace(params, *args)[3].matmuls
+
+    def init(self, params, *args) -> dict[str, Fp8Meta]:
+        metas: dict[str, Fp8Meta] = {}
+        for site in self._trace(params, *args)[3].sites.values():
+            op = self.policy.for_op(site.path, site.kind)
+            if op.is_fp8:
+                metas.setdefault(site.path, Fp8Meta.init(op.fp8, stack=site.stack))
+        return metas
+
+    def apply(self, metas: Mapping[str, Fp8Meta], params, *args):
+        closed, flat, out_shape, analysis = self._trace(params, *args)
+        expected = {s.path for s in analysis.sites.values() if self.policy.for_op(s.path, s.kind).is_fp8}
+        missing = sorted(expected - set(metas))
+        if missing:
+            raise ValueError(f"no FP8 meta for the fp8 matmul(s) {', '.join(missing)}; create the metas with "
+                             "init(...) under the same policy and model")
+        outs = _Evaluator(self.policy, analysis.sites).run(closed.jaxpr, closed.consts, flat, (), dict(metas))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
