@@ -52,6 +52,8 @@ _OPAQUE = {"custom_jvp_call": "inside a custom_jvp function", "custom_vjp_call":
            "custom_vjp_call_jaxpr": "inside a custom_vjp function", "cond": "inside lax.cond",
            "while": "inside lax.while_loop"}
 _HEAD_METHODS = ("attend",)
+_REMAT = ("remat2", "checkpoint")
+_EXP = ("exp", "exp2", "logistic")
 
 
 class Naming:
@@ -136,7 +138,7 @@ def _subjaxprs(params) -> list:
 
 
 def _has_exp(jaxpr) -> bool:
-    return any(e.primitive.name in ("exp", "exp2", "logistic") or any(_has_exp(j) for j in _subjaxprs(e.params))
+    return any(e.primitive.name in _EXP or any(_has_exp(j) for j in _subjaxprs(e.params))
                for e in jaxpr.eqns)
 
 
@@ -144,14 +146,29 @@ def _open(j) -> tuple[Any, Sequence[Any]]:
     return (j.jaxpr, j.consts) if isinstance(j, jcore.ClosedJaxpr) else (j, ())
 
 
-class _Analysis:
-    """Static pass over a jaxpr: the name and kind of each matmul, by position."""
+@dataclasses.dataclass
+class _Found:
+    """A matmul met by the walk, before it is named (names need every call's count)."""
 
-    def __init__(self, naming: Naming, policy: Policy, kinds, layer_ops: Mapping[str, OpPrecision]):
-        self.naming, self.policy, self.kinds, self.layer_ops = naming, policy, kinds, layer_ops
-        self.sites: dict[tuple, _Site] = {}  # position -> site (captured matmuls)
-        self.matmuls: list[Matmul] = []
-        self._counters: dict[int, int] = {}
+    pos: tuple
+    call: int | None
+    module: str
+    index: int
+    flags: tuple[_Flags, _Flags]
+    lhs: jax.ShapeDtypeStruct
+    rhs: jax.ShapeDtypeStruct
+    scans: tuple[int, ...]
+    reason: str
+    layer: str | None = None  # path of a layer's own policy op
+
+
+class _Analysis:
+    """Static pass over a jaxpr: where each matmul is, then its name and kind."""
+
+    def __init__(self, naming: Naming, policy: Policy, kinds, layer_op: Callable[[str], OpPrecision | None]):
+        self.naming, self.policy, self.kinds, self.layer_op = naming, policy, kinds, layer_op
+        self.found: list[_Found] = []
+        self._counters: dict[int | None, int] = {}
 
     def _module(self, stack: str) -> tuple[int | None, str]:
         marks = [int(m) for m in re.findall(re.escape(_MARK) + r"(\d+)", stack)]
@@ -159,16 +176,6 @@ class _Analysis:
             return None, ""
         path, method = self.naming.calls[marks[-1]]
         return marks[-1], (path if method == "__call__" else "/".join(p for p in (path, method) if p))
-
-    def _kind(self, path: str, call: int | None, lhs: _Flags, rhs: _Flags) -> str:
-        for regex, kind in self.kinds:
-            if regex.fullmatch(path):
-                return kind
-        if call is not None and self.naming.calls[call][1] in _HEAD_METHODS:
-            return "head"
-        if lhs.data and rhs.data:
-            return "attention_values" if lhs.soft or rhs.soft else "attention_logits"
-        return "dense"
 
     def run(self, jaxpr, flags: list[_Flags], pos: tuple, stack: str, scans: tuple, opaque: str = "") -> list[_Flags]:
         env: dict = {}
@@ -185,7 +192,7 @@ class _Analysis:
             if name == "dot_general":
                 self._dot(eqn, ins, here, full, scans, opaque)
                 outs = [_Flags(_join(*ins).data, False)]
-            elif name in _CALLS or name in ("remat2", "checkpoint"):
+            elif name in _CALLS or name in _REMAT:
                 sub, _ = _open(eqn.params["jaxpr"])
                 outs = self.run(sub, ins, here, full, scans, opaque)
             elif name == "scan":
@@ -198,7 +205,7 @@ class _Analysis:
                 outs = [_Flags(_join(*ins).data, soft)] * len(eqn.outvars)
             else:
                 f = _join(*ins)
-                outs = [_Flags(f.data, f.soft or name in ("exp", "exp2", "logistic"))] * len(eqn.outvars)
+                outs = [_Flags(f.data, f.soft or name in _EXP)] * len(eqn.outvars)
             for var, f in zip(eqn.outvars, outs):
                 env[var] = f
         return [read(v) for v in jaxpr.outvars]
@@ -208,38 +215,58 @@ class _Analysis:
         body, _ = _open(p["jaxpr"])
         nc, nk = p["num_consts"], p["num_carry"]
         carry = ins[nc: nc + nk]
-        for _ in range(2):  # carries that become activations in the body: a fixed point in two rounds
-            matmuls, sites = len(self.matmuls), dict(self.sites)
-            counters = dict(self._counters)
+        while True:  # carries that become activations in the body: a fixed point (flags only grow)
+            mark, counters = len(self.found), dict(self._counters)
             outs = self.run(body, [*ins[:nc], *carry, *ins[nc + nk:]], here, full, (*scans, p["length"]), opaque)
             new = [_join(a, b) for a, b in zip(carry, outs[:nk])]
-            if [(f.data, f.soft) for f in new] == [(f.data, f.soft) for f in carry]:
+            if new == carry:
                 return outs
             carry = new
-            del self.matmuls[matmuls:]
-            self.sites, self._counters = sites, counters
-        return self.run(body, [*ins[:nc], *carry, *ins[nc + nk:]], here, full, (*scans, p["length"]), opaque)
+            del self.found[mark:]
+            self._counters = counters
 
     def _dot(self, eqn, ins, here, full, scans, opaque):
         lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
         layer = _LAYER_OP.findall(full)
         if layer:  # a layer's own policy op (mpx.ops.dot_general named it)
-            path = layer[-1]
-            op = self.layer_ops.get(path)
-            self.matmuls.append(Matmul(path, op.kind if op else "dense", op, "layer", lhs, rhs, scans))
+            self.found.append(_Found(here, None, "", 0, tuple(ins), lhs, rhs, scans, "", layer=layer[-1]))
             return
         call, module = self._module(full)
         k = self._counters.get(call, 0)
         self._counters[call] = k + 1
-        path = "/".join(p for p in (module, f"dot_general_{k}") if p)
-        kind = self._kind(path, call, *ins)
-        reason = opaque or ("integer operands" if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in (lhs, rhs))
-                            else "")
-        if reason:
-            self.matmuls.append(Matmul(path, kind, None, "capture", lhs, rhs, scans, reason))
-            return
-        self.sites[here] = _Site(path, kind, scans)
-        self.matmuls.append(Matmul(path, kind, self.policy.for_op(path, kind), "capture", lhs, rhs, scans))
+        floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in (lhs, rhs))
+        reason = opaque or ("" if floating else "integer operands")
+        self.found.append(_Found(here, call, module, k, tuple(ins), lhs, rhs, scans, reason))
+
+    def _kind(self, path: str, found: _Found) -> str:
+        for regex, kind in self.kinds:
+            if regex.fullmatch(path):
+                return kind
+        if found.call is not None and self.naming.calls[found.call][1] in _HEAD_METHODS:
+            return "head"
+        lhs, rhs = found.flags
+        if lhs.data and rhs.data:
+            return "attention_values" if lhs.soft or rhs.soft else "attention_logits"
+        return "dense"
+
+    def finish(self) -> tuple[dict[tuple, _Site], list[Matmul]]:
+        """Name every matmul: its module's path when that call ran one matmul, else
+        ``<module path>/dot_general_<k>``; then its kind and the policy's op."""
+        sites, matmuls = {}, []
+        for f in self.found:
+            if f.layer is not None:
+                op = self.layer_op(f.layer)
+                matmuls.append(Matmul(f.layer, op.kind if op else "dense", op, "layer", f.lhs, f.rhs, f.scans))
+                continue
+            single = f.module and self._counters[f.call] == 1
+            path = f.module if single else "/".join(p for p in (f.module, f"dot_general_{f.index}") if p)
+            kind = self._kind(path, f)
+            if f.reason:
+                matmuls.append(Matmul(path, kind, None, "capture", f.lhs, f.rhs, f.scans, f.reason))
+                continue
+            sites[f.pos] = _Site(path, kind, f.scans)
+            matmuls.append(Matmul(path, kind, self.policy.for_op(path, kind), "capture", f.lhs, f.rhs, f.scans))
+        return sites, matmuls
 
 
 def _bind(eqn, ins) -> list:
@@ -276,7 +303,7 @@ class _Evaluator:
             elif name in _CALLS and self._inside(here):
                 sub, sub_consts = _open(eqn.params["jaxpr"])
                 outs = self.run(sub, sub_consts, ins, here, metas)
-            elif name in ("remat2", "checkpoint") and self._inside(here):
+            elif name in _REMAT and self._inside(here):
                 sub, sub_consts = _open(eqn.params["jaxpr"])
                 fun = jax.checkpoint(lambda *a, sub=sub, sub_consts=sub_consts, here=here: self.run(
                     sub, sub_consts, a, here, metas), prevent_cse=eqn.params["prevent_cse"],
@@ -333,13 +360,14 @@ class Captured:
     """
 
     def __init__(self, fn: Callable, policy: Policy, *, kinds: Mapping[str, str] | None = None,
-                 naming: Callable[[Naming], Any] | None = None, layer_ops: Mapping[str, OpPrecision] | None = None):
+                 naming: Callable[[Naming], Any] | None = None,
+                 layer_op: Callable[[str], OpPrecision | None] | None = None):
         self.fn, self.policy = fn, policy
         self.kinds = kind_overrides(kinds)
         self._naming = naming
-        self.layer_ops = dict(layer_ops or {})
+        self.layer_op = layer_op or (lambda path: None)
 
-    def _trace(self, params, *args):
+    def _trace(self, params, *args) -> _Trace:
         naming = Naming()
         flat, tree = jax.tree.flatten((params, args))
         n_params = len(jax.tree.leaves(params))
@@ -350,28 +378,42 @@ class Captured:
 
         with self._naming(naming) if self._naming else contextlib.nullcontext():
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
-        analysis = _Analysis(naming, self.policy, self.kinds, self.layer_ops)
-        flags = [_Flags(i >= n_params, False) for i in range(len(flat))]
-        analysis.run(closed.jaxpr, flags, (), "", ())
-        return closed, flat, out_shape, analysis
+        analysis = _Analysis(naming, self.policy, self.kinds, self.layer_op)
+        analysis.run(closed.jaxpr, [_Flags(i >= n_params, False) for i in range(len(flat))], (), "", ())
+        sites, matmuls = analysis.finish()
+        return _Trace(closed, flat, jax.tree.structure(out_shape), sites, matmuls)
 
     def matmuls(self, params, *args) -> list[Matmul]:
-        return self._trace(params, *args)[3].matmuls
+        """Every matmul ``fn`` runs on these arguments, in trace order (see `Matmul`)."""
+        return self._trace(params, *args).matmuls
 
     def init(self, params, *args) -> dict[str, Fp8Meta]:
+        """A fresh `Fp8Meta` for each captured matmul the policy puts in fp8, by path."""
         metas: dict[str, Fp8Meta] = {}
-        for site in self._trace(params, *args)[3].sites.values():
+        for site in self._trace(params, *args).sites.values():
             op = self.policy.for_op(site.path, site.kind)
             if op.is_fp8:
                 metas.setdefault(site.path, Fp8Meta.init(op.fp8, stack=site.stack))
         return metas
 
     def apply(self, metas: Mapping[str, Fp8Meta], params, *args):
-        closed, flat, out_shape, analysis = self._trace(params, *args)
-        expected = {s.path for s in analysis.sites.values() if self.policy.for_op(s.path, s.kind).is_fp8}
-        missing = sorted(expected - set(metas))
+        """``fn(params, *args)`` with every captured matmul under the policy."""
+        trace = self._trace(params, *args)
+        fp8 = {s.path for s in trace.sites.values() if self.policy.for_op(s.path, s.kind).is_fp8}
+        missing = sorted(fp8 - set(metas))
         if missing:
-            raise ValueError(f"no FP8 meta for the fp8 matmul(s) {', '.join(missing)}; create the metas with "
-                             "init(...) under the same policy and model")
-        outs = _Evaluator(self.policy, analysis.sites).run(closed.jaxpr, closed.consts, flat, (), dict(metas))
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+            raise ValueError(
+                f"no FP8 meta for the fp8 matmul(s) {', '.join(missing)}; initialize the model under the same "
+                "policy (its FP8 state is created from a trace of the model on example inputs)")
+        outs = _Evaluator(self.policy, trace.sites).run(trace.jaxpr.jaxpr, trace.jaxpr.consts, trace.flat, (),
+                                                        dict(metas))
+        return jax.tree.unflatten(trace.out_tree, outs)
+
+
+@dataclasses.dataclass
+class _Trace:
+    jaxpr: jcore.ClosedJaxpr
+    flat: list
+    out_tree: Any
+    sites: dict[tuple, _Site]
+    matmuls: list[Matmul]

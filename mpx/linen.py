@@ -42,25 +42,40 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import opt_einsum
+from flax import core as flax_core
 from flax import errors as flax_errors
 from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 
-from mpx import ops
-from mpx.capture import Naming
+from mpx import capture, ops
 from mpx.fp8 import Fp8Meta
 from mpx.policy import Policy, kind_overrides
 
 FP8_COLLECTION = "fp8_meta"
 """The variable collection of FP8 state: one variable ``meta`` (an `Fp8Meta`) per fp8 matmul."""
 
+CAPTURED = "captured"
+"""The variable of `FP8_COLLECTION` (at the root) holding the FP8 metas of the captured
+matmuls (those that no layer hook reached), by matmul path."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _Active:
     policy: Policy
-    kinds: list  # (compiled path pattern, kind), first match wins
-    record: list | None  # (path, kind) of every op that runs, for `linen_ops`
+    kinds_spec: Mapping[str, str] | None  # path pattern -> kind, as the user gave it
+    record: list | None  # (path, kind) of every layer op that runs, for `linen_ops`
+    layer_kinds: dict = dataclasses.field(default_factory=dict)  # path -> kind of the layer ops seen
+
+    @functools.cached_property
+    def kinds(self) -> list:  # (compiled path pattern, kind), first match wins
+        return kind_overrides(self.kinds_spec)
+
+    def layer_op(self, path: str):
+        """The policy op of the layer op at ``path`` (seen while tracing), or None."""
+        kind = self.layer_kinds.get(path)
+        return None if kind is None else self.policy.for_op(path, kind)
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("mpx_linen_policy", default=None)
@@ -85,8 +100,10 @@ class PolicyDotGeneral(nn.Module):
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
         path = "/".join(str(p) for p in self.path[:-1])
         active = _ACTIVE.get()
-        if active is not None and active.record is not None:
-            active.record.append((path, self.kind))
+        if active is not None:
+            active.layer_kinds[path] = self.kind
+            if active.record is not None:
+                active.record.append((path, self.kind))
         op = self.policy.for_op(path, self.kind)
         if not op.is_fp8:
             return ops.dot_general(lhs, rhs, dimension_numbers, op)[0]
@@ -155,9 +172,16 @@ def _einsum(module: nn.Einsum, active: _Active, kind: str, op, inputs, einsum_st
 
 def _intercept(next_fun, args, kwargs, context):
     module, active = context.module, _ACTIVE.get()
-    if active is None or context.method_name != "__call__":
+    if active is None:
         return next_fun(*args, **kwargs)
-    if not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+    if not _IN_ROOT.get() and module.scope is not None and module.scope.parent is None:
+        return _capture_root(module, active, context.method_name, next_fun, args, kwargs)
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return next_fun(*args, **kwargs)
+    if not module.path:
+        # The root of an apply nested in a module's call (a head applied with the
+        # embedding's kernel): it has no variables of its own to keep FP8 state in;
+        # its matmul is captured under the caller's path instead.
         return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.path)
     kind = _op_kind(module, path, active.kinds)
@@ -175,6 +199,80 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
 
 
+# Set while a root module's call is handled (and during the capture's own trace of it):
+# the calls inside are not roots of their own.
+_IN_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_linen_in_root", default=False)
+
+
+def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, args, kwargs):
+    """The root call of ``init`` / ``apply`` under the policy, every matmul included.
+
+    The call is traced as the pure function ``apply(variables, *args)`` of an unbound copy
+    of the model; `mpx.capture.Captured` puts the matmuls that no layer hook reached under
+    the policy (their FP8 meta at ``fp8_meta/captured/<path>``, created on ``init``) and
+    the layers' own policy ops run as they are. Updated mutable collections are written
+    back to the outer call.
+    """
+    token = _IN_ROOT.set(True)
+    try:
+        initializing = module.is_initializing()
+        if initializing:
+            out = next_fun(*args, **kwargs)  # creates the parameters and the layers' FP8 state
+        rngs = {name: module.make_rng(name) for name in module.scope.rngs if name != "params"}
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+        unbound = module.clone(parent=None)
+        mutable = _inner_mutable(module.scope.mutable)
+
+        def fn(params, rest, rngs, arrays):
+            it = iter(arrays)
+            a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+            variables = {"params": params, **rest} if params is not None else rest
+            return unbound.apply(variables, *a, rngs=rngs, method=method, mutable=mutable, **kw)
+
+        captured = capture.Captured(fn, active.policy, kinds=active.kinds_spec, naming=_naming_and_root,
+                                    layer_op=active.layer_op)
+        variables = dict(module.variables)
+        params = variables.pop("params", None)
+        fp8 = dict(variables.pop(FP8_COLLECTION, {}))
+        metas = fp8.pop(CAPTURED, {})
+        rest = {**variables, **({FP8_COLLECTION: fp8} if fp8 else {})}
+        arrays = [x for x, d in zip(leaves, dynamic) if d]
+        if initializing:
+            metas = captured.init(params, rest, rngs, arrays)
+            if metas:
+                module.put_variable(FP8_COLLECTION, CAPTURED, metas)
+            return out
+        out, updates = captured.apply(metas, params, rest, rngs, arrays)
+        for col, tree_ in updates.items():
+            if col in ("params", FP8_COLLECTION) or not module.is_mutable_collection(col):
+                continue
+            for name, value in tree_.items():
+                module.put_variable(col, name, value)
+        return out
+    finally:
+        _IN_ROOT.reset(token)
+
+
+def _inner_mutable(outer):
+    """The traced apply's ``mutable``: the outer call's, plus the FP8 collection (so that a
+    layer called twice threads its meta); never False, so the apply returns its updates."""
+    if outer is True or isinstance(outer, flax_core.scope.DenyList):
+        return outer
+    outer = [outer] if isinstance(outer, str) else list(outer or [])
+    return [*outer, FP8_COLLECTION] if FP8_COLLECTION not in outer else outer
+
+
+@contextlib.contextmanager
+def _naming_and_root(naming: capture.Naming) -> Iterator[None]:
+    token = _IN_ROOT.set(True)
+    try:
+        with module_naming(naming):
+            yield
+    finally:
+        _IN_ROOT.reset(token)
+
+
 @contextlib.contextmanager
 def _swapped(module: nn.Module, **fields) -> Iterator[None]:
     old = {name: getattr(module, name) for name in fields}
@@ -189,7 +287,7 @@ def _swapped(module: nn.Module, **fields) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | None) -> Iterator[None]:
-    token = _ACTIVE.set(_Active(policy, kind_overrides(kinds), record))
+    token = _ACTIVE.set(_Active(policy, kinds, record))
     try:
         with nn.intercept_methods(_intercept):
             yield
@@ -197,7 +295,7 @@ def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | No
         _ACTIVE.reset(token)
 
 
-def _naming_interceptor(naming: Naming):
+def _naming_interceptor(naming: capture.Naming):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         path = "/".join(str(p) for p in module.path)
@@ -208,7 +306,7 @@ def _naming_interceptor(naming: Naming):
 
 
 @contextlib.contextmanager
-def module_naming(naming: Naming) -> Iterator[None]:
+def module_naming(naming: capture.Naming) -> Iterator[None]:
     """Mark every linen module method call for `mpx.capture.Captured` (its ``naming``)."""
     with nn.intercept_methods(_naming_interceptor(naming)):
         yield
