@@ -12,7 +12,7 @@ from mpx.loss_scale import (
     select_tree,
 )
 from mpx.policy import OpPrecision, Policy, Rule, parse as parse_policy
-from mpx.step import StepMetrics, TrainState, init_train_state, train_step
+from mpx.step import StepMetrics, TrainState, init_train_state, make_train_step, train_step
 from mpx import nn  # noqa: E402 - layers build on everything above
 from mpx import linen  # noqa: E402
 
@@ -37,6 +37,7 @@ __all__ = [
     "init_train_state",
     "linen",
     "loss_scale",
+    "make_train_step",
     "nn",
     "ops",
     "parse_policy",

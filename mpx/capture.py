@@ -269,6 +269,14 @@ class _Analysis:
         return sites, matmuls
 
 
+def _scope(eqn):
+    """The equation's name scopes (module and op names), re-entered so that the evaluated
+    program is named as the traced one (profiles, `mpx.inspect.fp8_gemms`); the capture's
+    own markers left out."""
+    names = [n for n in str(eqn.source_info.name_stack).split("/") if n and not n.startswith(_MARK)]
+    return jax.named_scope("/".join(names)) if names else contextlib.nullcontext()
+
+
 def _bind(eqn, ins) -> list:
     """Run one equation as it was traced (``jax.core.eval_jaxpr``'s step)."""
     bound = eqn.primitive.get_bind_params(eqn.params)
@@ -284,6 +292,8 @@ class _Evaluator:
 
     def __init__(self, policy: Policy, sites: Mapping[tuple, _Site]):
         self.policy, self.sites = policy, sites
+        # Positions of the equations (calls, scans) that hold a captured matmul.
+        self._holders = {pos[:k] for pos in sites for k in range(1, len(pos))}
 
     def run(self, jaxpr, consts, args, pos: tuple, metas: dict) -> list:
         env: dict = {}
@@ -296,30 +306,33 @@ class _Evaluator:
         for var, value in zip(jaxpr.invars, args):
             env[var] = value
         for i, eqn in enumerate(jaxpr.eqns):
-            here, name = (*pos, i), eqn.primitive.name
-            ins = [read(v) for v in eqn.invars]
-            if name == "dot_general" and here in self.sites:
-                outs = [self._dot(eqn, ins, self.sites[here], metas)]
-            elif name in _CALLS and self._inside(here):
-                sub, sub_consts = _open(eqn.params["jaxpr"])
-                outs = self.run(sub, sub_consts, ins, here, metas)
-            elif name in _REMAT and self._inside(here):
-                sub, sub_consts = _open(eqn.params["jaxpr"])
-                fun = jax.checkpoint(lambda *a, sub=sub, sub_consts=sub_consts, here=here: self.run(
-                    sub, sub_consts, a, here, metas), prevent_cse=eqn.params["prevent_cse"],
-                    policy=eqn.params["policy"])
-                outs = fun(*ins)
-            elif name == "scan" and self._inside(here):
-                outs = self._scan(eqn, ins, here, metas)
-            else:
-                outs = _bind(eqn, ins)
+            with _scope(eqn):
+                outs = self._eqn(eqn, (*pos, i), [read(v) for v in eqn.invars], metas)
             for var, value in zip(eqn.outvars, outs):
                 if not isinstance(var, jcore.DropVar):
                     env[var] = value
         return [read(v) for v in jaxpr.outvars]
 
+    def _eqn(self, eqn, here: tuple, ins: list, metas: dict) -> list:
+        name = eqn.primitive.name
+        if name == "dot_general" and here in self.sites:
+            return [self._dot(eqn, ins, self.sites[here], metas)]
+        if not self._inside(here):
+            return _bind(eqn, ins)  # nothing captured in it: as traced
+        if name in _CALLS:
+            sub, sub_consts = _open(eqn.params["jaxpr"])
+            return self.run(sub, sub_consts, ins, here, metas)
+        if name in _REMAT:
+            sub, sub_consts = _open(eqn.params["jaxpr"])
+            fun = jax.checkpoint(lambda *a: self.run(sub, sub_consts, a, here, metas),
+                                 prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+            return fun(*ins)
+        if name == "scan":
+            return self._scan(eqn, ins, here, metas)
+        return _bind(eqn, ins)
+
     def _inside(self, pos: tuple) -> bool:
-        return any(p[: len(pos)] == pos for p in self.sites)
+        return pos in self._holders
 
     def _dot(self, eqn, ins, site: _Site, metas: dict):
         op = self.policy.for_op(site.path, site.kind)
@@ -367,7 +380,8 @@ class Captured:
         self._naming = naming
         self.layer_op = layer_op or (lambda path: None)
 
-    def _trace(self, params, *args) -> _Trace:
+    def trace(self, params, *args) -> _Trace:
+        """Trace ``fn`` and find its matmuls (what `apply` evaluates; ``trace=`` reuses it)."""
         naming = Naming()
         flat, tree = jax.tree.flatten((params, args))
         n_params = len(jax.tree.leaves(params))
@@ -385,20 +399,26 @@ class Captured:
 
     def matmuls(self, params, *args) -> list[Matmul]:
         """Every matmul ``fn`` runs on these arguments, in trace order (see `Matmul`)."""
-        return self._trace(params, *args).matmuls
+        return self.trace(params, *args).matmuls
 
-    def init(self, params, *args) -> dict[str, Fp8Meta]:
+    def init(self, params, *args, trace: _Trace | None = None) -> dict[str, Fp8Meta]:
         """A fresh `Fp8Meta` for each captured matmul the policy puts in fp8, by path."""
-        metas: dict[str, Fp8Meta] = {}
-        for site in self._trace(params, *args).sites.values():
+        trace = trace if trace is not None else self.trace(params, *args)
+        return {path: Fp8Meta.init(config, stack=stack) for path, (config, stack) in self.meta_specs(trace).items()}
+
+    def meta_specs(self, trace: _Trace) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        """``{path: (Fp8Config, stack)}`` of the metas `init` creates (to create them
+        outside a trace)."""
+        specs: dict[str, tuple[Any, tuple[int, ...]]] = {}
+        for site in trace.sites.values():
             op = self.policy.for_op(site.path, site.kind)
             if op.is_fp8:
-                metas.setdefault(site.path, Fp8Meta.init(op.fp8, stack=site.stack))
-        return metas
+                specs.setdefault(site.path, (op.fp8, site.stack))
+        return specs
 
-    def apply(self, metas: Mapping[str, Fp8Meta], params, *args):
+    def apply(self, metas: Mapping[str, Fp8Meta], params, *args, trace: _Trace | None = None):
         """``fn(params, *args)`` with every captured matmul under the policy."""
-        trace = self._trace(params, *args)
+        trace = trace if trace is not None else self.trace(params, *args)
         fp8 = {s.path for s in trace.sites.values() if self.policy.for_op(s.path, s.kind).is_fp8}
         missing = sorted(fp8 - set(metas))
         if missing:

@@ -21,21 +21,35 @@ from mpx.policy import Policy, Rule, key_name
 
 @dataclasses.dataclass(frozen=True)
 class OpRow:
-    """One op of a model and what the policy decided for it."""
+    """One op of a model and what the policy decided for it.
+
+    ``precision`` is ``"not under the policy"`` for a matmul the policy cannot reach
+    (``note`` says why); ``note`` is ``"captured"`` for a matmul put under the policy
+    without a layer hook (`mpx.capture`), ``"x3"`` and the like for an op that runs
+    several times (a module called twice), ``"stack 12"`` for one inside a scan.
+    """
 
     path: str
     kind: str
     precision: str
     dtype: str
     rule: str  # the deciding rule as text, or "default (compute dtype)"
+    note: str = ""
+
+
+NOT_UNDER_POLICY = "not under the policy"
+_NO_EXAMPLE = ("matmuls written as lax.dot_general / jnp.einsum / @ / attend are listed when describe "
+               "is given example inputs: describe(model, policy, x)")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionTable:
-    """The ops of a model under a policy; ``unmatched_rules`` matched none of them."""
+    """The ops of a model under a policy; ``unmatched_rules``: path rules that matched none
+    of them (rules by kind alone, like the presets', are never reported)."""
 
     rows: tuple[OpRow, ...]
     unmatched_rules: tuple[Rule, ...]
+    notes: tuple[str, ...] = ()
 
     def by_precision(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -44,11 +58,13 @@ class PrecisionTable:
         return out
 
     def __str__(self) -> str:
-        lines = format_table(["path", "kind", "precision", "dtype", "rule"], [dataclasses.astuple(r) for r in self.rows])
+        header = ["path", "kind", "precision", "dtype", "rule", "note"]
+        lines = format_table(header, [dataclasses.astuple(r) for r in self.rows])
         counts = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.by_precision().items()))
         lines.append(f"{len(self.rows)} ops ({counts})")
         for rule in self.unmatched_rules:
             lines.append(f"warning: rule '{rule}' matches no op of this model (a typo in its path or kind?)")
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
@@ -59,40 +75,81 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> lis
     return [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]]
 
 
+def _row(policy: Policy, path: str, kind: str, note: str = "") -> OpRow:
+    op = policy.for_op(path, kind)
+    rule = f"{op.rule}: {policy.rules[op.rule]}" if op.rule is not None else "default (compute dtype)"
+    return OpRow(path, kind, op.precision, np.dtype(op.dtype).name, rule, note)
+
+
+def _matmul_rows(policy: Policy, matmuls) -> list[OpRow]:
+    """One row per distinct matmul (path), in trace order; repeated calls counted."""
+    seen: dict[str, list] = {}
+    for m in matmuls:
+        seen.setdefault(m.path, []).append(m)
+    rows = []
+    for path, group in seen.items():
+        m = group[0]
+        notes = [m.reason] if m.op is None else (["captured"] if m.via == "capture" else [])
+        if m.stack:
+            notes.append("stack " + "x".join(map(str, m.stack)))
+        if len(group) > 1:
+            notes.append(f"x{len(group)}")
+        if m.op is None:
+            rows.append(OpRow(path, m.kind, NOT_UNDER_POLICY, np.dtype(m.lhs.dtype).name, "", ", ".join(notes)))
+        else:
+            rows.append(_row(policy, path, m.op.kind if m.via == "layer" else m.kind, ", ".join(notes)))
+    return rows
+
+
 def table_for_ops(ops: Sequence[tuple[str, str]], policy: Policy) -> PrecisionTable:
     """A `PrecisionTable` for (path, kind) pairs, sorted by path."""
-    rows, used = [], set()
-    for path, kind in sorted(ops):
-        op = policy.for_op(path, kind)
-        if op.rule is not None:
-            used.add(op.rule)
-        rule = f"{op.rule}: {policy.rules[op.rule]}" if op.rule is not None else "default (compute dtype)"
-        rows.append(OpRow(path, kind, op.precision, np.dtype(op.dtype).name, rule))
-    # A rule shadowed by an earlier one still matches ops: only a rule matching none is reported.
-    unmatched = tuple(
-        r for i, r in enumerate(policy.rules) if i not in used and not any(r.matches(p, k) for p, k in ops)
-    )
-    return PrecisionTable(tuple(rows), unmatched)
+    return _table(policy, [_row(policy, path, kind) for path, kind in sorted(ops)])
+
+
+def _table(policy: Policy, rows: list[OpRow], notes: Sequence[str] = ()) -> PrecisionTable:
+    ops = [(r.path, r.kind) for r in rows if r.precision != NOT_UNDER_POLICY]
+    # A rule shadowed by an earlier one still matches ops: only a path rule matching none is reported.
+    unmatched = tuple(r for r in policy.rules if r.match is not None and not any(r.matches(p, k) for p, k in ops))
+    return PrecisionTable(tuple(rows), unmatched, tuple(notes))
 
 
 def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs) -> PrecisionTable:
     """Every op of ``model`` with the precision ``policy`` gives it and the deciding rule.
 
-    ``model`` is an NNX module, or a linen module followed by example inputs (``args``,
-    ``kwargs``) to trace it with. ``kinds`` maps path patterns to op kinds, as in
-    `mpx.nn.apply_policy`. Rules that match no op are listed as warnings.
+    ``model`` is an NNX module, a linen module, or an `mpx.linen.Wrapped` model, followed by
+    example inputs (``args``, ``kwargs``) to trace it with. From the trace every matmul is
+    listed, whatever wrote it (``nn.Dense``, ``lax.dot_general``, ``jnp.einsum``, ``@``),
+    those the policy cannot reach too, with the reason. An NNX module without inputs lists
+    its layers' ops only (and says so). ``kinds`` maps path patterns to op kinds, as in
+    `mpx.nn.apply_policy`. Path rules that match no op are listed as warnings.
     """
-    from flax import linen
+    from flax import linen, nnx
 
+    from mpx import linen as mpx_linen
+
+    if isinstance(model, mpx_linen.Wrapped):
+        return _table(policy, _matmul_rows(policy, model.matmuls(*args, **kwargs)))
     if isinstance(model, linen.Module):
-        from mpx.linen import linen_ops
-
-        ops = linen_ops(model, policy, *args, kinds=kinds, **kwargs)
-    else:
+        if not args and not kwargs:
+            raise TypeError("describe needs example inputs for a linen module (it traces the model): "
+                            "describe(model, policy, x)")
+        matmuls = mpx_linen.linen_matmuls(model, policy, *args, kinds=kinds, **kwargs)
+        return _table(policy, _matmul_rows(policy, matmuls))
+    if isinstance(model, nnx.Module):
         from mpx.nn.apply import find_ops
+        from mpx.nn.capture import matmuls as nnx_matmuls
 
-        ops = [(f.path, f.kind) for f in find_ops(model, kinds)]
-    return table_for_ops(ops, policy)
+        layer_rows = [_row(policy, f.path, f.kind) for f in find_ops(model, kinds)]
+        if not args and not kwargs:
+            return _table(policy, layer_rows, [_NO_EXAMPLE])
+        traced = _matmul_rows(policy, nnx_matmuls(model, policy, kinds, args, kwargs))
+        by_path = {r.path: r for r in traced}
+        rows = [by_path.pop(r.path, r) for r in layer_rows] + list(by_path.values())
+        return _table(policy, rows)
+    raise TypeError(
+        f"describe takes an NNX module, a linen module with example inputs, or an mpx.linen.Wrapped model; "
+        f"got {type(model).__name__}. For an object that holds a linen module and its params (a model hub's "
+        f"model class), wrap it: mpx.linen.Wrapped(obj, policy), then describe(wrapped, policy, inputs...)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Put an existing Flax linen model under a precision policy.
 
-Run ``init`` and ``apply`` inside `policy_context`: every ``nn.Dense``,
-``nn.DenseGeneral`` and ``nn.Einsum`` call then goes through a `PolicyDotGeneral` and
-computes in its op's dtype. The model's code is not touched and its parameter tree is
-the plain model's, so a plain checkpoint loads. Each fp8 matmul keeps its
-`mpx.fp8.Fp8Meta` in the `FP8_COLLECTION` collection, next to (not inside) ``params``,
-at ``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``::
+Run ``init`` and ``apply`` inside `policy_context`: every matmul of the model then
+computes as the policy says, whatever code wrote it. ``nn.Dense``, ``nn.DenseGeneral``
+and ``nn.Einsum`` go through a `PolicyDotGeneral` (their FP8 meta at
+``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``); every other ``dot_general`` the model
+runs (``lax.dot_general``, ``jnp.dot`` / ``matmul`` / ``einsum``, ``@``, an embedding's
+``attend``, a nested ``apply``) is captured at the root call (`mpx.capture`), its FP8 meta
+at ``fp8_meta/captured/<matmul path>``. The model's code is not touched and its
+parameter tree is the plain model's, so a plain checkpoint loads::
 
     policy = mpx.parse_policy("fp8")
     kinds = {"head": "head"}                       # path pattern -> op kind
@@ -14,21 +16,21 @@ at ``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``::
 
     def loss_fn(params, fp8_meta, batch, rng):
         with mpx.linen.policy_context(policy, kinds=kinds):   # inside: it acts at trace time
-            y, _ = model.apply({"params": params, "fp8_meta": fp8_meta}, batch["x"],
-                               mutable=["fp8_meta"])
+            y = model.apply({"params": params, "fp8_meta": fp8_meta}, batch["x"])
         return jnp.mean((y.astype(jnp.float32) - batch["y"]) ** 2)
 
-    state = mpx.init_train_state(params, opt, fp8_meta=fp8_meta)
-    step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt))
+    state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=fp8_meta)
+    step = mpx.make_train_step(loss_fn, opt)
 
-``mutable=["fp8_meta"]`` threads each op's meta from one call to the next, so a layer
-called twice in a step combines its amaxes by max; the returned collection can be
-dropped, `mpx.train_step` advances the meta from what the gradient observed. (Without
-it a layer called twice still trains safely, with a summed amax and a warning.) Under
-``nn.scan`` over layers add ``"fp8_meta": 0`` to ``variable_axes``: one meta per layer. Layers you write
-yourself can take the op directly (no context needed):
+A layer called twice in a step threads its meta from the first call to the second (the
+context makes the FP8 collection mutable for the traced apply), so its amaxes combine by
+max; `mpx.train_step` advances the meta from what the gradient observed. Under
+``nn.scan`` over layers add ``"fp8_meta": 0`` to ``variable_axes`` (one meta per layer);
+captured matmuls inside a scan get one meta per iteration by themselves. Layers you
+write yourself can take the op directly (no context needed):
 ``nn.Dense(n, dot_general_cls=functools.partial(PolicyDotGeneral, policy=policy))``.
-``nn.Einsum`` has no such hook; `policy_context` covers it.
+An object that holds a linen module and its params and calls ``apply`` itself (a model
+hub's class) runs under `Wrapped`. `linen_matmuls` lists every matmul and its decision.
 """
 
 from __future__ import annotations
@@ -61,12 +63,22 @@ CAPTURED = "captured"
 matmuls (those that no layer hook reached), by matmul path."""
 
 
+@dataclasses.dataclass
+class _Supplied:
+    """FP8 metas given from outside the variables (``metas``), or, when None, where to
+    record what to create (``created``: path -> (Fp8Config, stack))."""
+
+    metas: Mapping[str, Fp8Meta] | None
+    created: dict = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Active:
     policy: Policy
     kinds_spec: Mapping[str, str] | None  # path pattern -> kind, as the user gave it
-    record: list | None  # (path, kind) of every layer op that runs, for `linen_ops`
+    record: list | None  # every matmul of the traced root call, for `linen_matmuls`
     layer_kinds: dict = dataclasses.field(default_factory=dict)  # path -> kind of the layer ops seen
+    supplied: _Supplied | None = None  # a `Wrapped` model's FP8 state, passed by its caller
 
     @functools.cached_property
     def kinds(self) -> list:  # (compiled path pattern, kind), first match wins
@@ -102,8 +114,6 @@ class PolicyDotGeneral(nn.Module):
         active = _ACTIVE.get()
         if active is not None:
             active.layer_kinds[path] = self.kind
-            if active.record is not None:
-                active.record.append((path, self.kind))
         op = self.policy.for_op(path, self.kind)
         if not op.is_fp8:
             return ops.dot_general(lhs, rhs, dimension_numbers, op)[0]
@@ -174,15 +184,26 @@ def _intercept(next_fun, args, kwargs, context):
     module, active = context.module, _ACTIVE.get()
     if active is None:
         return next_fun(*args, **kwargs)
-    if not _IN_ROOT.get() and module.scope is not None and module.scope.parent is None:
+    root = module.scope is not None and module.scope.parent is None
+    if not _IN_ROOT.get() and root:
         return _capture_root(module, active, context.method_name, next_fun, args, kwargs)
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
-        return next_fun(*args, **kwargs)
-    if not module.path:
-        # The root of an apply nested in a module's call (a head applied with the
-        # embedding's kernel): it has no variables of its own to keep FP8 state in;
-        # its matmul is captured under the caller's path instead.
-        return next_fun(*args, **kwargs)
+    # The root of an apply nested in a module's call (a head applied with the embedding's
+    # kernel) has no variables of its own to keep FP8 state in: its matmul is captured
+    # under the caller's path instead of taking the layer hook.
+    nested_root = root and _DEPTH.get() > 0
+    token = _DEPTH.set(_DEPTH.get() + 1)
+    try:
+        if (nested_root or active.supplied is not None  # a Wrapped model's variables hold no FP8 state
+                or context.method_name != "__call__"
+                or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum))):
+            return next_fun(*args, **kwargs)
+        return _layer_call(module, active, next_fun, args, kwargs)
+    finally:
+        _DEPTH.reset(token)
+
+
+def _layer_call(module, active: _Active, next_fun, args, kwargs):
+    """A Dense / DenseGeneral / Einsum call through its policy op (the layer hook)."""
     path = "/".join(str(p) for p in module.path)
     kind = _op_kind(module, path, active.kinds)
     op = active.policy.for_op(path, kind)
@@ -202,6 +223,8 @@ def _intercept(next_fun, args, kwargs, context):
 # Set while a root module's call is handled (and during the capture's own trace of it):
 # the calls inside are not roots of their own.
 _IN_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_linen_in_root", default=False)
+# How many module calls are running inside the root call (the root counted on init).
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("mpx_linen_depth", default=0)
 
 
 def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, args, kwargs):
@@ -217,18 +240,25 @@ def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, arg
     try:
         initializing = module.is_initializing()
         if initializing:
-            out = next_fun(*args, **kwargs)  # creates the parameters and the layers' FP8 state
+            depth = _DEPTH.set(1)
+            try:
+                out = next_fun(*args, **kwargs)  # creates the parameters and the layers' FP8 state
+            finally:
+                _DEPTH.reset(depth)
         rngs = {name: module.make_rng(name) for name in module.scope.rngs if name != "params"}
         leaves, tree = jax.tree.flatten((args, kwargs))
         dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
         unbound = module.clone(parent=None)
         mutable = _inner_mutable(module.scope.mutable)
 
+        intermediates = _capture_intermediates()
+
         def fn(params, rest, rngs, arrays):
             it = iter(arrays)
             a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
             variables = {"params": params, **rest} if params is not None else rest
-            return unbound.apply(variables, *a, rngs=rngs, method=method, mutable=mutable, **kw)
+            return unbound.apply(variables, *a, rngs=rngs, method=method, mutable=mutable,
+                                 capture_intermediates=intermediates, **kw)
 
         captured = capture.Captured(fn, active.policy, kinds=active.kinds_spec, naming=_naming_and_root,
                                     layer_op=active.layer_op)
@@ -238,8 +268,19 @@ def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, arg
         metas = fp8.pop(CAPTURED, {})
         rest = {**variables, **({FP8_COLLECTION: fp8} if fp8 else {})}
         arrays = [x for x, d in zip(leaves, dynamic) if d]
+        if active.supplied is not None:
+            if active.supplied.metas is None:  # Wrapped.init_fp8 / matmuls: trace only
+                trace = captured.trace(params, rest, rngs, arrays)
+                if active.record is not None:
+                    active.record.extend(trace.matmuls)
+                active.supplied.created.update(captured.meta_specs(trace))
+                return next_fun(*args, **kwargs)
+            metas = active.supplied.metas
         if initializing:
-            metas = captured.init(params, rest, rngs, arrays)
+            trace = captured.trace(params, rest, rngs, arrays)
+            if active.record is not None:
+                active.record.extend(trace.matmuls)
+            metas = captured.init(params, rest, rngs, arrays, trace=trace)
             if metas:
                 module.put_variable(FP8_COLLECTION, CAPTURED, metas)
             return out
@@ -252,6 +293,15 @@ def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, arg
         return out
     finally:
         _IN_ROOT.reset(token)
+
+
+def _capture_intermediates():
+    """The ``capture_intermediates`` of the apply being run (flax keeps it in its module
+    context), for the traced apply to capture the same; False where it cannot be read."""
+    from flax.linen import module as linen_module
+
+    stack = getattr(getattr(linen_module, "_context", None), "capture_stack", None)
+    return stack[-1] if stack else False
 
 
 def _inner_mutable(outer):
@@ -286,8 +336,9 @@ def _swapped(module: nn.Module, **fields) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | None) -> Iterator[None]:
-    token = _ACTIVE.set(_Active(policy, kinds, record))
+def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | None,
+              supplied: _Supplied | None = None) -> Iterator[None]:
+    token = _ACTIVE.set(_Active(policy, kinds, record, supplied=supplied))
     try:
         with nn.intercept_methods(_intercept):
             yield
@@ -326,21 +377,74 @@ def policy_context(policy: Policy, *, kinds: Mapping[str, str] | None = None):
     return _activate(policy, kinds, None)
 
 
-def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
-    """Every policy op ``model`` runs on ``args``/``kwargs``, as ``[(path, kind)]`` in call order.
-
-    Traces ``model.init`` abstractly (nothing is computed) under `policy_context`; a
-    layer called several times is listed once.
-    """
-    record: list = []
+def linen_matmuls(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None,
+                  **kwargs) -> list[capture.Matmul]:
+    """Every matmul ``model`` runs on ``args``/``kwargs`` under ``policy`` (see
+    `mpx.capture.Matmul`), in trace order: layer ops, captured matmuls and those left
+    outside the policy with the reason. Traces ``model.init`` abstractly (nothing is
+    computed) under `policy_context`."""
+    found: list = []
 
     def init(*a):
         key = jax.random.key(0)
         return model.init({"params": key, "dropout": key}, *a, **kwargs)
 
-    with _activate(policy, kinds, record):
+    with _activate(policy, kinds, found):
         jax.eval_shape(init, *args)
-    return list(dict.fromkeys(record))
+    return found
+
+
+def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
+    """The matmuls under ``policy`` that ``model`` runs on ``args``/``kwargs``, as
+    ``[(path, kind)]`` in call order; an op that runs several times is listed once."""
+    found = linen_matmuls(model, policy, *args, kinds=kinds, **kwargs)
+    return list(dict.fromkeys((m.path, m.kind) for m in found if m.op is not None))
+
+
+class Wrapped:
+    """An object that holds a linen module and calls its ``apply`` itself (a model hub's
+    model class, called as ``obj(input_ids, params=params)``), under ``policy``.
+
+    The object is used as it is; every matmul of the module's ``apply`` is captured (see
+    `mpx.capture`), and the FP8 state, which the object's own variables cannot hold, is
+    passed in by the caller::
+
+        model = mpx.linen.Wrapped(hub_model, policy, kinds={"lm_head": "head"})
+        fp8_meta = model.init_fp8(input_ids, params=params)   # a dict by matmul path
+        logits = model(fp8_meta, input_ids, params=params).logits   # in loss_fn
+
+    ``kinds``: path pattern -> op kind, as for `policy_context`.
+    """
+
+    def __init__(self, obj, policy: Policy, *, kinds: Mapping[str, str] | None = None):
+        if isinstance(obj, nn.Module):
+            raise TypeError("Wrapped is for objects that call a linen module's apply themselves; a linen module "
+                            "itself runs under mpx.linen.policy_context (its FP8 state in its variables)")
+        if not callable(obj):
+            raise TypeError(f"Wrapped needs a callable model object, got {type(obj).__name__}")
+        self.obj, self.policy, self.kinds = obj, policy, dict(kinds or {})
+
+    def _traced(self, record, *args, **kwargs) -> dict:
+        supplied = _Supplied(None)
+        with _activate(self.policy, self.kinds, record, supplied):
+            jax.eval_shape(lambda: [self.obj(*args, **kwargs), None][1])  # any output type: only the trace counts
+        return supplied.created
+
+    def init_fp8(self, *args, **kwargs) -> dict:
+        """Fresh FP8 metas of the object's fp8 matmuls on these example inputs."""
+        specs = self._traced(None, *args, **kwargs)
+        return {path: Fp8Meta.init(config, stack=stack) for path, (config, stack) in specs.items()}
+
+    def matmuls(self, *args, **kwargs) -> list[capture.Matmul]:
+        """Every matmul of a call on these inputs (see `mpx.capture.Matmul`)."""
+        record: list = []
+        self._traced(record, *args, **kwargs)
+        return record
+
+    def __call__(self, fp8_meta: Mapping[str, Fp8Meta], *args, **kwargs):
+        """``obj(*args, **kwargs)`` with every matmul under the policy, FP8 state ``fp8_meta``."""
+        with _activate(self.policy, self.kinds, None, _Supplied(fp8_meta)):
+            return self.obj(*args, **kwargs)
 
 
 def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:

@@ -15,6 +15,7 @@ numbers; its amax still says inf, and the step is skipped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from flax import struct
 
 from mpx.fp8.meta import advance_tree, combine_trees, max_fanout, observations_finite
 from mpx.loss_scale import LossScale, NoOpLossScale, all_finite, select_tree
+from mpx.policy import Policy
 
 
 @struct.dataclass
@@ -41,17 +43,31 @@ class TrainState:
     opt_state: Any
     loss_scale: LossScale
     rng: jax.Array
+    model_state: Any = struct.field(default_factory=dict)
 
 
 def init_train_state(
     params,
     optimizer: optax.GradientTransformation,
     *,
+    policy: Policy | None = None,
     fp8_meta=None,
+    model_state=None,
     loss_scale: LossScale | None = None,
     rng: jax.Array | None = None,
 ) -> TrainState:
-    """A step-0 `TrainState`: optimizer state from ``params``, no loss scaling by default."""
+    """A step-0 `TrainState`: optimizer state from ``params``.
+
+    ``policy``: its loss scale (``policy.loss_scale``: dynamic under the fp16 preset) is
+    created here; ``loss_scale`` gives one explicitly instead (not both). Without either,
+    no loss scaling. ``model_state``: state the model updates as it runs (batch
+    statistics, RNG counts: the ``rest`` of `mpx.nn.split`), for ``train_step(...,
+    has_state=True)``.
+    """
+    if policy is not None and loss_scale is not None:
+        raise ValueError("init_train_state takes the loss scale from `policy` or from `loss_scale`, not both")
+    if policy is not None:
+        loss_scale = policy.loss_scale.create()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -59,6 +75,7 @@ def init_train_state(
         opt_state=optimizer.init(params),
         loss_scale=loss_scale if loss_scale is not None else NoOpLossScale(),
         rng=rng if rng is not None else jax.random.key(0),
+        model_state=model_state if model_state is not None else {},
     )
 
 
@@ -88,23 +105,30 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
-def _grads(state: TrainState, batch, rng, loss_fn, has_aux):
-    """loss, aux, scaled param grads and FP8 observations for one (micro-)batch."""
+def _grads(state: TrainState, model_state, batch, rng, loss_fn, has_aux, has_state):
+    """loss, aux, scaled param grads, FP8 observations and the new model state for one
+    (micro-)batch."""
 
     def scaled_loss(params, meta):
-        out = loss_fn(params, meta, batch, rng)
+        if has_state:
+            # A fresh copy made here, inside the differentiated function: NNX state (Variables)
+            # may then be updated by the model as it runs (it refuses writes to variables
+            # created outside the current JAX transform).
+            out, new_state = loss_fn(params, meta, jax.tree.map(lambda x: x, model_state), batch, rng)
+        else:
+            out, new_state = loss_fn(params, meta, batch, rng), model_state
         loss, aux = out if has_aux else (out, None)
-        return state.loss_scale.scale(loss.astype(jnp.float32)), (loss.astype(jnp.float32), aux)
+        return state.loss_scale.scale(loss.astype(jnp.float32)), (loss.astype(jnp.float32), aux, new_state)
 
-    (_, (loss, aux)), (grads, observed) = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)(
-        state.params, state.fp8_meta
-    )
-    return loss, aux, grads, observed
+    (_, (loss, aux, new_state)), (grads, observed) = jax.value_and_grad(
+        scaled_loss, argnums=(0, 1), has_aux=True)(state.params, state.fp8_meta)
+    return loss, aux, grads, observed, new_state
 
 
-def _accumulated_grads(state, batch, rng, loss_fn, has_aux, accum_steps):
+def _accumulated_grads(state, batch, rng, loss_fn, has_aux, has_state, accum_steps):
     """Gradients averaged over ``accum_steps`` micro-batches (the leading axis of ``batch``),
-    one micro-batch in memory at a time; FP8 observations combined by max."""
+    one micro-batch in memory at a time; FP8 observations combined by max; the model
+    state passed from each micro-batch to the next."""
     for leaf in jax.tree.leaves(batch):
         if leaf.shape[:1] != (accum_steps,):
             raise ValueError(
@@ -113,16 +137,18 @@ def _accumulated_grads(state, batch, rng, loss_fn, has_aux, accum_steps):
             )
 
     def body(carry, micro):
-        i, grads, observed = carry
-        loss, aux, g, seen = _grads(state, micro, jax.random.fold_in(rng, i), loss_fn, has_aux)
+        i, grads, observed, model_state = carry
+        loss, aux, g, seen, model_state = _grads(state, model_state, micro, jax.random.fold_in(rng, i), loss_fn,
+                                                 has_aux, has_state)
         grads = jax.tree.map(jnp.add, grads, g)
-        return (i + 1, grads, combine_trees(observed, seen)), (loss, aux)
+        return (i + 1, grads, combine_trees(observed, seen), model_state), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     nothing_seen = jax.tree.map(jnp.zeros_like, state.fp8_meta)
-    (_, grads, observed), (losses, aux) = jax.lax.scan(body, (0, zeros, nothing_seen), batch)
+    (_, grads, observed, model_state), (losses, aux) = jax.lax.scan(
+        body, (0, zeros, nothing_seen, state.model_state), batch)
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    return jnp.mean(losses), aux, grads, observed
+    return jnp.mean(losses), aux, grads, observed, model_state
 
 
 def train_step(
@@ -132,6 +158,7 @@ def train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     has_aux: bool = False,
+    has_state: bool = False,
     accum_steps: int = 1,
 ) -> tuple[TrainState, StepMetrics]:
     """One update. Jit it with ``loss_fn``/``optimizer`` bound, e.g.::
@@ -147,15 +174,22 @@ def train_step(
     what its matmuls observed, however many times they ran; a meta whose op did not run
     is kept as it is.
 
+    ``has_state=True``: the model updates state as it runs (batch statistics, RNG
+    counts): ``loss_fn(params, fp8_meta, model_state, batch, rng)`` returns ``(out,
+    new_model_state)``, ``out`` being what it returns otherwise; ``state.model_state``
+    takes the new one when the step is applied (a skipped step keeps the old).
+
     ``accum_steps > 1``: ``batch`` leaves lead with ``accum_steps`` micro-batches; the
     gradients are averaged over them before one optimizer update, and each FP8 op's
     amaxes are combined by max. ``aux`` is then stacked over micro-batches.
     """
     rng = step_rng(state)
     if accum_steps == 1:
-        loss, aux, grads, observed = _grads(state, batch, rng, loss_fn, has_aux)
+        loss, aux, grads, observed, model_state = _grads(state, state.model_state, batch, rng, loss_fn, has_aux,
+                                                         has_state)
     else:
-        loss, aux, grads, observed = _accumulated_grads(state, batch, rng, loss_fn, has_aux, accum_steps)
+        loss, aux, grads, observed, model_state = _accumulated_grads(state, batch, rng, loss_fn, has_aux, has_state,
+                                                                     accum_steps)
     grads = state.loss_scale.unscale(grads)
     grads_finite = all_finite(grads)
     amax_finite = observations_finite(observed)
@@ -170,6 +204,7 @@ def train_step(
         params=select_tree(finite, new_params, state.params),
         opt_state=select_tree(finite, new_opt_state, state.opt_state),
         fp8_meta=select_tree(finite, new_meta, state.fp8_meta),
+        model_state=select_tree(finite, model_state, state.model_state),
         loss_scale=state.loss_scale.adjust(finite),
     )
     metrics = StepMetrics(
@@ -183,3 +218,21 @@ def train_step(
         aux=aux,
     )
     return new_state, metrics
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    has_state: bool = False,
+    accum_steps: int = 1,
+    donate: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
+    """`train_step` with its arguments bound, jitted: ``step(state, batch) -> (state,
+    metrics)``. The loss scale and FP8 state travel in the `TrainState`
+    (``init_train_state(params, optimizer, policy=policy, fp8_meta=...)``), so the step
+    needs nothing else from the policy. ``donate``: reuse the old state's buffers."""
+    step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=has_aux,
+                             has_state=has_state, accum_steps=accum_steps)
+    return jax.jit(step, donate_argnums=0 if donate else ())

@@ -1,6 +1,7 @@
 """mpx.linen: unmodified linen models and explicit dot_general_cls under a policy."""
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -151,16 +152,17 @@ def test_a_layer_called_twice_combines_amaxes_by_max():
     new = meta_of(meta, "Dense_0").advance(seen)
     assert float(new.lhs.scale) == float(np.float32(448.0) / np.float32(5.0))
 
-    # Why loss_fn passes mutable=[FP8_COLLECTION]: without threading, both calls read the
-    # same meta and autodiff adds their observations: a larger (safe) amax, fanout 2 and
-    # a warning when traced.
-    def unthreaded(m):
+    # Without mutable=[FP8_COLLECTION] the policy context threads the meta all the same
+    # (it runs the model's apply with the FP8 collection mutable): max, not a sum, and no
+    # fan-out warning. The wrong way is not possible under the context.
+    def not_mutable(m):
         with ml.policy_context(FP8):
             return model.apply({"params": params, ml.FP8_COLLECTION: m}, a, b)
 
-    with pytest.warns(mpx.fp8.Fp8FanoutWarning):
-        summed = meta_of(jax.grad(unthreaded)(meta), "Dense_0")
-    assert (float(summed.lhs.amax), float(summed.lhs.fanout)) == (7.0, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mpx.fp8.Fp8FanoutWarning)
+        plain = meta_of(jax.grad(not_mutable)(meta), "Dense_0")
+    assert (float(plain.lhs.amax), float(plain.lhs.fanout), float(plain.lhs.calls)) == (5.0, 1.0, 2.0)
 
 
 def test_bf16_policy_creates_no_meta_and_every_dense_computes_in_bf16():

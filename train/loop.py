@@ -215,16 +215,17 @@ def _fresh_state(config: RunConfig, *, say: Callable[[str], None], finetune: boo
     policy = config.policy()
     task = make_task(config)
     model = make_model(config, task, policy)
-    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
+    graphdef, params, meta, rest = mn.split(model)
+    if rest:
+        raise ValueError(f"the model has state besides parameters and FP8 meta ({', '.join(map(str, rest))}), "
+                         "which train/ does not carry")
     if finetune and config.finetune.init_from:
         body = nnx.State({k: v for k, v in params.items() if k not in ("classifier", "head")})
         loaded, from_step = ckpt.restore_params(config.finetune.init_from, body)
         nnx.update(params, loaded)
         say(f"fine-tuning from {config.finetune.init_from} (step {from_step}): body params loaded, new head")
     optimizer = make_optimizer(config)
-    state = mpx.init_train_state(
-        params, optimizer, fp8_meta=meta, loss_scale=policy.loss_scale.create(), rng=jax.random.key(config.train.seed)
-    )
+    state = mpx.init_train_state(params, optimizer, policy=policy, fp8_meta=meta, rng=jax.random.key(config.train.seed))
     return policy, task, graphdef, optimizer, state
 
 

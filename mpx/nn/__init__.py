@@ -1,6 +1,6 @@
 """Flax NNX layers that obey a precision policy, and `apply_policy` for any NNX model."""
 
-from mpx.nn.apply import FoundOp, apply_policy, find_ops
+from mpx.nn.apply import FoundOp, apply_policy, find_ops, split
 from mpx.nn.layers import Einsum, Embed, LayerNorm, Linear, RMSNorm
 from mpx.nn.op import CrossEntropy, DotGeneral, EinsumOp, Fp8MetaVariable, Op, Softmax
 from mpx.nn.transformer import (
@@ -18,5 +18,5 @@ from mpx.nn.transformer import (
 __all__ = [
     "GPT2_MEDIUM", "GPT2_SMALL", "MLP", "Attention", "Block", "CrossEntropy", "Decoder", "DotGeneral",
     "Einsum", "EinsumOp", "Embed", "FoundOp", "Fp8MetaVariable", "LayerNorm", "Linear", "Op", "RMSNorm",
-    "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",
+    "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops", "split",
 ]

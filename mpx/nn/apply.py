@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from mpx.nn.capture import capture_matmuls
 from mpx.nn.op import DotGeneral, EinsumOp, Fp8MetaVariable, Op
 from mpx.policy import KINDS, Policy, kind_overrides
 
@@ -142,7 +143,8 @@ def promote_keep_kernel(args, /, *, dtype=None, inexact=True):
     return (inputs, kernel, *rest)
 
 
-def apply_policy(model: nnx.Module, policy: Policy, *, kinds: Mapping[str, str] | None = None) -> nnx.Module:
+def apply_policy(model: nnx.Module, policy: Policy, *example_args, kinds: Mapping[str, str] | None = None,
+                 **example_kwargs) -> nnx.Module:
     """Make every op of ``model`` obey ``policy``, in place; returns ``model``.
 
     Linear / LinearGeneral get a policy `DotGeneral` (with an `Fp8MetaVariable` where the
@@ -171,4 +173,13 @@ def apply_policy(model: nnx.Module, policy: Policy, *, kinds: Mapping[str, str] 
                 module.dot_general = nnx.data(dot)
             module.promote_dtype = promote_keep_kernel if op.is_fp8 else nnx_dtypes.promote_dtype
         module.dtype = op.dtype
+    capture_matmuls(model, policy, kinds, example_args, example_kwargs)
     return model
+
+
+def split(model: nnx.Module):
+    """``(graphdef, params, fp8_meta, rest)`` of any NNX model: the parameters (what the
+    optimizer trains), the FP8 state (what `mpx.train_step` advances) and everything else
+    (batch statistics, RNG state: ``model_state`` of ``train_step(..., has_state=True)``).
+    ``nnx.merge(graphdef, params, fp8_meta, rest)`` rebuilds the model."""
+    return nnx.split(model, nnx.Param, Fp8MetaVariable, ...)

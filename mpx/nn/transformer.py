@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mpx import ops
 from mpx.nn.apply import apply_policy
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
@@ -161,12 +162,15 @@ class Attention(nnx.Module):
             allowed = (mask[:, None, :] | self_only)[:, None]  # (B, 1, T, S)
         attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=allowed,
                                    scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=True)
-        if jax.default_backend() == "gpu" and dtype != jnp.float32:
-            try:  # cuDNN flash attention; jax's default (None) is its XLA path
-                return attend(implementation="cudnn")
-            except (NotImplementedError, ValueError, RuntimeError):
-                pass  # a shape or version cuDNN does not take: the XLA path below
-        return attend(implementation=None)
+        # Named as the logits op: its matmuls are this layer's policy ops (mpx.capture and
+        # fp8_gemms read the name), not matmuls left outside the policy.
+        with jax.named_scope(ops.scope_name(self.logits.precision.path)):
+            if jax.default_backend() == "gpu" and dtype != jnp.float32:
+                try:  # cuDNN flash attention; jax's default (None) is its XLA path
+                    return attend(implementation="cudnn")
+                except (NotImplementedError, ValueError, RuntimeError):
+                    pass  # a shape or version cuDNN does not take: the XLA path below
+            return attend(implementation=None)
 
     def _explicit(self, q, k, v, mask, *, deterministic, rngs):
         """q, k, v (B, T, H, K) -> (B, T, H, K) through the logits, softmax and values ops."""
