@@ -43,6 +43,7 @@ from jax.extend import core as jcore
 
 from mpx import ops
 from mpx.fp8 import Fp8Meta
+from mpx.fp8.dot import retraced_under_differentiation
 from mpx.policy import OpPrecision, Policy, kind_overrides
 
 _MARK = "mpx@"
@@ -390,7 +391,9 @@ class Captured:
             p, a = jax.tree.unflatten(tree, leaves)
             return self.fn(p, *a)
 
-        with self._naming(naming) if self._naming else contextlib.nullcontext():
+        differentiated = any(hasattr(x, "primal") for x in flat)  # JVP tracers: inside jax.grad
+        with (self._naming(naming) if self._naming else contextlib.nullcontext(),
+              retraced_under_differentiation(differentiated)):
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
         analysis = _Analysis(naming, self.policy, self.kinds, self.layer_op)
         analysis.run(closed.jaxpr, [_Flags(i >= n_params, False) for i in range(len(flat))], (), "", ())

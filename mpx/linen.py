@@ -186,11 +186,17 @@ def _intercept(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     root = module.scope is not None and module.scope.parent is None
     if not _IN_ROOT.get() and root:
-        return _capture_root(module, active, context.method_name, next_fun, args, kwargs)
+        return _capture_root(module, active, context, next_fun, args, kwargs)
+    return _module_call(module, active, context, next_fun, args, kwargs)
+
+
+def _module_call(module, active: _Active, context, next_fun, args, kwargs):
+    """One module method call inside the root call: the layer hook for Dense /
+    DenseGeneral / Einsum, the call as it is otherwise."""
     # The root of an apply nested in a module's call (a head applied with the embedding's
     # kernel) has no variables of its own to keep FP8 state in: its matmul is captured
     # under the caller's path instead of taking the layer hook.
-    nested_root = root and _DEPTH.get() > 0
+    nested_root = module.scope is not None and module.scope.parent is None and _DEPTH.get() > 0
     token = _DEPTH.set(_DEPTH.get() + 1)
     try:
         if (nested_root or active.supplied is not None  # a Wrapped model's variables hold no FP8 state
@@ -223,11 +229,11 @@ def _layer_call(module, active: _Active, next_fun, args, kwargs):
 # Set while a root module's call is handled (and during the capture's own trace of it):
 # the calls inside are not roots of their own.
 _IN_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_linen_in_root", default=False)
-# How many module calls are running inside the root call (the root counted on init).
+# How many module calls are running inside the root call.
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("mpx_linen_depth", default=0)
 
 
-def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, args, kwargs):
+def _capture_root(module: nn.Module, active: _Active, context, next_fun, args, kwargs):
     """The root call of ``init`` / ``apply`` under the policy, every matmul included.
 
     The call is traced as the pure function ``apply(variables, *args)`` of an unbound copy
@@ -238,13 +244,10 @@ def _capture_root(module: nn.Module, active: _Active, method: str, next_fun, arg
     """
     token = _IN_ROOT.set(True)
     try:
+        method = context.method_name
         initializing = module.is_initializing()
-        if initializing:
-            depth = _DEPTH.set(1)
-            try:
-                out = next_fun(*args, **kwargs)  # creates the parameters and the layers' FP8 state
-            finally:
-                _DEPTH.reset(depth)
+        if initializing:  # creates the parameters and the layers' FP8 state
+            out = _module_call(module, active, context, next_fun, args, kwargs)
         rngs = {name: module.make_rng(name) for name in module.scope.rngs if name != "params"}
         leaves, tree = jax.tree.flatten((args, kwargs))
         dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]

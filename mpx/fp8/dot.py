@@ -9,9 +9,12 @@ pass its cotangent is what this call observed (amaxes, a call count, statistics:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Literal
 
 import jax
@@ -91,9 +94,25 @@ def _normalize_dims(dimension_numbers):
 _CONSUMED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+_RETRACED_UNDER_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_retraced_under_grad", default=False)
+
+
+@contextlib.contextmanager
+def retraced_under_differentiation(flag: bool) -> Iterator[None]:
+    """Mark a trace made inside a differentiated computation (`mpx.capture` traces a model
+    again with ``jax.make_jaxpr``, whose tracers no longer show the differentiation), so
+    that reuse warnings still fire in it."""
+    token = _RETRACED_UNDER_GRAD.set(flag)
+    try:
+        yield
+    finally:
+        _RETRACED_UNDER_GRAD.reset(token)
+
+
 def under_differentiation(meta: Fp8Meta) -> bool:
-    """Whether ``meta`` is being differentiated (its arrays are tracers of jax.grad / vjp)."""
-    return hasattr(meta.lhs.scale, "primal")
+    """Whether ``meta`` is being differentiated (its arrays are tracers of jax.grad / vjp,
+    or of a trace made under one: `retraced_under_differentiation`)."""
+    return hasattr(meta.lhs.scale, "primal") or _RETRACED_UNDER_GRAD.get()
 
 
 def _warn_if_reused(meta: Fp8Meta, lhs, rhs) -> None:
