@@ -10,12 +10,14 @@ with each such matmul replaced by `mpx.ops.dot_general` under the policy, FP8 me
 included. The model's code is not touched.
 
 Naming. While the function is traced, each module method call pushes a marker scope (see
-`Naming`; `mpx.linen` installs it for linen modules). A matmul is named
-``<module path>/dot_general_<k>``: the k-th matmul of that module call (``attend`` and other
-methods than ``__call__`` add ``/<method>`` to the module path). A module called twice gives
-the same names twice, and its FP8 meta is threaded from the first call to the second
-(amaxes combine by max). Matmuls inside ``lax.scan`` get one meta per iteration, stacked
-along a leading axis (a scanned layer stack: one per layer).
+`Naming`; `mpx.linen` and `mpx.nn` install it). A matmul is named by the path of the
+module whose call ran it, when that call ran one matmul (a projection layer is its op),
+else ``<module path>/dot_general_<k>`` for the k-th; ``attend`` and other methods than
+``__call__`` add ``/<method>`` to the module path. A module called twice gives the same
+names twice, and its FP8 meta is threaded from the first call to the second (amaxes
+combine by max). Matmuls inside ``lax.scan`` get one meta per iteration, stacked along a
+leading axis (a scanned layer stack: one per layer); a module rebuilt inside a
+transform (``nnx.scan``) is named by the call around it.
 
 Kinds. A matmul with a parameter operand is ``dense`` (``head`` when called through an
 embedding's ``attend``); between two activations it is ``attention_values`` when an

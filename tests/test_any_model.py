@@ -408,3 +408,49 @@ def test_nnx_model_without_example_inputs_is_a_clear_error():
     jaxpr = jax.make_jaxpr(lambda t: model(t))(task_batch()[:, :-1])
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
+class NnxScanned(nnx.Module):
+    """Three Conv1D layers built with nnx.vmap and run with nnx.scan, and a Linear head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.wte = nnx.Embed(V, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxConv1D(D, D, rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(D, V, rngs=rngs)
+
+    def __call__(self, tokens):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(block, x):
+            return x + jnp.tanh(block(x))
+
+        return self.head(run(self.blocks, self.wte(tokens)))
+
+
+def test_nnx_scanned_stack_of_raw_matmuls():
+    """The matmul inside nnx.scan gets one meta per layer (stacked, 3); the scan body is
+    lowered once: its fp8 matmul and the head's give 6 FP8 dots; fp8 trains like bf16."""
+    tokens = task_batch()
+
+    def run(policy_name):
+        policy = mpx.parse_policy(policy_name)
+        model = NnxScanned(nnx.Rngs(0))
+        mpx.nn.apply_policy(model, policy, tokens[:, :-1])
+        graphdef, params, meta, rest = mpx.nn.split(model)
+
+        def loss_fn(params, meta, batch, rng):
+            return lm_loss(nnx.merge(graphdef, params, meta, rest)(batch[:, :-1]), batch[:, 1:])
+
+        return _train(loss_fn, params, meta, policy, tokens, 60, 1e-2)
+
+    fp8, bf16 = run("fp8"), run("bf16")
+    assert fp8.fp8_dots == 3 * 2
+    assert_trains_like_bf16(fp8, bf16)
+    (path, captured), = fp8.state.fp8_meta["mpx_fp8"].get_value().items()
+    amax = np.asarray(captured.lhs.amax)
+    assert path == "dot_general_0" and amax.shape == (3,) and len(set(amax.tolist())) == 3
