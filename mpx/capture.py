@@ -33,6 +33,7 @@ the policy through their hook (named ``mpx[<path>]``) are listed with their laye
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -57,6 +59,29 @@ _OPAQUE = {"custom_jvp_call": "inside a custom_jvp function", "custom_vjp_call":
 _HEAD_METHODS = ("attend",)
 _REMAT = ("remat2", "checkpoint")
 _EXP = ("exp", "exp2", "logistic")
+
+
+@contextlib.contextmanager
+def setting(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """``var`` set to ``value`` inside the block."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def split_arrays(args: tuple, kwargs: dict) -> tuple[list, Callable[[list], tuple[tuple, dict]]]:
+    """The array leaves of a call's arguments (what a trace takes as inputs) and a function
+    that rebuilds ``(args, kwargs)`` from new arrays, every other leaf (flags, sizes) kept."""
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+
+    def rebuild(arrays):
+        it = iter(arrays)
+        return jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+
+    return [x for x, d in zip(leaves, dynamic) if d], rebuild
 
 
 class Naming:

@@ -44,7 +44,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import opt_einsum
 from flax import core as flax_core
 from flax import errors as flax_errors
@@ -197,15 +196,12 @@ def _module_call(module, active: _Active, context, next_fun, args, kwargs):
     # kernel) has no variables of its own to keep FP8 state in: its matmul is captured
     # under the caller's path instead of taking the layer hook.
     nested_root = module.scope is not None and module.scope.parent is None and _DEPTH.get() > 0
-    token = _DEPTH.set(_DEPTH.get() + 1)
-    try:
+    with capture.setting(_DEPTH, _DEPTH.get() + 1):
         if (nested_root or active.supplied is not None  # a Wrapped model's variables hold no FP8 state
                 or context.method_name != "__call__"
                 or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum))):
             return next_fun(*args, **kwargs)
         return _layer_call(module, active, next_fun, args, kwargs)
-    finally:
-        _DEPTH.reset(token)
 
 
 def _layer_call(module, active: _Active, next_fun, args, kwargs):
@@ -242,60 +238,58 @@ def _capture_root(module: nn.Module, active: _Active, context, next_fun, args, k
     the layers' own policy ops run as they are. Updated mutable collections are written
     back to the outer call.
     """
-    token = _IN_ROOT.set(True)
-    try:
-        method = context.method_name
-        initializing = module.is_initializing()
-        if initializing:  # creates the parameters and the layers' FP8 state
-            out = _module_call(module, active, context, next_fun, args, kwargs)
-        rngs = {name: module.make_rng(name) for name in module.scope.rngs if name != "params"}
-        leaves, tree = jax.tree.flatten((args, kwargs))
-        dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
-        unbound = module.clone(parent=None)
-        mutable = _inner_mutable(module.scope.mutable)
+    with capture.setting(_IN_ROOT, True):
+        return _root_call(module, active, context, next_fun, args, kwargs)
 
-        intermediates = _capture_intermediates()
 
-        def fn(params, rest, rngs, arrays):
-            it = iter(arrays)
-            a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-            variables = {"params": params, **rest} if params is not None else rest
-            return unbound.apply(variables, *a, rngs=rngs, method=method, mutable=mutable,
-                                 capture_intermediates=intermediates, **kw)
+def _root_call(module: nn.Module, active: _Active, context, next_fun, args, kwargs):
+    """`_capture_root`'s work: init, `Wrapped`'s trace, or apply."""
+    method = context.method_name
+    initializing = module.is_initializing()
+    if initializing:  # creates the parameters and the layers' FP8 state
+        out = _module_call(module, active, context, next_fun, args, kwargs)
+    rngs = {name: module.make_rng(name) for name in module.scope.rngs if name != "params"}
+    arrays, rebuild = capture.split_arrays(args, kwargs)
+    unbound = module.clone(parent=None)
+    mutable = _inner_mutable(module.scope.mutable)
+    intermediates = _capture_intermediates()
 
-        captured = capture.Captured(fn, active.policy, kinds=active.kinds_spec, naming=_naming_and_root,
-                                    layer_op=active.layer_op)
-        variables = dict(module.variables)
-        params = variables.pop("params", None)
-        fp8 = dict(variables.pop(FP8_COLLECTION, {}))
-        metas = fp8.pop(CAPTURED, {})
-        rest = {**variables, **({FP8_COLLECTION: fp8} if fp8 else {})}
-        arrays = [x for x, d in zip(leaves, dynamic) if d]
-        if active.supplied is not None:
-            if active.supplied.metas is None:  # Wrapped.init_fp8 / matmuls: trace only
-                trace = captured.trace(params, rest, rngs, arrays)
-                if active.record is not None:
-                    active.record.extend(trace.matmuls)
-                active.supplied.created.update(captured.meta_specs(trace))
-                return next_fun(*args, **kwargs)
-            metas = active.supplied.metas
-        if initializing:
+    def fn(params, rest, rngs, arrays):
+        a, kw = rebuild(arrays)
+        variables = {"params": params, **rest} if params is not None else rest
+        return unbound.apply(variables, *a, rngs=rngs, method=method, mutable=mutable,
+                             capture_intermediates=intermediates, **kw)
+
+    captured = capture.Captured(fn, active.policy, kinds=active.kinds_spec, naming=_naming_and_root,
+                                layer_op=active.layer_op)
+    variables = dict(module.variables)
+    params = variables.pop("params", None)
+    fp8 = dict(variables.pop(FP8_COLLECTION, {}))
+    metas = fp8.pop(CAPTURED, {})
+    rest = {**variables, **({FP8_COLLECTION: fp8} if fp8 else {})}
+    if active.supplied is not None:
+        if active.supplied.metas is None:  # Wrapped.init_fp8 / matmuls: trace only
             trace = captured.trace(params, rest, rngs, arrays)
             if active.record is not None:
                 active.record.extend(trace.matmuls)
-            metas = captured.init(params, rest, rngs, arrays, trace=trace)
-            if metas:
-                module.put_variable(FP8_COLLECTION, CAPTURED, metas)
-            return out
-        out, updates = captured.apply(metas, params, rest, rngs, arrays)
-        for col, tree_ in updates.items():
-            if col in ("params", FP8_COLLECTION) or not module.is_mutable_collection(col):
-                continue
-            for name, value in tree_.items():
-                module.put_variable(col, name, value)
+            active.supplied.created.update(captured.meta_specs(trace))
+            return next_fun(*args, **kwargs)
+        metas = active.supplied.metas
+    if initializing:
+        trace = captured.trace(params, rest, rngs, arrays)
+        if active.record is not None:
+            active.record.extend(trace.matmuls)
+        metas = captured.init(params, rest, rngs, arrays, trace=trace)
+        if metas:
+            module.put_variable(FP8_COLLECTION, CAPTURED, metas)
         return out
-    finally:
-        _IN_ROOT.reset(token)
+    out, updates = captured.apply(metas, params, rest, rngs, arrays)
+    for col, tree_ in updates.items():
+        if col in ("params", FP8_COLLECTION) or not module.is_mutable_collection(col):
+            continue
+        for name, value in tree_.items():
+            module.put_variable(col, name, value)
+    return out
 
 
 def _capture_intermediates():
@@ -318,12 +312,8 @@ def _inner_mutable(outer):
 
 @contextlib.contextmanager
 def _naming_and_root(naming: capture.Naming) -> Iterator[None]:
-    token = _IN_ROOT.set(True)
-    try:
-        with module_naming(naming):
-            yield
-    finally:
-        _IN_ROOT.reset(token)
+    with capture.setting(_IN_ROOT, True), module_naming(naming):
+        yield
 
 
 @contextlib.contextmanager
@@ -341,12 +331,8 @@ def _swapped(module: nn.Module, **fields) -> Iterator[None]:
 @contextlib.contextmanager
 def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | None,
               supplied: _Supplied | None = None) -> Iterator[None]:
-    token = _ACTIVE.set(_Active(policy, kinds, record, supplied=supplied))
-    try:
-        with nn.intercept_methods(_intercept):
-            yield
-    finally:
-        _ACTIVE.reset(token)
+    with capture.setting(_ACTIVE, _Active(policy, kinds, record, supplied=supplied)), nn.intercept_methods(_intercept):
+        yield
 
 
 def _naming_interceptor(naming: capture.Naming):

@@ -10,7 +10,6 @@ and describe() lists every matmul with its precision.
 """
 
 import dataclasses
-import functools
 import re
 
 import flax.linen as nn
@@ -427,7 +426,7 @@ class NnxScanned(nnx.Module):
     def __call__(self, tokens):
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
         def run(block, x):
-            return x + jnp.tanh(block(x))
+            return x + jnp.tanh(block(x)).astype(x.dtype)  # a scan carry keeps its dtype
 
         return self.head(run(self.blocks, self.wte(tokens)))
 

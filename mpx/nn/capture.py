@@ -18,8 +18,6 @@ import inspect
 import types
 from collections.abc import Iterator, Mapping
 
-import jax
-import numpy as np
 from flax import nnx
 
 from mpx import capture
@@ -91,12 +89,10 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
     """(Captured over the model's own call, its arguments) for ``model(*args, **kwargs)``."""
     own_call = _original_call(type(model))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, tree = jax.tree.flatten((args, kwargs))
-    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    arrays, rebuild = capture.split_arrays(args, kwargs)
 
     def fn(params, rest, arrays):
-        it = iter(arrays)
-        a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+        a, kw = rebuild(arrays)
         copy = nnx.merge(graphdef, params, rest)
         before = _state_values(copy)
         out = own_call(copy, *a, **kw)
@@ -106,28 +102,16 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
 
     @contextlib.contextmanager
     def naming(n):
-        token = _IN_CAPTURE.set(True)
-        try:
-            with _naming_of_copy(n):
-                yield
-        finally:
-            _IN_CAPTURE.reset(token)
+        with capture.setting(_IN_CAPTURE, True), capture.setting(_COPY_NAMING, n):
+            yield
 
     layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in _find_ops(model, kinds)}
     captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get)
-    return captured, (params, rest, [x for x, d in zip(leaves, dynamic) if d])
+    return captured, (params, rest, arrays)
 
 
+# The Naming of the capture trace running now (the model copy's calls are marked for it).
 _COPY_NAMING: contextvars.ContextVar[capture.Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
-
-
-@contextlib.contextmanager
-def _naming_of_copy(naming: capture.Naming) -> Iterator[None]:
-    token = _COPY_NAMING.set(naming)
-    try:
-        yield
-    finally:
-        _COPY_NAMING.reset(token)
 
 
 def _find_ops(model, kinds):
