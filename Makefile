@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Two workers (CI has 2 cores); whole test files per worker, so module fixtures build once.
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 # Fresh machine -> venv -> quickstart: train (fp8, CPU, a few minutes), evaluate, sample.
 QUICKSTART ?= configs/quickstart.yaml
