@@ -219,7 +219,7 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
                              r"\(did you mean 'model'\?\)$"),
         ("data.seqlen=64", r"^data.seqlen: unknown key; data accepts task, source, .*\(did you mean 'seq_len'\?\)$"),
         ("mesh.fdsp=2", r"^mesh.fdsp: unknown key; mesh accepts data, fsdp, distributed \(did you mean 'fsdp'\?\)$"),
-        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches$"),
+        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches, max_consecutive_skips$"),
     ],
 )
 def test_unknown_keys_name_the_dotted_key_the_accepted_keys_and_a_suggestion(override, message, tmp_path):

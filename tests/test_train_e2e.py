@@ -144,7 +144,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     said = []
     trained = load_trained(load_config(config, [f"run_dir={tmp_path / 'runs' / 'c'}"]), say=said.append)
     assert trained.step == 6
-    assert any("step 8" in s and "falling back" in s for s in said), said
+    assert any("step 8" in s and "is corrupt" in s and "falling back" in s for s in said), said
     out = cli("eval", config, "run_dir=runs/c", cwd=tmp_path)
     assert "eval at step 6" in out.stdout and "falling back" in out.stdout
 

@@ -62,8 +62,10 @@ def _quiet_libraries() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:  # bench on a machine with the library only: no datasets, no bars
+        return
     tfds.disable_progress_bar()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mpx.loss_scale import all_finite
 from mpx.step import TrainState
 from train.mesh import all_process_states
 
@@ -75,6 +76,11 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
+        if not bool(all_finite(state.params)):
+            # Never rotate a good checkpoint out for a state that cannot be trained from.
+            log.warning("not saving step %d: its params are not finite; the newest checkpoint stays the last good one",
+                        step)
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_disk(state)),
             data=ocp.args.JsonSave(all_process_states(data_state)),
@@ -103,15 +109,41 @@ class Checkpointer:
         """The newest checkpoint that reads back, or None if there is none.
 
         A truncated or corrupt newest checkpoint is reported through ``say`` and the
-        previous one is tried, and so on.
+        previous one is tried, and so on. When there are checkpoints and none reads back,
+        that is an error (`RestoreError`, one line per checkpoint: incompatible with this
+        model, corrupt, or missing files), never a fresh start in the run's directory.
         """
+        failures = []
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, like)
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-                say(f"checkpoint at step {step} in {self.directory} is unreadable ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to the previous one")
+                kind, detail = classify_restore_error(e)
+                failures.append(f"step {step}: {kind} ({detail})")
+                say(f"checkpoint at step {step} in {self.directory} is {kind} ({detail}); falling back to the previous one")
+        if failures:
+            raise RestoreError(
+                f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(failures)
+                + "\nnothing was changed; an incompatible checkpoint belongs to another model or precision: "
+                "start a new run (a new name) instead of reusing this directory")
         return None
+
+
+class RestoreError(ValueError):
+    """A run's checkpoints exist but none can be restored."""
+
+
+def classify_restore_error(e: BaseException) -> tuple[str, str]:
+    """``(kind, first line)`` of a failed restore: ``incompatible`` (shapes, dtypes or
+    structure differ from the model's), ``missing`` (files gone) or ``corrupt``."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    lowered = first.lower()
+    if isinstance(e, FileNotFoundError) or "no such file" in lowered or "not found" in lowered:
+        return "missing", first
+    if isinstance(e, ValueError) and any(w in lowered for w in ("shape", "structure", "dtype", "mismatch")):
+        return "incompatible", first
+    return "corrupt", first
 
 
 def restore_params(run_dir: str | pathlib.Path, like_params) -> tuple[Any, int]:

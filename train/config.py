@@ -303,7 +303,10 @@ class DataConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Section):
-    """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can)."""
+    """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can).
+    ``max_consecutive_skips``: a run whose last this many steps were all skipped (non-finite
+    loss, gradients or FP8 amaxes) has diverged and stops with an error (checked at log
+    steps); 0 never stops."""
 
     _key: ClassVar[str] = "train"
 
@@ -312,9 +315,12 @@ class TrainConfig(_Section):
     log_every: int = 50
     eval_every: int = 250
     eval_batches: int = 20
+    max_consecutive_skips: int = 100
 
     def _validate(self):
         self._positive("steps", "log_every", "eval_batches")
+        _require(self.max_consecutive_skips >= 0, "train.max_consecutive_skips",
+                 f"must be >= 0 (0: never stop), got {self.max_consecutive_skips}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no evaluation), got {self.eval_every}")
 

@@ -22,6 +22,7 @@ import mpx.nn as mn
 from mpx.inspect import fp8_stats
 from train import checkpoint as ckpt
 from train import data as data_lib
+from train import identity
 from train import mesh as mesh_lib
 from train import metrics as mt
 from train.config import RunConfig
@@ -230,10 +231,11 @@ def _fresh_state(config: RunConfig, *, say: Callable[[str], None], finetune: boo
 
 
 def _make_step_fn(config: RunConfig, graphdef, optimizer, shardings, mesh):
-    """The jitted step ``(state, skipped, batch) -> (state, skipped, metrics)``.
+    """The jitted step ``(state, skips, batch) -> (state, skips, metrics)``.
 
-    ``skipped`` is the run's count of skipped steps (i32[], on the device): the step adds
-    its own ``metrics.skipped`` to it, so the loop never has to read a per-step value back
+    ``skips`` holds the run's count of skipped steps and the current run of consecutive
+    ones (``{"total", "in_a_row"}``, i32[] on the device): the step updates both from its
+    own ``metrics.skipped``, so the loop never has to read a per-step value back
     to the host; it fetches the count with the other metrics at log steps only.
     """
     loss_impl = lm_loss if config.data.task == "lm" else classification_loss
@@ -243,9 +245,10 @@ def _make_step_fn(config: RunConfig, graphdef, optimizer, shardings, mesh):
         optimizer=optimizer, has_aux=True, accum_steps=config.optim.grad_accum,
     )
 
-    def step(state, skipped, batch):
+    def step(state, skips, batch):
         state, m = train_step(state, batch)
-        return state, skipped + m.skipped.astype(jnp.int32), m
+        skipped = m.skipped.astype(jnp.int32)
+        return state, {"total": skips["total"] + skipped, "in_a_row": (skips["in_a_row"] + 1) * skipped}, m
 
     replicated = mesh_lib.replicated(mesh)
     # The state keeps its layout (no recompiles) and its buffers are reused (donated).
@@ -281,7 +284,14 @@ def train(
     at their own intervals.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
-    policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not _has_checkpoints(config))
+    resuming = _has_checkpoints(config)
+    config_dict = config.to_dict()
+    saved = identity.saved_config(config.run_dir)
+    if resuming and saved is not None:
+        identity.check_resume(saved, config_dict, run_dir=config.run_dir, say=say)  # before restoring anything
+    elif not resuming and jax.process_index() == 0:
+        identity.record(config.run_dir, config_dict)
+    policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not resuming)
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
@@ -292,6 +302,9 @@ def train(
     train_iter = task.train_iter()
     restored = checkpointer.restore_latest(state, say=say)
     if restored is not None:
+        if saved is None:  # a run from before config.yaml: its checkpoint holds the config
+            identity.check_resume(restored.config, config_dict, run_dir=config.run_dir, say=say)
+            identity.record(config.run_dir, restored.config)
         state = restored.state
         train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
         say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
@@ -316,17 +329,17 @@ def train(
     start, steps = int(state.step), config.train.steps
     logger = Logger(config, say, steps, start)
     # Skipped steps since this process started, counted on the device by the step itself.
-    skipped = jax.device_put(np.zeros((), np.int32), mesh_lib.replicated(mesh))
+    skips = jax.device_put({"total": np.zeros((), np.int32), "in_a_row": np.zeros((), np.int32)},
+                           mesh_lib.replicated(mesh))
     # The data position after the batches of every step run so far: what a checkpoint
     # saves. The iterator itself runs one batch ahead (the prefetched one).
     data_state = train_iter.get_state()
     batch = _next_batch(train_iter, accum, batch_sharding) if start < steps else None
-    config_dict = config.to_dict()
     window_start, window_steps = time.perf_counter(), 0
     last: dict[str, Any] = {}
     try:
         for step in range(start, steps):
-            state, skipped, m = step_fn(state, skipped, batch)  # dispatched; returns before the step has run
+            state, skips, m = step_fn(state, skips, batch)  # dispatched; returns before the step has run
             done = step + 1
             data_state = train_iter.get_state()
             if done < steps:  # prefetch: load and transfer the next batch while this step runs
@@ -336,7 +349,7 @@ def train(
             if done % config.train.log_every == 0 or done == steps:
                 # The one wait on the device in a log window: every value in one fetch.
                 host = jax.device_get({
-                    "loss": m.loss, "loss_scale": m.loss_scale, "grad_norm": m.grad_norm, "skipped": skipped,
+                    "loss": m.loss, "loss_scale": m.loss_scale, "grad_norm": m.grad_norm, "skips": skips,
                     "fp8_meta": state.fp8_meta,
                 })
                 elapsed = time.perf_counter() - window_start
@@ -349,7 +362,7 @@ def train(
                     "tokens_per_s": tps,
                     "mfu": mt.mfu(tps, flops_token, devices=jax.device_count(), peak=peak),
                     "loss_scale": float(host["loss_scale"]),
-                    "skipped": int(host["skipped"]),
+                    "skipped": int(host["skips"]["total"]),
                     "grad_norm": float(host["grad_norm"]),
                     "fp8_min_scale": min((s.scale for s in stats), default=None),
                     "fp8_max_saturated": max((s.saturated for s in stats), default=None),
@@ -359,6 +372,7 @@ def train(
                 }
                 logger.log(done, last, "train")
                 window_start, window_steps = time.perf_counter(), 0
+                _check_divergence(config, done, int(host["skips"]["in_a_row"]), last, checkpointer)
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
                 last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches,
                                      mesh_lib.batch_sharding(mesh, accumulated=False))
@@ -379,6 +393,22 @@ def train(
         checkpointer.close()
     last["step"] = int(state.step)
     return last
+
+
+class Diverged(ValueError):
+    """A run whose recent steps were all skipped: it stops rather than run on."""
+
+
+def _check_divergence(config: RunConfig, step: int, in_a_row: int, last: dict, checkpointer) -> None:
+    limit = config.train.max_consecutive_skips
+    if limit and in_a_row >= limit:
+        saved = checkpointer.steps()
+        raise Diverged(
+            f"the run diverged: the last {in_a_row} steps (up to step {step}) were all skipped, their loss, "
+            f"gradients or FP8 amaxes not finite (loss {last['loss']:.4g}, loss scale {last['loss_scale']:.4g}); "
+            f"stopped (train.max_consecutive_skips={limit}). Skipped steps change no parameter, so the newest "
+            f"checkpoint ({f'step {saved[-1]}' if saved else 'none yet'}) holds the last good state; lower "
+            "optim.lr or raise optim.warmup_steps, then resume")
 
 
 def _has_checkpoints(config: RunConfig) -> bool:

@@ -1,0 +1,126 @@
+"""A run never destroys its own checkpoints: a changed config on resume is an error
+before anything is restored, a diverged run stops, non-finite state is never saved, and
+checkpoints that cannot be restored are an error, not a fresh start."""
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train.loop as loop
+from train import identity
+from train.checkpoint import Checkpointer, RestoreError
+from train.config import load_config
+
+CONFIG = """
+name: safety
+precision: fp8
+model: {{d_model: 32, num_heads: 2, num_layers: 1, d_ff: 64, max_len: 32}}
+optim: {{lr: 3.0e-3, warmup_steps: 2}}
+data: {{task: lm, seq_len: 32, batch_size: 8, data_dir: {data_dir}}}
+train: {{steps: 4, log_every: 2, eval_every: 0}}
+checkpoint: {{every: 2, keep: 3, async_save: false}}
+logging: {{tensorboard: false, progress: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def config_for(tmp_path, data_dir, *overrides):
+    (tmp_path / "run.yaml").write_text(CONFIG.format(data_dir=data_dir))
+    return load_config(tmp_path / "run.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def snapshot(run_dir: pathlib.Path) -> dict:
+    """Every file under the run's checkpoints with its bytes: what must survive untouched."""
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_with_a_changed_model_is_an_error_that_touches_nothing(tmp_path, data_dir):
+    config = config_for(tmp_path, data_dir)
+    loop.train(config, say=lambda _: None)
+    run = pathlib.Path(config.run_dir)
+    before, recorded = snapshot(run), (run / identity.CONFIG_FILE).read_text()
+    assert identity.saved_config(run) == config.to_dict()
+    for changed in (["model.d_model=64"], ["precision=bf16"]):
+        with pytest.raises(identity.ConfigMismatch) as err:
+            loop.train(config_for(tmp_path, data_dir, *changed, "train.steps=6"), say=lambda _: None)
+        key = changed[0].split("=")[0]
+        assert f"{key}: " in str(err.value) and "new name" in str(err.value)
+        assert "train.steps: " not in str(err.value)  # a harmless key is not listed as a difference
+        assert snapshot(run) == before and (run / identity.CONFIG_FILE).read_text() == recorded
+
+
+def test_resuming_with_harmless_changes_continues_and_says_so(tmp_path, data_dir):
+    config = config_for(tmp_path, data_dir)
+    loop.train(config, say=lambda _: None)
+    said: list[str] = []
+    out = loop.train(config_for(tmp_path, data_dir, "train.steps=6", "train.log_every=3"), say=said.append)
+    assert out["step"] == 6
+    assert "resuming with train.steps = 6 (the run had 4)" in said
+    assert any(line.startswith("resumed from checkpoint at step 4") for line in said)
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Every loss NaN: each step is skipped; with max_consecutive_skips=3 the run stops at
+    the log step after the third (step 4), saved nothing after it, and its checkpoint holds
+    finite parameters, equal to the initial ones (a skipped step changes none)."""
+    def nan_loss(*args, **kwargs):
+        loss, aux = lm_loss(*args, **kwargs)
+        return loss * jnp.nan, aux
+
+    lm_loss = loop.lm_loss
+    monkeypatch.setattr(loop, "lm_loss", nan_loss)
+    config = config_for(tmp_path, data_dir, "train.max_consecutive_skips=3", "train.steps=8")
+    with pytest.raises(loop.Diverged, match=r"last 4 steps \(up to step 4\) were all skipped.*step 2"):
+        loop.train(config, say=lambda _: None)
+    checkpointer = Checkpointer(config.run_dir, every=0, keep=3, async_save=False)
+    try:
+        assert checkpointer.steps() == [2]
+        _, _, _, _, fresh = loop._fresh_state(config, say=lambda _: None, finetune=False)
+        restored = checkpointer.restore(2, fresh).state
+    finally:
+        checkpointer.close()
+    for a, b in zip(np.asarray(jnp.concatenate([x.ravel() for x in _leaves(restored.params)])),
+                    np.asarray(jnp.concatenate([x.ravel() for x in _leaves(fresh.params)]))):
+        assert a == b
+
+
+def _leaves(tree):
+    import jax
+
+    return [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+
+
+def test_non_finite_params_are_never_saved(tmp_path, data_dir):
+    config = config_for(tmp_path, data_dir)
+    _, _, _, _, state = loop._fresh_state(config, say=lambda _: None, finetune=False)
+    import jax
+
+    poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+    checkpointer = Checkpointer(tmp_path / "run", every=1, keep=2, async_save=False)
+    try:
+        assert checkpointer.save(1, state, data_state={}, config={}) is True
+        assert checkpointer.save(2, poisoned, data_state={}, config={}, force=True) is False
+        assert checkpointer.steps() == [1]
+    finally:
+        checkpointer.close()
+
+
+def test_checkpoints_that_cannot_be_restored_are_an_error_not_a_fresh_start(tmp_path, data_dir):
+    """A run directory from before config.yaml (so the config check cannot run first) with
+    a changed model: every checkpoint is incompatible; the run says so and stops, and the
+    checkpoints are still there."""
+    config = config_for(tmp_path, data_dir)
+    loop.train(config, say=lambda _: None)
+    run = pathlib.Path(config.run_dir)
+    (run / identity.CONFIG_FILE).unlink()
+    before = snapshot(run)
+    with pytest.raises(RestoreError, match=r"(?s)step 4: incompatible.*step 2: incompatible"):
+        loop.train(config_for(tmp_path, data_dir, "model.d_model=64"), say=lambda _: None)
+    assert snapshot(run) == before

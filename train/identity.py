@@ -1,0 +1,85 @@
+"""A run's identity: the config it was created with, kept in its directory.
+
+``<run_dir>/config.yaml`` is written when a run starts from scratch. Resuming compares the
+current config with it: keys that only say how long to run, how often to log or save
+and on which devices (`HARMLESS`) may change (each change is reported); any other
+difference changes what the saved state is or means (a model shape, the precision, the
+data, the optimizer) and is an error that lists the keys, before anything is restored,
+so a run is never silently restarted in its own directory.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from train.config import ConfigError
+
+CONFIG_FILE = "config.yaml"
+
+HARMLESS = (
+    "name", "run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "logging.tensorboard", "logging.progress",
+    "mesh.data", "mesh.fsdp", "mesh.distributed",
+)
+"""Dotted config keys a resumed run may change."""
+
+
+class ConfigMismatch(ConfigError):
+    """A run resumed with a config whose state-changing keys differ from its own."""
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"d_model": 64}}`` -> ``{"model.d_model": 64}`` (a policy mapping stays whole)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted != "precision":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved, current)`` for every dotted key whose value differs."""
+    a, b = flatten(saved), flatten(current)
+    missing = object()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+
+
+def saved_config(run_dir: str | pathlib.Path) -> dict | None:
+    """The config a run was created with, or None for a run directory without one."""
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def record(run_dir: str | pathlib.Path, config: Mapping[str, Any]) -> None:
+    """Write the run's config (atomically: a crash leaves the old file or none)."""
+    directory = pathlib.Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    tmp.replace(directory / CONFIG_FILE)
+
+
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, run_dir: str,
+                 say: Callable[[str], None]) -> None:
+    """Raise `ConfigMismatch` when ``current`` differs from ``saved`` beyond `HARMLESS`
+    keys; report the harmless changes through ``say``."""
+    diff = differences(saved, current)
+    harmful = {k: v for k, v in diff.items() if k not in HARMLESS}
+    if harmful:
+        lines = "\n".join(f"  {k}: {a!r} (the run) -> {b!r} (now)" for k, (a, b) in harmful.items())
+        raise ConfigMismatch(
+            f"run {run_dir} was created with a different config; these keys change what its checkpoints hold "
+            f"or mean:\n{lines}\nto keep training this run, use its config ({pathlib.Path(run_dir) / CONFIG_FILE}); "
+            f"for a new run give it a new name (name=...) or run_dir; only "
+            f"{', '.join(HARMLESS[2:])} may change on resume")
+    for key, (a, b) in diff.items():
+        say(f"resuming with {key} = {b!r} (the run had {a!r})")
