@@ -124,3 +124,33 @@ def test_checkpoints_that_cannot_be_restored_are_an_error_not_a_fresh_start(tmp_
     with pytest.raises(RestoreError, match=r"(?s)step 4: incompatible.*step 2: incompatible"):
         loop.train(config_for(tmp_path, data_dir, "model.d_model=64"), say=lambda _: None)
     assert snapshot(run) == before
+
+
+def test_a_run_directory_is_locked_while_a_run_trains(tmp_path, data_dir):
+    """A second train in the same directory while the first runs is an error naming the
+    owner; the lock of a process that is gone is taken over; the lock is released after."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = config_for(tmp_path, data_dir)
+    run = pathlib.Path(config.run_dir)
+    seen: list = []
+
+    def on_step(step, state):
+        if step == 1:
+            owner = json.loads((run / identity.LOCK_FILE).read_text())
+            seen.append(owner["pid"] == os.getpid())
+            with pytest.raises(identity.RunDirectoryInUse, match=rf"in use by pid {os.getpid()}.*delete"):
+                loop.train(config, say=lambda _: None)
+
+    loop.train(config, say=lambda _: None, on_step=on_step)
+    assert seen == [True] and not (run / identity.LOCK_FILE).exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has exited
+    (run / identity.LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "-"}))
+    said: list[str] = []
+    loop.train(config_for(tmp_path, data_dir, "train.steps=6"), say=said.append)
+    assert any("taking over the stale lock" in line and str(dead_pid) in line for line in said), said

@@ -1,4 +1,4 @@
-"""A run's identity: the config it was created with, kept in its directory.
+"""A run's identity and its directory: the config it was created with, and a lock.
 
 ``<run_dir>/config.yaml`` is written when a run starts from scratch. Resuming compares the
 current config with it: keys that only say how long to run, how often to log or save
@@ -10,8 +10,13 @@ so a run is never silently restarted in its own directory.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import pathlib
-from collections.abc import Callable, Mapping
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import yaml
@@ -83,3 +88,64 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, run_di
             f"{', '.join(HARMLESS[2:])} may change on resume")
     for key, (a, b) in diff.items():
         say(f"resuming with {key} = {b!r} (the run had {a!r})")
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryInUse(ValueError):
+    """Another live process is training in the same run directory."""
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | pathlib.Path, *, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (pid, host, start time) while a run trains in the directory.
+
+    A lock left by a process that no longer exists on this host is stale: it is taken over,
+    and said so. A live owner (or one on another host, whose liveness cannot be checked
+    from here) is an error naming it and the file to delete if it is gone.
+    """
+    directory = pathlib.Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _read_lock(path)
+            if owner is not None and not _stale(owner):
+                raise RunDirectoryInUse(
+                    f"run directory {directory} is in use by pid {owner.get('pid')} on {owner.get('host')} "
+                    f"(since {owner.get('started')}): two runs in one directory would mix their checkpoints "
+                    f"and metrics; wait for it, use another name, or delete {path} if that run is gone") from None
+            say(f"taking over the stale lock of {directory} (pid {owner and owner.get('pid')} is gone)")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        if _read_lock(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: pathlib.Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # gone, or half written by a crash: stale
+
+
+def _stale(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError, TypeError):
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -282,8 +283,17 @@ def train(
     the skipped-step count is kept on the device. Metrics are fetched (one
     ``jax.device_get``) only at log steps; evaluations and checkpoint saves read the state
     at their own intervals.
+
+    Process 0 holds the run directory's lock while it trains (`train.identity.locked`): a
+    second run in the same directory is an error.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
+    lock = identity.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_locked(config, say=say, on_step=on_step)
+
+
+def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step) -> dict[str, Any]:
     resuming = _has_checkpoints(config)
     config_dict = config.to_dict()
     saved = identity.saved_config(config.run_dir)
