@@ -154,3 +154,18 @@ def test_a_run_directory_is_locked_while_a_run_trains(tmp_path, data_dir):
     said: list[str] = []
     loop.train(config_for(tmp_path, data_dir, "train.steps=6"), say=said.append)
     assert any("taking over the stale lock" in line and str(dead_pid) in line for line in said), said
+
+
+def test_start_of_run_reports_precisions_and_a_rule_that_matches_nothing(tmp_path, data_dir):
+    """A typo in a rule's path ('block/*' for 'blocks/*') would leave those ops in the
+    default precision: the run says so at the start, and --strict refuses to train."""
+    said: list[str] = []
+    typo = "precision=fp8; block/*/mlp/*->fp32"
+    loop.train(config_for(tmp_path, data_dir, typo), say=said.append)
+    assert any(line.startswith("precision ") and "fp8 " in line for line in said), said
+    assert any("warning: policy rule 'block/*/mlp/*->fp32' matches no op" in line for line in said), said
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="block/\\*/mlp/\\*->fp32.*--strict"):
+        loop.train(config_for(tmp_path, data_dir, typo, f"run_dir={tmp_path / 'strict'}"), say=lambda _: None,
+                   strict=True)

@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         return c
 
-    command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
+    t = command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
+    t.add_argument("--strict", action="store_true", help="a policy rule that matches no op is an error, not a warning")
     command("eval", "Evaluate a run's newest checkpoint on its validation split.")
     g = command("generate", "Sample text from a language-model run's newest checkpoint.")
     g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -72,7 +73,7 @@ def _quiet_libraries() -> None:
 def _train(config, args) -> int:
     from train.loop import train
 
-    out = train(config)
+    out = train(config, strict=args.strict)
     print(f"finished at step {out['step']}: " + " ".join(
         f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
     return 0

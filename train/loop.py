@@ -20,13 +20,13 @@ from flax import nnx
 
 import mpx
 import mpx.nn as mn
-from mpx.inspect import fp8_stats
+from mpx.inspect import describe, fp8_stats
 from train import checkpoint as ckpt
 from train import data as data_lib
 from train import identity
 from train import mesh as mesh_lib
 from train import metrics as mt
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -272,8 +272,13 @@ def train(
     *,
     say: Callable[[str], None] = print,
     on_step: Callable[[int, mpx.TrainState], None] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the training run ``config`` describes; returns the final metrics.
+
+    At the start it reports how many ops run in each precision and warns of every policy
+    rule whose path matches no op of the model (a typo leaves those ops in the default
+    precision); ``strict`` makes such a rule an error.
 
     ``on_step(step, state)`` is called after each step (and its checkpoint request); the
     step may still be running on the device then.
@@ -290,10 +295,24 @@ def train(
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
     lock = identity.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
-        return _train_locked(config, say=say, on_step=on_step)
+        return _train_locked(config, say=say, on_step=on_step, strict=strict)
 
 
-def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step) -> dict[str, Any]:
+def precision_report(config: RunConfig, graphdef, state: mpx.TrainState, policy: mpx.Policy, *,
+                     say: Callable[[str], None], strict: bool) -> None:
+    """Say how many ops of the run's model run in each precision; unmatched path rules are
+    warnings, or with ``strict`` a `ConfigError`."""
+    table = describe(nnx.merge(graphdef, state.params, state.fp8_meta), policy)
+    counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(table.by_precision().items()))
+    say(f"precision {config.precision if isinstance(config.precision, str) else 'policy'}: {counts} ops")
+    for rule in table.unmatched_rules:
+        message = f"policy rule '{rule}' matches no op of this model (a typo in its path?); its ops keep the default"
+        if strict:
+            raise ConfigError(f"precision: {message} (--strict)")
+        say(f"warning: {message}")
+
+
+def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, strict: bool) -> dict[str, Any]:
     resuming = _has_checkpoints(config)
     config_dict = config.to_dict()
     saved = identity.saved_config(config.run_dir)
@@ -302,6 +321,7 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step) -> 
     elif not resuming and jax.process_index() == 0:
         identity.record(config.run_dir, config_dict)
     policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not resuming)
+    precision_report(config, graphdef, state, policy, say=say, strict=strict)
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
