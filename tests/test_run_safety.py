@@ -169,3 +169,27 @@ def test_start_of_run_reports_precisions_and_a_rule_that_matches_nothing(tmp_pat
     with pytest.raises(ConfigError, match="block/\\*/mlp/\\*->fp32.*--strict"):
         loop.train(config_for(tmp_path, data_dir, typo, f"run_dir={tmp_path / 'strict'}"), say=lambda _: None,
                    strict=True)
+
+
+def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_dir):
+    """A SentencePiece run evaluated on another text file, by a command whose config says
+    byte-level: the run's own config and tokenizer are used (before, a tokenizer was
+    rebuilt from the command, and the loss was worse than uniform), and it says so."""
+    sp = ["data.tokenizer=sentencepiece", "data.vocab_size=400", "train.steps=2", "checkpoint.every=0"]
+    config = config_for(tmp_path, data_dir, *sp)
+    loop.train(config, say=lambda _: None)
+    own = identity.run_tokenizer(config.run_dir)
+    assert own is not None and own.vocab_size == 400
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"Line {i}: to be, or not to be, that is the question." for i in range(400)))
+    said: list[str] = []
+    command = config_for(tmp_path, data_dir, "data.tokenizer=byte", f"data.files=[{other}]",
+                         f"data.data_dir={tmp_path / 'other_data'}")
+    trained = loop.load_trained(command, say=said.append)
+    assert any(line.startswith("using the run's own") and "data.tokenizer" in line for line in said), said
+    sample = "To be, or not to be"
+    assert trained.task.tokenizer.vocab_size == 400
+    assert trained.task.tokenizer.encode(sample) == own.encode(sample)
+    assert list(trained.config.data.files) == [str(other)]  # the text comes from the command
+    out = loop.evaluate_trained(trained)
+    assert np.isfinite(out["loss"]) and out["loss"] < np.log(400) + 1.0  # not worse than near-uniform

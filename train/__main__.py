@@ -95,7 +95,7 @@ def _generate(config, args) -> int:
     if config.data.task != "lm":
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
     trained = load_trained(config)
-    tokenizer = trained.task.prepared.tokenizer
+    tokenizer = trained.task.tokenizer
     out = generate(trained.graphdef, trained.state.params, trained.state.fp8_meta, tokenizer.encode(args.prompt),
                    max_len=config.model.max_len, new_tokens=args.tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed)

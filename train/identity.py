@@ -149,3 +149,50 @@ def _stale(owner: dict) -> bool:
     except PermissionError:
         return False  # alive, another user's
     return False
+
+
+TOKENIZER_DIR = "tokenizer"
+
+EVALUATION_KEYS = ("name", "run_dir", "data.files", "data.data_dir", "data.path", "data.text_column",
+                   "data.label_column", "data.validation_fraction", "data.batch_size", "train.eval_batches",
+                   "mesh.data", "mesh.fsdp", "mesh.distributed", "logging.tensorboard", "logging.progress")
+"""Keys an evaluation takes from its own command: which data, how much of it, which devices."""
+
+
+def run_tokenizer(run_dir: str | pathlib.Path):
+    """The tokenizer a run was created with, or None before it has one."""
+    from train.data.tokenizers import load_tokenizer
+
+    directory = pathlib.Path(run_dir) / TOKENIZER_DIR
+    return load_tokenizer(directory) if directory.is_dir() else None
+
+
+def keep_tokenizer(run_dir: str | pathlib.Path, tokenizer) -> None:
+    """Save ``tokenizer`` as the run's own, once (a run's tokenizer never changes)."""
+    directory = pathlib.Path(run_dir) / TOKENIZER_DIR
+    if directory.is_dir():
+        return
+    tmp = pathlib.Path(run_dir) / (TOKENIZER_DIR + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(tmp)
+    tmp.replace(directory)
+
+
+def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str], None]):
+    """The config to evaluate a run with: the run's own, with `EVALUATION_KEYS` from the
+    command's config ``command``; every other key where the two differ is reported."""
+    from train.config import config_from_dict
+
+    theirs, mine = flatten(run_config), flatten(command.to_dict())
+    merged = {**theirs, **{k: v for k, v in mine.items() if k in EVALUATION_KEYS}}
+    ignored = sorted(k for k in set(theirs) | set(mine) if k not in EVALUATION_KEYS and theirs.get(k) != mine.get(k))
+    if ignored:
+        say(f"using the run's own {', '.join(ignored)} (from {pathlib.Path(command.run_dir) / CONFIG_FILE})")
+    nested: dict[str, Any] = {}
+    for key, value in merged.items():
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(nested)

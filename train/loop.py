@@ -58,36 +58,45 @@ class Task:
     num_classes: int | None
     train_iter: Callable[[], Any]
     eval_iter: Callable[[], Any]
+    tokenizer: Any = None  # what the loaders encode with
 
 
-def make_task(config: RunConfig) -> Task:
+def make_task(config: RunConfig, tokenizer=None) -> Task:
+    """The run's data. ``tokenizer``: the one to encode with (a run's own, from its
+    directory) instead of the prepared dataset's."""
     d = config.data
     seed = config.train.seed
+    # With a tokenizer given, the dataset's own is not used: the cheap byte one is made
+    # instead of training a SentencePiece model on text the run never saw.
+    kind = "byte" if tokenizer is not None else d.tokenizer
     # Each process loads its own shard of the records and its share of the global batch.
     shard_index, shard_count = mesh_lib.process_shard()
     batch = mesh_lib.local_batch_size(d.batch_size, shard_count)
     shard = {"shard_index": shard_index, "shard_count": shard_count}
     if d.task == "lm":
         prepared = data_lib.prepare_lm(
-            d.data_dir, files=d.files or None, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+            d.data_dir, files=d.files or None, tokenizer=kind, vocab_size=d.vocab_size,
             validation_fraction=d.validation_fraction, seed=seed,
         )
-        loader = functools.partial(data_lib.lm_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len, **shard)
+        tokenizer = tokenizer or prepared.tokenizer
+        loader = functools.partial(data_lib.lm_loader, tokenizer=tokenizer, seq_len=d.seq_len, **shard)
         return Task(
-            prepared, prepared.tokenizer.vocab_size, None,
+            prepared, tokenizer.vocab_size, None,
             lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
             lambda: loader(prepared.validation, batch_size=batch, seed=seed, shuffle=False, num_epochs=1),
+            tokenizer,
         )
     prepared = data_lib.prepare_classification(
         d.data_dir, path=d.path, text_column=d.text_column, label_column=d.label_column,
-        tokenizer=d.tokenizer, vocab_size=d.vocab_size, validation_fraction=d.validation_fraction, seed=seed,
+        tokenizer=kind, vocab_size=d.vocab_size, validation_fraction=d.validation_fraction, seed=seed,
     )
-    loader = functools.partial(data_lib.classification_loader, tokenizer=prepared.tokenizer, seq_len=d.seq_len,
-                               **shard)
+    tokenizer = tokenizer or prepared.tokenizer
+    loader = functools.partial(data_lib.classification_loader, tokenizer=tokenizer, seq_len=d.seq_len, **shard)
     return Task(
-        prepared, prepared.tokenizer.vocab_size, len(prepared.label_names),
+        prepared, tokenizer.vocab_size, len(prepared.label_names),
         lambda: loader(prepared.train, batch_size=batch, seed=seed, shuffle=True),
         lambda: loader(prepared.validation, batch_size=batch, seed=seed, shuffle=False, num_epochs=1),
+        tokenizer,
     )
 
 
@@ -116,11 +125,12 @@ def classification_loss(graphdef, params, meta, batch, rng, *, dropout: bool):
     return loss, {"correct": correct, "count": jnp.float32(batch["label"].shape[0])}
 
 
-def unigram_baseline(prepared) -> float:
+def unigram_baseline(task: Task) -> float:
     """Cross-entropy (nats/token) of the validation split under the add-one smoothed
-    unigram distribution of the training split: what a model that learned only token
-    frequencies would score. A trained LM must be clearly below it."""
-    tok = prepared.tokenizer
+    unigram distribution of the training split, both encoded with the task's tokenizer:
+    what a model that learned only token frequencies would score. A trained LM must be
+    clearly below it."""
+    prepared, tok = task.prepared, task.tokenizer
     counts = np.ones(tok.vocab_size, np.float64)
     for text in data_lib.loaders.source_texts(prepared.train):
         counts += np.bincount(np.asarray(tok.encode(text), np.int64), minlength=tok.vocab_size)[: tok.vocab_size]
@@ -213,9 +223,10 @@ def _stack(batches):
 
 def _fresh_state(config: RunConfig, *, say: Callable[[str], None], finetune: bool):
     """Policy, task, graphdef, optimizer and a step-0 state; with ``finetune`` and
-    ``finetune.init_from`` set, the body params come from that pre-training run."""
+    ``finetune.init_from`` set, the body params come from that pre-training run. The data
+    is encoded with the run's own tokenizer once the run has one (`train.identity`)."""
     policy = config.policy()
-    task = make_task(config)
+    task = make_task(config, identity.run_tokenizer(config.run_dir))
     model = make_model(config, task, policy)
     graphdef, params, meta, rest = mn.split(model)
     if rest:
@@ -321,6 +332,8 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
     elif not resuming and jax.process_index() == 0:
         identity.record(config.run_dir, config_dict)
     policy, task, graphdef, optimizer, state = _fresh_state(config, say=say, finetune=not resuming)
+    if jax.process_index() == 0:
+        identity.keep_tokenizer(config.run_dir, task.tokenizer)
     precision_report(config, graphdef, state, policy, say=say, strict=strict)
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
@@ -354,7 +367,7 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
 
     baseline = None
     if config.data.task == "lm":
-        baseline = unigram_baseline(task.prepared)
+        baseline = unigram_baseline(task)
         say(f"unigram baseline on the validation split: {baseline:.4f} nats/token")
     start, steps = int(state.step), config.train.steps
     logger = Logger(config, say, steps, start)
@@ -459,8 +472,17 @@ class Trained:
 
 
 def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
-    """Rebuild the run's model and restore its newest checkpoint (for eval / generate)."""
+    """Rebuild the run's model and restore its newest checkpoint (for eval / generate).
+
+    The model, precision and tokenizer are the run's own (its ``config.yaml`` and
+    ``tokenizer/``), whatever this config says of them; the data to evaluate on and the
+    devices come from this config (`train.identity.for_evaluation`), so a run can be
+    evaluated on other text with the tokenizer it was trained with.
+    """
     mesh_lib.initialize_distributed(config.mesh.distributed)
+    run_config = identity.saved_config(config.run_dir)
+    if run_config is not None:
+        config = identity.for_evaluation(run_config, config, say=say)
     _, task, graphdef, _, state = _fresh_state(config, say=say, finetune=False)
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))  # restored with this layout
@@ -479,6 +501,5 @@ def evaluate_trained(trained: Trained) -> dict[str, float]:
     out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches,
                    mesh_lib.batch_sharding(trained.mesh, accumulated=False))
     if trained.config.data.task == "lm":
-        prepared = trained.task.prepared
-        out["unigram_baseline"] = unigram_baseline(prepared)
+        out["unigram_baseline"] = unigram_baseline(trained.task)
     return out
