@@ -193,3 +193,22 @@ def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_di
     assert list(trained.config.data.files) == [str(other)]  # the text comes from the command
     out = loop.evaluate_trained(trained)
     assert np.isfinite(out["loss"]) and out["loss"] < np.log(400) + 1.0  # not worse than near-uniform
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path, data_dir):
+    """Steps 2 and 4 saved, step 4's data truncated: the resumed run restores step 2,
+    moves step 4 to damaged/ (kept, out of the way), trains steps 3-4 again and saves a
+    step 4 that reads back, so eval and the run agree on the newest step."""
+    config = config_for(tmp_path, data_dir)
+    loop.train(config, say=lambda _: None)
+    run = pathlib.Path(config.run_dir)
+    for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f) and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated data files
+    said: list[str] = []
+    out = loop.train(config, say=said.append)
+    assert out["step"] == 4
+    assert any("step 4" in line and "is corrupt" in line for line in said), said
+    assert [p.name.split("-")[0] for p in (run / "damaged").iterdir()] == ["4"]
+    trained = loop.load_trained(config, say=said.append)
+    assert trained.step == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -105,28 +106,47 @@ class Checkpointer:
         out = self._manager.restore(step, args=args)
         return Restored(step, _from_disk(out.state, like), out.data, out.config)
 
-    def restore_latest(self, like: TrainState, *, say=log.warning) -> Restored | None:
+    def restore_latest(self, like: TrainState, *, say=log.warning, set_aside: bool = False) -> Restored | None:
         """The newest checkpoint that reads back, or None if there is none.
 
         A truncated or corrupt newest checkpoint is reported through ``say`` and the
         previous one is tried, and so on. When there are checkpoints and none reads back,
         that is an error (`RestoreError`, one line per checkpoint: incompatible with this
         model, corrupt, or missing files), never a fresh start in the run's directory.
+
+        ``set_aside`` (a run that goes on training): the unreadable checkpoints newer than
+        the one restored are moved to ``<run_dir>/damaged/`` (kept, out of the way), so
+        that the run saves those steps again and its newest checkpoint is the one it
+        continues from.
         """
         failures = []
         for step in reversed(self.steps()):
             try:
-                return self.restore(step, like)
+                restored = self.restore(step, like)
+                if set_aside and failures:
+                    self._set_aside([failed for failed, _ in failures], say)
+                return restored
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 kind, detail = classify_restore_error(e)
-                failures.append(f"step {step}: {kind} ({detail})")
+                failures.append((step, f"step {step}: {kind} ({detail})"))
                 say(f"checkpoint at step {step} in {self.directory} is {kind} ({detail}); falling back to the previous one")
         if failures:
             raise RestoreError(
-                f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(failures)
+                f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(line for _, line in failures)
                 + "\nnothing was changed; an incompatible checkpoint belongs to another model or precision: "
                 "start a new run (a new name) instead of reusing this directory")
         return None
+
+
+    def _set_aside(self, steps: list[int], say) -> None:
+        damaged = self.directory.parent / "damaged"
+        if jax.process_index() == 0:
+            damaged.mkdir(exist_ok=True)
+            for step in steps:
+                target = damaged / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(step)).rename(target)
+                say(f"moved the unreadable checkpoint of step {step} to {target}; the run saves step {step} again")
+        self._manager.reload()
 
 
 class RestoreError(ValueError):

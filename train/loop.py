@@ -343,7 +343,7 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
         config.run_dir, every=config.checkpoint.every, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
     train_iter = task.train_iter()
-    restored = checkpointer.restore_latest(state, say=say)
+    restored = checkpointer.restore_latest(state, say=say, set_aside=True)
     if restored is not None:
         if saved is None:  # a run from before config.yaml: its checkpoint holds the config
             identity.check_resume(restored.config, config_dict, run_dir=config.run_dir, say=say)
