@@ -212,3 +212,24 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_p
     assert [p.name.split("-")[0] for p in (run / "damaged").iterdir()] == ["4"]
     trained = loop.load_trained(config, say=said.append)
     assert trained.step == 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+])
+def test_bad_sampling_flags_are_clear_errors_before_anything_loads(tmp_path, data_dir, capsys, flags, message):
+    from train.__main__ import main
+
+    (tmp_path / "run.yaml").write_text(CONFIG.format(data_dir=data_dir))
+    assert main(["generate", str(tmp_path / "run.yaml"), f"run_dir={tmp_path / 'none'}", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_top_k_beyond_the_vocabulary_is_a_clear_error():
+    from train.generate import check_sampling
+
+    with pytest.raises(ValueError, match="--top-k 300 is larger than the vocabulary \\(256 tokens\\)"):
+        check_sampling(new_tokens=5, temperature=1.0, top_k=300, vocab_size=256)
+    check_sampling(new_tokens=5, temperature=0.0, top_k=256, vocab_size=256)  # the edge is fine

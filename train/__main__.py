@@ -89,15 +89,18 @@ def _eval(config, args) -> int:
 
 
 def _generate(config, args) -> int:
-    from train.generate import generate
+    from train.generate import check_sampling, generate
     from train.loop import load_trained
 
     if config.data.task != "lm":
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
+    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, vocab_size=None)
     trained = load_trained(config)
     tokenizer = trained.task.tokenizer
+    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
+                   vocab_size=tokenizer.vocab_size)
     out = generate(trained.graphdef, trained.state.params, trained.state.fp8_meta, tokenizer.encode(args.prompt),
-                   max_len=config.model.max_len, new_tokens=args.tokens, temperature=args.temperature,
+                   max_len=trained.config.model.max_len, new_tokens=args.tokens, temperature=args.temperature,
                    top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(out))
     return 0

@@ -19,6 +19,19 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_
     return jax.random.categorical(key, logits)
 
 
+def check_sampling(*, new_tokens: int, temperature: float, top_k: int | None, vocab_size: int | None) -> None:
+    """Clear errors for sampling settings that cannot work (named as the CLI flags)."""
+    if new_tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {new_tokens}")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: all tokens), got {top_k}")
+    if top_k and vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"--top-k {top_k} is larger than the vocabulary ({vocab_size} tokens); "
+                         f"use at most {vocab_size}, or 0 for all")
+
+
 def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tokens: int,
              temperature: float = 1.0, top_k: int | None = 40, seed: int = 0) -> list[int]:
     """Continue ``prompt`` by ``new_tokens`` tokens.
@@ -29,6 +42,7 @@ def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tok
     """
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token (e.g. a newline)")
+    check_sampling(new_tokens=new_tokens, temperature=temperature, top_k=top_k, vocab_size=None)
 
     @jax.jit
     def step(params, meta, window, pos, key):  # state as arguments: merged Variables belong to this trace
