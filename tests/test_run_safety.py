@@ -233,3 +233,14 @@ def test_top_k_beyond_the_vocabulary_is_a_clear_error():
     with pytest.raises(ValueError, match="--top-k 300 is larger than the vocabulary \\(256 tokens\\)"):
         check_sampling(new_tokens=5, temperature=1.0, top_k=300, vocab_size=256)
     check_sampling(new_tokens=5, temperature=0.0, top_k=256, vocab_size=256)  # the edge is fine
+
+
+def test_a_validation_split_too_small_for_one_batch_is_found_before_training(tmp_path):
+    from train.data import DataError
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(f"paragraph {i} of a short text" for i in range(40)) + "\n")
+    config = config_for(tmp_path, tmp_path / "data", f"data.files=[{text}]", "train.eval_every=2")
+    with pytest.raises(DataError, match="validation split gives no batch.*data.validation_fraction"):
+        loop.train(config, say=lambda _: None)
+    assert not (pathlib.Path(config.run_dir) / "checkpoints").exists()

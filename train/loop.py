@@ -335,6 +335,12 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
     if jax.process_index() == 0:
         identity.keep_tokenizer(config.run_dir, task.tokenizer)
     precision_report(config, graphdef, state, policy, say=say, strict=strict)
+    if config.train.eval_every and next(iter(task.eval_iter()), None) is None:
+        raise data_lib.DataError(
+            f"the validation split gives no batch of data.batch_size={config.data.batch_size} rows of "
+            f"data.seq_len={config.data.seq_len} tokens, so the first evaluation would fail; raise "
+            f"data.validation_fraction (now {config.data.validation_fraction}), lower data.batch_size, or set "
+            "train.eval_every=0")
     mesh = mesh_lib.make_mesh(*config.mesh_shape(jax.device_count()))
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
