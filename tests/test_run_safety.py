@@ -244,3 +244,36 @@ def test_a_validation_split_too_small_for_one_batch_is_found_before_training(tmp
     with pytest.raises(DataError, match="validation split gives no batch.*data.validation_fraction"):
         loop.train(config, say=lambda _: None)
     assert not (pathlib.Path(config.run_dir) / "checkpoints").exists()
+
+
+def test_a_resumed_run_keeps_its_skip_count_and_logs_each_step_once(tmp_path, data_dir, monkeypatch):
+    """Batches whose first token is even give a NaN loss (skipped). A run stopped after
+    step 4 whose last checkpoint is step 2 (the step-4 one removed, as if killed before it
+    was written) resumes at 2: its metrics hold each step once, and its skip count at every
+    logged step equals that of a run that never stopped."""
+    import json
+    import shutil
+
+    def poisoned(*args, **kwargs):
+        loss, aux = lm_loss(*args, **kwargs)
+        tokens = args[3]["tokens"]
+        return jnp.where(tokens[0, 0] % 2 == 0, jnp.nan, loss), aux
+
+    lm_loss = loop.lm_loss
+    monkeypatch.setattr(loop, "lm_loss", poisoned)
+    overrides = ["train.log_every=1", "train.steps=6", "train.max_consecutive_skips=0"]
+
+    def rows(run_dir):
+        lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["skipped"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+    straight = config_for(tmp_path, data_dir, *overrides, f"run_dir={tmp_path / 'straight'}")
+    loop.train(straight, say=lambda _: None)
+    expected = rows(straight.run_dir)
+    assert 0 < expected[-1][1] < 6, expected  # a mix of skipped and applied steps
+
+    stopped = config_for(tmp_path, data_dir, *overrides[:1], "train.steps=4", "train.max_consecutive_skips=0")
+    loop.train(stopped, say=lambda _: None)
+    shutil.rmtree(pathlib.Path(stopped.run_dir) / "checkpoints" / "4")
+    loop.train(config_for(tmp_path, data_dir, *overrides), say=lambda _: None)
+    assert rows(stopped.run_dir) == expected

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,11 +68,14 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, *, data_state: Any, config: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: TrainState, *, data_state: Any, config: dict, force: bool = False,
+             counters: Callable[[], dict] | None = None) -> bool:
         """Save if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did.
 
         ``data_state`` is this process's data position; with several processes the save
         gathers all of them (every process calls ``save`` at every step, as the loop does).
+        ``counters()``: the run's running counts (skipped steps), read only when a save is
+        due, kept with the data position (``Restored.data_state["counters"]``).
         """
         if not force and (self.every <= 0 or step % self.every):
             return False
@@ -84,7 +88,7 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_disk(state)),
-            data=ocp.args.JsonSave(all_process_states(data_state)),
+            data=ocp.args.JsonSave({**all_process_states(data_state), "counters": counters() if counters else {}}),
             config=ocp.args.JsonSave(config),
         )
         return self._manager.save(step, args=args, force=True)

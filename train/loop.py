@@ -350,12 +350,16 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
     )
     train_iter = task.train_iter()
     restored = checkpointer.restore_latest(state, say=say, set_aside=True)
+    skipped_before = 0
     if restored is not None:
         if saved is None:  # a run from before config.yaml: its checkpoint holds the config
             identity.check_resume(restored.config, config_dict, run_dir=config.run_dir, say=say)
             identity.record(config.run_dir, restored.config)
         state = restored.state
         train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
+        skipped_before = int(restored.data_state.get("counters", {}).get("skipped", 0))
+        if jax.process_index() == 0:
+            _drop_metrics_after(config.run_dir, restored.step)
         say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
 
     accum = config.optim.grad_accum
@@ -378,8 +382,9 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
     start, steps = int(state.step), config.train.steps
     logger = Logger(config, say, steps, start)
     # Skipped steps since this process started, counted on the device by the step itself.
-    skips = jax.device_put({"total": np.zeros((), np.int32), "in_a_row": np.zeros((), np.int32)},
+    skips = jax.device_put({"total": np.asarray(skipped_before, np.int32), "in_a_row": np.zeros((), np.int32)},
                            mesh_lib.replicated(mesh))
+    counters = lambda: {"skipped": int(skips["total"])}  # noqa: E731 - read at saves only
     # The data position after the batches of every step run so far: what a checkpoint
     # saves. The iterator itself runs one batch ahead (the prefetched one).
     data_state = train_iter.get_state()
@@ -431,17 +436,31 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
                 last.update({f"eval_{k}": v for k, v in last_eval.items()})
             # Host-only unless a save is due (then it reads the state); the data position
             # excludes the prefetched batch, so a resume continues with exactly that batch.
-            checkpointer.save(done, state, data_state=data_state, config=config_dict)
+            checkpointer.save(done, state, data_state=data_state, config=config_dict, counters=counters)
             if on_step is not None:
                 on_step(done, state)
         final = int(state.step)
-        checkpointer.save(final, state, data_state=data_state, config=config_dict, force=True)
+        checkpointer.save(final, state, data_state=data_state, config=config_dict, force=True, counters=counters)
         checkpointer.wait()
     finally:
         logger.close()
         checkpointer.close()
     last["step"] = int(state.step)
     return last
+
+
+def _drop_metrics_after(run_dir, step: int) -> None:
+    """Rows of ``metrics.jsonl`` past ``step`` (logged by the run before it was stopped,
+    after its last checkpoint) are dropped on resume: the steps run again and log again."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 class Diverged(ValueError):
