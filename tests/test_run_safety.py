@@ -277,3 +277,19 @@ def test_a_resumed_run_keeps_its_skip_count_and_logs_each_step_once(tmp_path, da
     shutil.rmtree(pathlib.Path(stopped.run_dir) / "checkpoints" / "4")
     loop.train(config_for(tmp_path, data_dir, *overrides), say=lambda _: None)
     assert rows(stopped.run_dir) == expected
+
+
+def test_fine_tuning_a_deeper_model_from_a_shallower_run_is_an_error(tmp_path, data_dir):
+    """The pre-training run has 1 layer, the fine-tuning model 2: the second block has no
+    params in the checkpoint; before, it silently stayed random under "body params loaded"."""
+    from train.checkpoint import restore_params
+
+    pre = config_for(tmp_path, data_dir, "train.steps=2")
+    loop.train(pre, say=lambda _: None)
+    deeper = config_for(tmp_path, data_dir, "model.num_layers=2", f"run_dir={tmp_path / 'deeper'}")
+    _, _, _, _, state = loop._fresh_state(deeper, say=lambda _: None, finetune=False)
+    with pytest.raises(ValueError, match=r"has no params for blocks/1/.*model\.\* settings"):
+        restore_params(pre.run_dir, state.params)
+    _, _, _, _, same = loop._fresh_state(pre, say=lambda _: None, finetune=False)
+    params, step = restore_params(pre.run_dir, same.params)  # the same shape restores
+    assert step == 2

@@ -184,6 +184,14 @@ def restore_params(run_dir: str | pathlib.Path, like_params) -> tuple[Any, int]:
         raise ValueError(f"no checkpoints found at {directory}; finetune.init_from must name a pre-training run dir")
     with ocp.CheckpointManager(directory) as manager:
         for step in sorted(manager.all_steps(), reverse=True):
+            saved = _saved_param_paths(directory / str(step) / "state")  # empty: unknown, let orbax check
+            missing = sorted(_param_paths(like_params) - saved) if saved else []
+            if missing:
+                shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                raise ValueError(
+                    f"finetune.init_from {run_dir} (step {step}) has no params for {shown}: its model is not "
+                    "this model's body (fewer layers, other names?); give this run the pre-training run's "
+                    "model.* settings")
             try:
                 item = ocp.args.PyTreeRestore(
                     item={"params": like_params},
@@ -195,3 +203,29 @@ def restore_params(run_dir: str | pathlib.Path, like_params) -> tuple[Any, int]:
             except Exception as e:  # noqa: BLE001
                 log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one", step, directory, e)
     raise ValueError(f"no readable checkpoint in {directory}")
+
+
+def _paths(tree) -> set[str]:
+    """Leaf paths as ``a/b/c``, without NNX's Variable plumbing (``value``)."""
+    from mpx.policy import key_name
+
+    out = set()
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [key_name(k) for k in key_path]
+        while keys and keys[-1] in ("value", "raw_value"):
+            keys.pop()
+        out.add("/".join(keys))
+    return out
+
+
+def _param_paths(like_params) -> set[str]:
+    return _paths(like_params)
+
+
+def _saved_param_paths(state_dir: pathlib.Path) -> set[str]:
+    """The param paths a saved state holds (from its metadata; nothing is read)."""
+    metadata = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+    if not isinstance(tree, dict) or "params" not in tree:
+        return set()
+    return _paths(tree["params"])
