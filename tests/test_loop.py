@@ -142,6 +142,18 @@ def test_metrics_are_fetched_at_log_steps(run):
         assert row["tokens_per_s"] > 0 and row["grad_norm"] is not None and row["loss_scale"] == 1.0
         assert row["fp8_min_scale"] is not None and row["fp8_max_fanout"] == 1
     assert run.out["step"] == 8 and run.out["tokens_per_s"] == train_rows[8]["tokens_per_s"]
+    # The learning rate of each logged step's update: warmup 2 steps to lr = 3e-3, then cosine
+    # to lr * min_lr_ratio at step 8 (optax counts updates from 0, so step s is update s - 1).
+    peak, end = 3e-3, 3e-3 * run.config.optim.min_lr_ratio
+    for step, row in train_rows.items():
+        expected = end + (peak - end) * (1 + np.cos(np.pi * (step - 1 - 2) / 6)) / 2
+        assert row["lr"] == pytest.approx(expected, rel=1e-5), (step, row["lr"])
+    for row in run.rows("eval").values():
+        # bits per byte = nats/token / ln 2 * tokens/byte; the byte tokenizer has one token
+        # per UTF-8 byte of the text (plus the end-of-document separators: a little more)
+        assert 1.0 <= row["tokens_per_byte"] < 1.05
+        assert row["bits_per_byte"] == pytest.approx(row["loss"] / np.log(2) * row["tokens_per_byte"], rel=1e-6)
+        assert row["unigram_baseline"] > 0
 
 
 def test_skipped_steps_are_counted_on_the_device(run):

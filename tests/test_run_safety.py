@@ -293,3 +293,13 @@ def test_fine_tuning_a_deeper_model_from_a_shallower_run_is_an_error(tmp_path, d
     _, _, _, _, same = loop._fresh_state(pre, say=lambda _: None, finetune=False)
     params, step = restore_params(pre.run_dir, same.params)  # the same shape restores
     assert step == 2
+
+
+def test_majority_baseline_is_the_accuracy_of_the_most_frequent_validation_label():
+    from types import SimpleNamespace
+
+    prepared = SimpleNamespace(validation=[{"label": label} for label in [0, 1, 1, 2, 1, 0]])
+    task = loop.Task(prepared, 10, 3, None, None, tokenizer=None)
+    assert loop.references(task) == {"majority_baseline": 3 / 6}
+    assert loop.with_references({"loss": 1.0, "accuracy": 0.7}, loop.references(task)) == {
+        "loss": 1.0, "accuracy": 0.7, "majority_baseline": 0.5}

@@ -32,17 +32,23 @@ from train.config import ConfigError, RunConfig
 # ----------------------------------------------------------------------------- pieces
 
 
-def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """AdamW on a linear-warmup + cosine schedule, after global-norm clipping."""
+def make_schedule(config: RunConfig) -> optax.Schedule:
+    """Learning rate by update count (0 for the first): linear warmup, then cosine decay."""
     o = config.optim
     decay_steps = o.decay_steps or config.train.steps
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.lr,
         warmup_steps=o.warmup_steps,
         decay_steps=max(decay_steps, o.warmup_steps + 1),
         end_value=o.lr * o.min_lr_ratio,
     )
+
+
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """AdamW on `make_schedule`, after global-norm clipping."""
+    o = config.optim
+    schedule = make_schedule(config)
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if o.grad_clip:
         return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
@@ -125,22 +131,39 @@ def classification_loss(graphdef, params, meta, batch, rng, *, dropout: bool):
     return loss, {"correct": correct, "count": jnp.float32(batch["label"].shape[0])}
 
 
-def unigram_baseline(task: Task) -> float:
-    """Cross-entropy (nats/token) of the validation split under the add-one smoothed
-    unigram distribution of the training split, both encoded with the task's tokenizer:
-    what a model that learned only token frequencies would score. A trained LM must be
-    clearly below it."""
+def references(task: Task) -> dict[str, float]:
+    """What an evaluation is compared with, from the validation split.
+
+    LM: ``unigram_baseline``, the cross-entropy (nats/token) under the add-one smoothed
+    unigram distribution of the training split (what a model that learned only token
+    frequencies scores; a trained LM must be clearly below it), and ``tokens_per_byte``
+    of the validation text (UTF-8), which turns nats/token into bits per byte, a figure
+    that compares across tokenizers. Classification: ``majority_baseline``, the accuracy
+    of always answering the most frequent validation label.
+    """
     prepared, tok = task.prepared, task.tokenizer
+    if task.num_classes is not None:
+        labels = [int(prepared.validation[i]["label"]) for i in range(len(prepared.validation))]
+        return {"majority_baseline": max(np.bincount(labels)) / max(len(labels), 1)}
     counts = np.ones(tok.vocab_size, np.float64)
     for text in data_lib.loaders.source_texts(prepared.train):
         counts += np.bincount(np.asarray(tok.encode(text), np.int64), minlength=tok.vocab_size)[: tok.vocab_size]
     logp = np.log(counts / counts.sum())
-    total, n = 0.0, 0
+    total, n, nbytes = 0.0, 0, 0
     for text in data_lib.loaders.source_texts(prepared.validation):
         ids = np.asarray(tok.encode(text), np.int64)
         total -= logp[ids].sum()
         n += ids.size
-    return total / max(n, 1)
+        nbytes += len(text.encode("utf-8"))
+    return {"unigram_baseline": total / max(n, 1), "tokens_per_byte": n / max(nbytes, 1)}
+
+
+def with_references(result: dict[str, float], refs: dict[str, float]) -> dict[str, float]:
+    """An evaluation's numbers with its references (and bits per byte for an LM)."""
+    out = {**result, **refs}
+    if "tokens_per_byte" in refs:
+        out["bits_per_byte"] = result["loss"] / math.log(2) * refs["tokens_per_byte"]
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -375,10 +398,12 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
     peak = mt.peak_flops()
     tokens_per_step = config.data.batch_size * config.data.seq_len * accum
 
-    baseline = None
-    if config.data.task == "lm":
-        baseline = unigram_baseline(task)
-        say(f"unigram baseline on the validation split: {baseline:.4f} nats/token")
+    refs = references(task)
+    schedule = make_schedule(config)
+    if "unigram_baseline" in refs:
+        say(f"unigram baseline on the validation split: {refs['unigram_baseline']:.4f} nats/token")
+    else:
+        say(f"majority-class baseline on the validation split: accuracy {refs['majority_baseline']:.4f}")
     start, steps = int(state.step), config.train.steps
     logger = Logger(config, say, steps, start)
     # Skipped steps since this process started, counted on the device by the step itself.
@@ -415,6 +440,7 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
                     "perplexity": math.exp(min(loss, 50.0)),
                     "tokens_per_s": tps,
                     "mfu": mt.mfu(tps, flops_token, devices=jax.device_count(), peak=peak),
+                    "lr": float(schedule(done - 1)),  # the rate of this step's update
                     "loss_scale": float(host["loss_scale"]),
                     "skipped": int(host["skips"]["total"]),
                     "grad_norm": float(host["grad_norm"]),
@@ -428,10 +454,8 @@ def _train_locked(config: RunConfig, *, say: Callable[[str], None], on_step, str
                 window_start, window_steps = time.perf_counter(), 0
                 _check_divergence(config, done, int(host["skips"]["in_a_row"]), last, checkpointer)
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
-                last_eval = evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches,
-                                     mesh_lib.batch_sharding(mesh, accumulated=False))
-                if baseline is not None:
-                    last_eval["unigram_baseline"] = baseline
+                last_eval = with_references(evaluate(eval_step, state, task.eval_iter(), config.train.eval_batches,
+                                                     mesh_lib.batch_sharding(mesh, accumulated=False)), refs)
                 logger.log(done, last_eval, "eval")
                 last.update({f"eval_{k}": v for k, v in last_eval.items()})
             # Host-only unless a save is due (then it reads the state); the data position
@@ -525,6 +549,4 @@ def evaluate_trained(trained: Trained) -> dict[str, float]:
     eval_step = _eval_step(trained.config, trained.graphdef)
     out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches,
                    mesh_lib.batch_sharding(trained.mesh, accumulated=False))
-    if trained.config.data.task == "lm":
-        out["unigram_baseline"] = unigram_baseline(trained.task)
-    return out
+    return with_references(out, references(trained.task))
