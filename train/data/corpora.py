@@ -194,6 +194,11 @@ def _jsonl_records(path: pathlib.Path, text: str) -> Iterator[tuple[int, dict]]:
 def _csv_records(path: pathlib.Path, text: str, delimiter: str) -> Iterator[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     for record in reader:
+        if None in record:  # more fields than the header names: the delimiter inside an unquoted field
+            raise DataError(
+                f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(record[None])} fields where the "
+                f"header has {len(reader.fieldnames)}; a field that contains {delimiter!r} must be quoted "
+                f"(\"like{delimiter} this\"), or it is read as more columns")
         yield reader.line_num, record
 
 
