@@ -303,3 +303,14 @@ def test_majority_baseline_is_the_accuracy_of_the_most_frequent_validation_label
     assert loop.references(task) == {"majority_baseline": 3 / 6}
     assert loop.with_references({"loss": 1.0, "accuracy": 0.7}, loop.references(task)) == {
         "loss": 1.0, "accuracy": 0.7, "majority_baseline": 0.5}
+
+
+def test_a_run_directory_that_cannot_be_written_is_a_clear_error(tmp_path, data_dir):
+    """A run_dir below a file (no directory can be made there; as root, a read-only
+    directory would still be writable, so this is the case a test can see): one line
+    saying what and where, not a traceback."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = config_for(tmp_path, data_dir, f"run_dir={blocker / 'run'}")
+    with pytest.raises(identity.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
+        loop.train(config, say=lambda _: None)

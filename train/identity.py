@@ -94,7 +94,7 @@ LOCK_FILE = ".lock"
 
 
 class RunDirectoryInUse(ValueError):
-    """Another live process is training in the same run directory."""
+    """The run directory cannot be used: another live run holds it, or it is not writable."""
 
 
 @contextlib.contextmanager
@@ -106,7 +106,15 @@ def locked(run_dir: str | pathlib.Path, *, say: Callable[[str], None]) -> Iterat
     from here) is an error naming it and the file to delete if it is gone.
     """
     directory = pathlib.Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirectoryInUse(
+            f"cannot write to run directory {directory} ({e.strerror or e}): a run keeps its checkpoints, config "
+            "and metrics there; make it writable or choose another run_dir") from None
     path = directory / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):
