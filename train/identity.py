@@ -188,12 +188,14 @@ def keep_tokenizer(run_dir: str | pathlib.Path, tokenizer) -> None:
 
 def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str], None]):
     """The config to evaluate a run with: the run's own, with `EVALUATION_KEYS` from the
-    command's config ``command``; every other key where the two differ is reported."""
+    command's config ``command``; every other key where the two differ (beyond `HARMLESS`
+    ones) is reported."""
     from train.config import config_from_dict
 
     theirs, mine = flatten(run_config), flatten(command.to_dict())
     merged = {**theirs, **{k: v for k, v in mine.items() if k in EVALUATION_KEYS}}
-    ignored = sorted(k for k in set(theirs) | set(mine) if k not in EVALUATION_KEYS and theirs.get(k) != mine.get(k))
+    ignored = sorted(k for k in set(theirs) | set(mine)
+                     if k not in EVALUATION_KEYS and k not in HARMLESS and theirs.get(k) != mine.get(k))
     if ignored:
         say(f"using the run's own {', '.join(ignored)} (from {pathlib.Path(command.run_dir) / CONFIG_FILE})")
     nested: dict[str, Any] = {}
