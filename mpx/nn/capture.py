@@ -5,8 +5,10 @@ a traced function through `mpx.capture.Captured`: matmuls written as ``lax.dot_g
 ``jnp.einsum``, ``@`` or an embedding's ``attend`` get the policy's precision, and an
 fp8 one keeps its `Fp8Meta` in the root module's `Fp8MetaVariable` ``mpx_fp8`` (a dict by
 matmul path, created by `apply_policy` from example inputs). Layers with a policy hook
-(Linear, Einsum, mpx ops) run as they are. A call whose trace finds no such matmul runs
-the model's own ``__call__`` unchanged.
+(Linear, Einsum, mpx ops) run as they are. The model's Python code runs once per call,
+in the trace; the call then evaluates the traced program (named as the model's own ops,
+so profiles and `mpx.inspect.fp8_gemms` read the same names) and writes back the state
+it changed (BatchNorm statistics, RNG counts).
 """
 
 from __future__ import annotations
