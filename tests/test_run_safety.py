@@ -314,3 +314,33 @@ def test_a_run_directory_that_cannot_be_written_is_a_clear_error(tmp_path, data_
     config = config_for(tmp_path, data_dir, f"run_dir={blocker / 'run'}")
     with pytest.raises(identity.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
         loop.train(config, say=lambda _: None)
+
+
+def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data_dir):
+    """The export is read back with orbax alone (no train/ code) and equals the run's
+    newest state; the run's config and tokenizer are beside it; an existing directory is
+    refused."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    config = config_for(tmp_path, data_dir)
+    loop.train(config, say=lambda _: None)
+    trained = loop.load_trained(config, say=lambda _: None)
+    out = loop.export_trained(trained, tmp_path / "export")
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(out / "state")
+    expected = {"params": trained.state.params.to_pure_dict(),
+                "fp8_meta": nnx.State(trained.state.fp8_meta).to_pure_dict()}
+    import jax
+
+    from mpx.policy import key_name
+
+    def by_path(t):
+        return {"/".join(key_name(k) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+
+    got, want = by_path(tree), by_path(expected)
+    assert got.keys() == want.keys() and len(got) > 0
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert (out / identity.CONFIG_FILE).is_file() and (out / identity.TOKENIZER_DIR).is_dir()
+    with pytest.raises(ValueError, match="exists; give a new one"):
+        loop.export_trained(trained, out)

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    x = command("export", "Write a run's params and FP8 meta (newest checkpoint) with its config and tokenizer.")
+    x.add_argument("--out", required=True, help="a new directory to write to")
     d = command("data", "Prepare a run's dataset and tokenizer, or inspect them.")
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
@@ -144,7 +146,17 @@ def _bench(config, args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "data": _data, "bench": _bench}
+def _export(config, args) -> int:
+    from train.loop import export_trained, load_trained
+
+    trained = load_trained(config)
+    out = export_trained(trained, args.out)
+    print(f"exported step {trained.step} of {config.run_dir} to {out}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "data": _data,
+             "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -545,6 +545,32 @@ def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Tr
     return Trained(config, task, graphdef, restored.state, restored.step, mesh)
 
 
+def export_trained(trained: Trained, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write the run's params and FP8 meta for use outside train/: an orbax checkpoint of
+    ``{"params", "fp8_meta"}`` (plain nested dicts of arrays, read back with
+    ``orbax.checkpoint.StandardCheckpointer().restore(out_dir / "state")``), with the run's
+    ``config.yaml`` and ``tokenizer/`` beside it. ``out_dir`` must not exist yet."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists():
+        raise ValueError(f"export directory {out} exists; give a new one (an export never overwrites)")
+    out.mkdir(parents=True)
+    tree = {"params": trained.state.params.to_pure_dict(), "fp8_meta": nnx.State(trained.state.fp8_meta).to_pure_dict()}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / "state", jax.device_get(tree))
+    run = pathlib.Path(trained.config.run_dir)
+    for name in (identity.CONFIG_FILE, identity.TOKENIZER_DIR):
+        source = run / name
+        if source.is_dir():
+            shutil.copytree(source, out / name)
+        elif source.is_file():
+            shutil.copy2(source, out / name)
+    return out
+
+
 def evaluate_trained(trained: Trained) -> dict[str, float]:
     eval_step = _eval_step(trained.config, trained.graphdef)
     out = evaluate(eval_step, trained.state, trained.task.eval_iter(), trained.config.train.eval_batches,
