@@ -402,8 +402,10 @@ class Captured:
 
     def __init__(self, fn: Callable, policy: Policy, *, kinds: Mapping[str, str] | None = None,
                  naming: Callable[[Naming], Any] | None = None,
-                 layer_op: Callable[[str], OpPrecision | None] | None = None):
-        self.fn, self.policy = fn, policy
+                 layer_op: Callable[[str], OpPrecision | None] | None = None,
+                 missing_hint: str = "initialize the model under the same policy (its FP8 state is created "
+                                     "from a trace of the model on example inputs)"):
+        self.fn, self.policy, self.missing_hint = fn, policy, missing_hint
         self.kinds = kind_overrides(kinds)
         self._naming = naming
         self.layer_op = layer_op or (lambda path: None)
@@ -434,7 +436,7 @@ class Captured:
     def init(self, params, *args, trace: _Trace | None = None) -> dict[str, Fp8Meta]:
         """A fresh `Fp8Meta` for each captured matmul the policy puts in fp8, by path."""
         trace = trace if trace is not None else self.trace(params, *args)
-        return {path: Fp8Meta.init(config, stack=stack) for path, (config, stack) in self.meta_specs(trace).items()}
+        return create_metas(self.meta_specs(trace))
 
     def meta_specs(self, trace: _Trace) -> dict[str, tuple[Any, tuple[int, ...]]]:
         """``{path: (Fp8Config, stack)}`` of the metas `init` creates (to create them
@@ -449,15 +451,17 @@ class Captured:
     def apply(self, metas: Mapping[str, Fp8Meta], params, *args, trace: _Trace | None = None):
         """``fn(params, *args)`` with every captured matmul under the policy."""
         trace = trace if trace is not None else self.trace(params, *args)
-        fp8 = {s.path for s in trace.sites.values() if self.policy.for_op(s.path, s.kind).is_fp8}
-        missing = sorted(fp8 - set(metas))
+        missing = sorted(set(self.meta_specs(trace)) - set(metas))
         if missing:
-            raise ValueError(
-                f"no FP8 meta for the fp8 matmul(s) {', '.join(missing)}; initialize the model under the same "
-                "policy (its FP8 state is created from a trace of the model on example inputs)")
+            raise ValueError(f"no FP8 meta for the fp8 matmul(s) {', '.join(missing)}; {self.missing_hint}")
         outs = _Evaluator(self.policy, trace.sites).run(trace.jaxpr.jaxpr, trace.jaxpr.consts, trace.flat, (),
                                                         dict(metas))
         return jax.tree.unflatten(trace.out_tree, outs)
+
+
+def create_metas(specs: Mapping[str, tuple[Any, tuple[int, ...]]]) -> dict[str, Fp8Meta]:
+    """Fresh metas from `Captured.meta_specs` (``{path: (Fp8Config, stack)}``)."""
+    return {path: Fp8Meta.init(config, stack=stack) for path, (config, stack) in specs.items()}
 
 
 @dataclasses.dataclass

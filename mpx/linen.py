@@ -422,7 +422,7 @@ class Wrapped:
     def init_fp8(self, *args, **kwargs) -> dict:
         """Fresh FP8 metas of the object's fp8 matmuls on these example inputs."""
         specs = self._traced(None, *args, **kwargs)
-        return {path: Fp8Meta.init(config, stack=stack) for path, (config, stack) in specs.items()}
+        return capture.create_metas(specs)
 
     def matmuls(self, *args, **kwargs) -> list[capture.Matmul]:
         """Every matmul of a call on these inputs (see `mpx.capture.Matmul`)."""

@@ -108,7 +108,10 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
             yield
 
     layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in _find_ops(model, kinds)}
-    captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get)
+    hint = (f"{type(model).__name__} runs these matmuls outside Linear/Einsum layers and has no FP8 state for "
+            f"them: pass example inputs to apply_policy, e.g. mpx.nn.apply_policy(model, policy, x), so that it "
+            f"can trace the model and create it")
+    captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get, missing_hint=hint)
     return captured, (params, rest, arrays)
 
 
@@ -144,15 +147,7 @@ def _captured_call(self, *args, **kwargs):
     captured, (params, rest, arrays) = _captured_for(self, policy, kinds, args, kwargs)
     holder = getattr(self, META_ATTR, None)
     metas = holder.get_value() if holder is not None else {}
-    trace = captured.trace(params, rest, arrays)  # the model's code runs once, here
-    fp8 = {s.path for s in trace.sites.values() if policy.for_op(s.path, s.kind).is_fp8}
-    missing = sorted(fp8 - set(metas))
-    if missing:
-        raise ValueError(
-            f"{type(self).__name__} runs matmuls outside Linear/Einsum layers that the policy puts in fp8 "
-            f"({', '.join(missing)}) but has no FP8 state for them: pass example inputs to apply_policy, "
-            f"e.g. mpx.nn.apply_policy(model, policy, x), so that it can trace the model and create it")
-    out, changed = captured.apply(metas, params, rest, arrays, trace=trace)
+    out, changed = captured.apply(metas, params, rest, arrays)  # the model's code runs once, in its trace
     for key, var in _variables(self):
         if key in changed:
             var.set_value(changed[key])
