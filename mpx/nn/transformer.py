@@ -52,7 +52,8 @@ class TransformerConfig:
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
-                f"e.g. num_heads={_divisor_hint(self.d_model, self.num_heads)}"
+                f"e.g. num_heads={_divisor_hint(self.d_model, self.num_heads)} "
+                f"or d_model={max(self.num_heads, round(self.d_model / self.num_heads) * self.num_heads)}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -83,13 +84,14 @@ def fused_attention_allowed(logits: OpPrecision | None, softmax: OpPrecision | N
     """Whether ``jax.nn.dot_product_attention`` computes what these three ops were given.
 
     It multiplies q k^T and probs v in the dtype of its inputs (with f32 logits) and takes
-    the softmax in f32: so both matmuls must be non-fp8 and share a dtype (bf16 or fp32;
-    see `_FUSED_DTYPES` for fp16), and the softmax must be fp32 (every preset's choice).
+    the softmax in f32: so both matmuls must be neither fp8 nor int8 and share a dtype
+    (bf16 or fp32; see `_FUSED_DTYPES` for fp16), and the softmax must be fp32 (every
+    preset's choice).
     Before a policy was applied (``None``) nothing is decided and the explicit path runs.
     """
     if logits is None or softmax is None or values is None:
         return False
-    if logits.is_fp8 or values.is_fp8:
+    if logits.is_quantized or values.is_quantized:
         return False
     dtype = jnp.dtype(logits.dtype)
     return dtype == jnp.dtype(values.dtype) and dtype in _FUSED_DTYPES and softmax.precision == "fp32"
@@ -105,7 +107,7 @@ class Attention(nnx.Module):
       what the policy asks (bf16 or fp32 matmuls, fp32 softmax) and no dropout is
       applied to the attention probabilities (the fused kernel has none);
     * explicit: softmax(q k^T) v through the three op modules, materialising the fp32
-      (B, H, T, S) probabilities; fp8 or fp16 attention matmuls and attention dropout
+      (B, H, T, S) probabilities; fp8, int8 or fp16 attention matmuls and attention dropout
       run here.
 
     A padding query (mask False) with no valid key at or before it (left padding) has
