@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import train.loop as loop
+from train.tasks import LanguageModelling, make_task
 from train.config import RunConfig, load_config
 
 CONFIG = """
@@ -115,9 +116,9 @@ def run(tmp_path_factory) -> Run:
         if not result.is_log(step + 1):
             guard.on()  # the whole next iteration, from its dispatch to here: no read of the device
 
-    loss, result.traced = instrumented(loop.lm_loss)
+    loss, result.traced = instrumented(LanguageModelling.loss)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "lm_loss", loss)
+        patch.setattr(LanguageModelling, "loss", staticmethod(loss))
         try:
             result.out = loop.train(config, say=lambda _: None, on_step=on_step)
         finally:
@@ -157,7 +158,7 @@ def test_metrics_are_fetched_at_log_steps(run):
 
 
 def test_skipped_steps_are_counted_on_the_device(run):
-    batches = loop.make_task(run.config).train_iter()
+    batches = make_task(run.config).train_iter()
     expected = np.cumsum([poisoned(next(batches)["tokens"]) for _ in range(run.config.train.steps)])
     assert 0 < expected[-1] < len(expected), "the data no longer gives a mix of skipped and applied steps"
     assert {s: r["skipped"] for s, r in run.rows("train").items()} == {4: expected[3], 8: expected[7]}
@@ -171,7 +172,7 @@ def test_checkpoints_save_the_data_position_before_the_prefetched_batch(run):
 
     directory = run.dir / "checkpoints"
     assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [4, 8]
-    batches = loop.make_task(run.config).train_iter()
+    batches = make_task(run.config).train_iter()
     for step in range(1, 9):
         next(batches)
         if step in (4, 8):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 import train.loop as loop
+from train import evaluation
+from train.build import build
+from train.tasks import LanguageModelling, majority_baseline
 from train import identity
 from train.checkpoint import Checkpointer, RestoreError
 from train.config import load_config
@@ -74,21 +77,42 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, data_
         loss, aux = lm_loss(*args, **kwargs)
         return loss * jnp.nan, aux
 
-    lm_loss = loop.lm_loss
-    monkeypatch.setattr(loop, "lm_loss", nan_loss)
+    lm_loss = LanguageModelling.loss
+    monkeypatch.setattr(LanguageModelling, "loss", staticmethod(nan_loss))
     config = config_for(tmp_path, data_dir, "train.max_consecutive_skips=3", "train.steps=8")
     with pytest.raises(loop.Diverged, match=r"last 4 steps \(up to step 4\) were all skipped.*step 2"):
         loop.train(config, say=lambda _: None)
     checkpointer = Checkpointer(config.run_dir, every=0, keep=3, async_save=False)
     try:
         assert checkpointer.steps() == [2]
-        _, _, _, _, fresh = loop._fresh_state(config, say=lambda _: None, finetune=False)
+        fresh = build(config, say=lambda _: None).state
         restored = checkpointer.restore(2, fresh).state
     finally:
         checkpointer.close()
     for a, b in zip(np.asarray(jnp.concatenate([x.ravel() for x in _leaves(restored.params)])),
                     np.asarray(jnp.concatenate([x.ravel() for x in _leaves(fresh.params)]))):
         assert a == b
+
+
+def test_an_exploding_finite_loss_stops_the_run_before_saving(tmp_path, data_dir, monkeypatch):
+    """A finite loss of 100 nats is far above 2 x ln(256) = 11.09, what guessing uniformly
+    over the byte vocabulary scores: the run stops at its first log step (2) with the
+    reason, and the step-2 checkpoint (due after the check) is never written."""
+    def exploding(*args, **kwargs):
+        loss, aux = lm_loss(*args, **kwargs)
+        return loss * 0 + 100.0, aux
+
+    lm_loss = LanguageModelling.loss
+    monkeypatch.setattr(LanguageModelling, "loss", staticmethod(exploding))
+    config = config_for(tmp_path, data_dir, "train.steps=8")
+    with pytest.raises(loop.Diverged, match=r"exploded: its training loss at step 2 is 100, above "
+                                            r"train.max_loss_ratio=2 x the loss of uniform guessing \(5.545\)"):
+        loop.train(config, say=lambda _: None)
+    assert not (pathlib.Path(config.run_dir) / "checkpoints" / "2").exists()
+    # Turned off, the same run goes to its end.
+    out = loop.train(config_for(tmp_path, data_dir, "train.steps=2", "train.max_loss_ratio=0",
+                                f"run_dir={tmp_path / 'off'}"), say=lambda _: None)
+    assert out["step"] == 2 and out["loss"] == 100.0
 
 
 def _leaves(tree):
@@ -99,7 +123,7 @@ def _leaves(tree):
 
 def test_non_finite_params_are_never_saved(tmp_path, data_dir):
     config = config_for(tmp_path, data_dir)
-    _, _, _, _, state = loop._fresh_state(config, say=lambda _: None, finetune=False)
+    state = build(config, say=lambda _: None).state
     import jax
 
     poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
@@ -164,7 +188,7 @@ def test_start_of_run_reports_precisions_and_a_rule_that_matches_nothing(tmp_pat
     loop.train(config_for(tmp_path, data_dir, typo), say=said.append)
     assert any(line.startswith("precision ") and "fp8 " in line for line in said), said
     assert any("warning: policy rule 'block/*/mlp/*->fp32' matches no op" in line for line in said), said
-    from train.config import ConfigError
+    from train.schema import ConfigError
 
     with pytest.raises(ConfigError, match="block/\\*/mlp/\\*->fp32.*--strict"):
         loop.train(config_for(tmp_path, data_dir, typo, f"run_dir={tmp_path / 'strict'}"), say=lambda _: None,
@@ -185,13 +209,13 @@ def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_di
     said: list[str] = []
     command = config_for(tmp_path, data_dir, "data.tokenizer=byte", f"data.files=[{other}]",
                          f"data.data_dir={tmp_path / 'other_data'}")
-    trained = loop.load_trained(command, say=said.append)
+    trained = evaluation.load_trained(command, say=said.append)
     assert any(line.startswith("using the run's own") and "data.tokenizer" in line for line in said), said
     sample = "To be, or not to be"
     assert trained.task.tokenizer.vocab_size == 400
     assert trained.task.tokenizer.encode(sample) == own.encode(sample)
     assert list(trained.config.data.files) == [str(other)]  # the text comes from the command
-    out = loop.evaluate_trained(trained)
+    out = evaluation.evaluate_trained(trained)
     assert np.isfinite(out["loss"]) and out["loss"] < np.log(400) + 1.0  # not worse than near-uniform
 
 
@@ -210,7 +234,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_p
     assert out["step"] == 4
     assert any("step 4" in line and "is corrupt" in line for line in said), said
     assert [p.name.split("-")[0] for p in (run / "damaged").iterdir()] == ["4"]
-    trained = loop.load_trained(config, say=said.append)
+    trained = evaluation.load_trained(config, say=said.append)
     assert trained.step == 4
 
 
@@ -259,8 +283,8 @@ def test_a_resumed_run_keeps_its_skip_count_and_logs_each_step_once(tmp_path, da
         tokens = args[3]["tokens"]
         return jnp.where(tokens[0, 0] % 2 == 0, jnp.nan, loss), aux
 
-    lm_loss = loop.lm_loss
-    monkeypatch.setattr(loop, "lm_loss", poisoned)
+    lm_loss = LanguageModelling.loss
+    monkeypatch.setattr(LanguageModelling, "loss", staticmethod(poisoned))
     overrides = ["train.log_every=1", "train.steps=6", "train.max_consecutive_skips=0"]
 
     def rows(run_dir):
@@ -287,10 +311,10 @@ def test_fine_tuning_a_deeper_model_from_a_shallower_run_is_an_error(tmp_path, d
     pre = config_for(tmp_path, data_dir, "train.steps=2")
     loop.train(pre, say=lambda _: None)
     deeper = config_for(tmp_path, data_dir, "model.num_layers=2", f"run_dir={tmp_path / 'deeper'}")
-    _, _, _, _, state = loop._fresh_state(deeper, say=lambda _: None, finetune=False)
+    state = build(deeper, say=lambda _: None).state
     with pytest.raises(ValueError, match=r"has no params for blocks/1/.*model\.\* settings"):
         restore_params(pre.run_dir, state.params)
-    _, _, _, _, same = loop._fresh_state(pre, say=lambda _: None, finetune=False)
+    same = build(pre, say=lambda _: None).state
     params, step = restore_params(pre.run_dir, same.params)  # the same shape restores
     assert step == 2
 
@@ -299,9 +323,9 @@ def test_majority_baseline_is_the_accuracy_of_the_most_frequent_validation_label
     from types import SimpleNamespace
 
     prepared = SimpleNamespace(validation=[{"label": label} for label in [0, 1, 1, 2, 1, 0]])
-    task = loop.Task(prepared, 10, 3, None, None, tokenizer=None)
-    assert loop.references(task) == {"majority_baseline": 3 / 6}
-    assert loop.with_references({"loss": 1.0, "accuracy": 0.7}, loop.references(task)) == {
+    refs = {"majority_baseline": majority_baseline(prepared.validation)}
+    assert refs == {"majority_baseline": 3 / 6}
+    assert evaluation.with_references({"loss": 1.0, "accuracy": 0.7}, refs) == {
         "loss": 1.0, "accuracy": 0.7, "majority_baseline": 0.5}
 
 
@@ -325,8 +349,8 @@ def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data
 
     config = config_for(tmp_path, data_dir)
     loop.train(config, say=lambda _: None)
-    trained = loop.load_trained(config, say=lambda _: None)
-    out = loop.export_trained(trained, tmp_path / "export")
+    trained = evaluation.load_trained(config, say=lambda _: None)
+    out = evaluation.export_trained(trained, tmp_path / "export")
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(out / "state")
     expected = {"params": trained.state.params.to_pure_dict(),
@@ -343,4 +367,4 @@ def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data
     assert all(np.array_equal(got[k], want[k]) for k in want)
     assert (out / identity.CONFIG_FILE).is_file() and (out / identity.TOKENIZER_DIR).is_dir()
     with pytest.raises(ValueError, match="exists; give a new one"):
-        loop.export_trained(trained, out)
+        evaluation.export_trained(trained, out)

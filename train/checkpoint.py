@@ -54,6 +54,12 @@ def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(run_dir).absolute() / "checkpoints"
 
 
+def has_checkpoints(run_dir: str | pathlib.Path) -> bool:
+    """Whether the run has saved any step (readable or not)."""
+    directory = checkpoint_dir(run_dir)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class Checkpointer:
     """Saves every ``every`` steps, keeps ``keep``, restores the newest readable one."""
 
