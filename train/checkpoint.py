@@ -167,7 +167,10 @@ def classify_restore_error(e: BaseException) -> tuple[str, str]:
     """``(kind, first line)`` of a failed restore: ``incompatible`` (shapes, dtypes or
     structure differ from the model's), ``missing`` (files gone) or ``corrupt``."""
     text = str(e).strip()
-    first = text.splitlines()[0][:200] if text else type(e).__name__
+    first = text.splitlines()[0] if text else type(e).__name__
+    for tail in (" See full TensorStore details", " Truncating/padding is disabled"):
+        first = first.split(tail)[0]  # the rest is a repr of internals, or advice for orbax's API
+    first = first[:200]
     lowered = first.lower()
     if isinstance(e, FileNotFoundError) or "no such file" in lowered or "not found" in lowered:
         return "missing", first
