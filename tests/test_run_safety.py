@@ -368,3 +368,25 @@ def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data
     assert (out / identity.CONFIG_FILE).is_file() and (out / identity.TOKENIZER_DIR).is_dir()
     with pytest.raises(ValueError, match="exists; give a new one"):
         evaluation.export_trained(trained, out)
+
+
+def test_a_failed_restore_drops_only_the_closed_event_loop_reports(monkeypatch):
+    """The reports TensorStore's late callbacks make after orbax closed its loop (hundreds
+    after one failed restore) are dropped; any other unraisable exception still reaches the
+    previous hook."""
+    import sys
+    import types
+
+    from train.checkpoint import ignore_closed_loop_callbacks
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ignore_closed_loop_callbacks()
+    ignore_closed_loop_callbacks()  # installed once, not stacked
+    report = lambda e: types.SimpleNamespace(exc_value=e)  # noqa: E731
+    sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+    other = report(RuntimeError("something else"))
+    sys.unraisablehook(other)
+    sys.unraisablehook(report(ValueError("Event loop is closed")))
+    assert [u.exc_value.args[0] for u in seen] == ["something else", "Event loop is closed"]
+    assert seen[0] is other

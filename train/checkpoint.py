@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,7 @@ class Checkpointer:
                     self._set_aside([failed for failed, _ in failures], say)
                 return restored
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+                ignore_closed_loop_callbacks()
                 kind, detail = classify_restore_error(e)
                 failures.append((step, f"step {step}: {kind} ({detail})"))
                 say(f"checkpoint at step {step} in {self.directory} is {kind} ({detail}); falling back to the previous one")
@@ -157,6 +159,28 @@ class Checkpointer:
                 (self.directory / str(step)).rename(target)
                 say(f"moved the unreadable checkpoint of step {step} to {target}; the run saves step {step} again")
         self._manager.reload()
+
+
+def ignore_closed_loop_callbacks() -> None:
+    """Drop the "Event loop is closed" reports a failed restore leaves behind.
+
+    When orbax gives up on a checkpoint, TensorStore still completes the reads it had
+    started and calls back into the asyncio loop orbax has closed; each callback is a
+    ``RuntimeError('Event loop is closed')`` reported through `sys.unraisablehook`, often
+    hundreds of tracebacks after the one-line report. They carry nothing: exactly those
+    are dropped, every other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 class RestoreError(ValueError):
