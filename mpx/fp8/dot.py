@@ -15,56 +15,18 @@ import functools
 import warnings
 import weakref
 from collections.abc import Iterator
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mpx.dims import normalize_dims, transpose_dims
 from mpx.fp8.meta import Fp8Meta, combine_metas, observation, scale_for_use
 from mpx.fp8.numerics import amax, quantization_stats, quantize
 
 
 class Fp8FanoutWarning(UserWarning):
     """One `Fp8Meta` fed two FP8 matmuls under differentiation without being threaded."""
-
-
-def _dot_transpose_dims(dims, x_ndim: int, y_ndim: int, *, wrt: Literal["lhs", "rhs"]):
-    """Dimension numbers and output permutation for the gradient of a ``dot_general``.
-
-    For ``out = dot_general(x, y, dims)`` (out axes: batch, x free, y free) the gradient
-    wrt x is ``transpose(dot_general(g, y, dims_g), perm)``; wrt y, swap the roles.
-    Returns ``(dims_g, perm)``.
-    """
-    (xc, yc), (xb, yb) = dims
-    if wrt == "rhs":
-        xc, yc, xb, yb, x_ndim, y_ndim = yc, xc, yb, xb, y_ndim, x_ndim
-        first_free = "y"
-    else:
-        first_free = "x"
-    x_free = [a for a in range(x_ndim) if a not in xc and a not in xb]
-    y_free = [a for a in range(y_ndim) if a not in yc and a not in yb]
-    nb = len(xb)
-    # Output axes of the forward dot: batch, then lhs free, then rhs free.
-    if first_free == "x":
-        g_x = list(range(nb, nb + len(x_free)))
-        g_y = list(range(nb + len(x_free), nb + len(x_free) + len(y_free)))
-    else:  # roles swapped: "x" is the forward rhs, whose free axes come second
-        g_y = list(range(nb, nb + len(y_free)))
-        g_x = list(range(nb + len(y_free), nb + len(y_free) + len(x_free)))
-    dims_g = ((tuple(g_y), tuple(y_free)), (tuple(range(nb)), tuple(yb)))
-    # Result axes: batch, g's x-free axes, then y's contracting axes in increasing order.
-    y_contract_sorted = sorted(yc)
-    perm = []
-    for a in range(x_ndim):
-        if a in xb:
-            perm.append(xb.index(a))
-        elif a in x_free:
-            perm.append(nb + x_free.index(a))
-        else:
-            partner = yc[xc.index(a)]
-            perm.append(nb + len(x_free) + y_contract_sorted.index(partner))
-    return dims_g, tuple(perm)
 
 
 def _gemm_dtype(out_dtype):
@@ -83,11 +45,6 @@ def _scaled_dot(qa, qb, dims, scale_a, scale_b, out_dtype):
     out = lax.dot_general(qa, qb, dims, preferred_element_type=_gemm_dtype(out_dtype))
     inv = (1.0 / scale_a.astype(jnp.float32)) * (1.0 / scale_b.astype(jnp.float32))
     return (out.astype(jnp.float32) * inv).astype(out_dtype)
-
-
-def _normalize_dims(dimension_numbers):
-    (lc, rc), (lb, rb) = dimension_numbers
-    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
 
 
 # Metas already consumed by an FP8 matmul in a trace under differentiation, by identity.
@@ -176,7 +133,7 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
             f"Fp8Meta has an amax history of length {history_len} but its Fp8Config asks for "
             f"{meta.config.amax_history}; create the meta with Fp8Meta.init(config)."
         )
-    dims = _normalize_dims(dimension_numbers)
+    dims = normalize_dims(dimension_numbers)
     out_dtype = jnp.dtype(out_dtype if out_dtype is not None else lhs.dtype)
     _warn_if_reused(meta, lhs, rhs)
     return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
@@ -209,10 +166,10 @@ def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, residuals, cotangents):
     g, later = cotangents
     q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config)
 
-    dims_l, perm_l = _dot_transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
+    dims_l, perm_l = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
     d_lhs = _scaled_dot(q_g, q_rhs, dims_l, g_scale, rhs_scale, out_dtype)
     d_lhs = jnp.transpose(d_lhs, perm_l).astype(lhs_dtype)
-    dims_r, perm_r = _dot_transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="rhs")
+    dims_r, perm_r = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="rhs")
     d_rhs = _scaled_dot(q_g, q_lhs, dims_r, g_scale, lhs_scale, out_dtype)
     d_rhs = jnp.transpose(d_rhs, perm_r).astype(rhs_dtype)
 
