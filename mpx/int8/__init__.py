@@ -1,0 +1,27 @@
+"""int8 numerics and matmul.
+
+* `mpx.int8.numerics`: symmetric quantize (nearest or stochastic) / dequantize / scales,
+  per tensor or per row.
+* `mpx.int8.config`: `Int8Config` (recipe, backward, granularities, min_size).
+* `mpx.int8.dot`: `int8_dot_general` (s8 x s8 -> s32 GEMMs, or fake quantization for QAT).
+
+Unlike FP8, int8 keeps no state: its scales are computed from each tensor when it is
+quantized.
+"""
+
+from mpx.int8.config import Int8Config
+from mpx.int8.dot import int8_dot_general, int_dot, scaled_int_dot, ste_fake_quantize
+from mpx.int8.numerics import (
+    INT8_MAX,
+    MIN_SCALE,
+    compute_scale,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_with_scale,
+)
+
+__all__ = [
+    "INT8_MAX", "MIN_SCALE", "Int8Config", "compute_scale", "dequantize", "fake_quantize", "int8_dot_general",
+    "int_dot", "quantize", "quantize_with_scale", "scaled_int_dot", "ste_fake_quantize",
+]
