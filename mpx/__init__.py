@@ -1,7 +1,8 @@
-"""mpx: mixed-precision (FP8 / BF16 / FP16 / FP32) training on JAX."""
+"""mpx: mixed-precision (FP8 / INT8 / BF16 / FP16 / FP32) training on JAX."""
 
-from mpx import fp8, inspect, loss_scale, ops, policy
+from mpx import fp8, inspect, int8, loss_scale, ops, policy
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
+from mpx.int8 import Int8Config, int8_dot_general
 from mpx.loss_scale import (
     DynamicLossScale,
     LossScaleConfig,
@@ -21,6 +22,7 @@ __all__ = [
     "Fp8Config",
     "Fp8Meta",
     "Fp8Scale",
+    "Int8Config",
     "LossScaleConfig",
     "NoOpLossScale",
     "OpPrecision",
@@ -35,6 +37,8 @@ __all__ = [
     "fp8_dot_general",
     "inspect",
     "init_train_state",
+    "int8",
+    "int8_dot_general",
     "linen",
     "loss_scale",
     "make_train_step",

@@ -23,7 +23,8 @@ from mpx.policy import Policy, Rule, key_name
 class OpRow:
     """One op of a model and what the policy decided for it.
 
-    ``precision`` is ``"not under the policy"`` for a matmul the policy cannot reach
+    ``precision`` is the op's `OpPrecision.label` (``fp8``, ``int8 (qat)``, ``bf16``, ...),
+    ``"not under the policy"`` for a matmul the policy cannot reach
     (``note`` says why); ``note`` is ``"captured"`` for a matmul put under the policy
     without a layer hook (`mpx.capture`), ``"x3"`` and the like for an op that runs
     several times (a module called twice), ``"stack 12"`` for one inside a scan.
@@ -78,7 +79,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> lis
 def _row(policy: Policy, path: str, kind: str, note: str = "") -> OpRow:
     op = policy.for_op(path, kind)
     rule = f"{op.rule}: {policy.rules[op.rule]}" if op.rule is not None else "default (compute dtype)"
-    return OpRow(path, kind, op.precision, np.dtype(op.dtype).name, rule, note)
+    return OpRow(path, kind, op.label, np.dtype(op.dtype).name, rule, note)
 
 
 def _matmul_rows(policy: Policy, matmuls) -> list[OpRow]:

@@ -139,7 +139,7 @@ class PolicyDotGeneral(nn.Module):
 
 def _promote_keep_kernel(*args, dtype=None, inexact=True):
     """Flax linen's ``promote_dtype``, except that the kernel (the second array) keeps its
-    storage dtype: an FP8 matmul quantizes the master weight itself (one rounding)."""
+    storage dtype: an FP8 or int8 matmul quantizes the master weight itself (one rounding)."""
     inputs, kernel, *rest = args
     inputs, *rest = linen_dtypes.promote_dtype(inputs, *rest, dtype=dtype, inexact=inexact)
     return [inputs, kernel, *rest]
@@ -171,7 +171,7 @@ def _einsum(module: nn.Einsum, active: _Active, kind: str, op, inputs, einsum_st
         bias_shape = [module.shape[rhs_axes[c]] for c in result if c in rhs_axes]
         broadcast = [module.shape[rhs_axes[c]] if c in rhs_axes else 1 for c in result]
         bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
-    promote = _promote_keep_kernel if op.is_fp8 else module.promote_dtype
+    promote = _promote_keep_kernel if op.is_quantized else module.promote_dtype
     inputs, kernel, bias = promote(inputs, kernel, bias, dtype=op.dtype)
     dims, perm = ops.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
     dot = PolicyDotGeneral(policy=active.policy, kind=kind, parent=module)
@@ -217,7 +217,7 @@ def _layer_call(module, active: _Active, next_fun, args, kwargs):
     # kernel). The fields are swapped on the bound module for this call only: a clone on
     # the same scope would work too, but would show up twice in capture_intermediates.
     dot = functools.partial(PolicyDotGeneral, policy=active.policy, kind=kind)
-    promote = _promote_keep_kernel if op.is_fp8 else module.promote_dtype
+    promote = _promote_keep_kernel if op.is_quantized else module.promote_dtype
     with _swapped(module, dot_general_cls=dot, dtype=op.dtype, promote_dtype=promote):
         return next_fun(*args, **kwargs)
 

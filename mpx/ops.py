@@ -9,7 +9,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpx.fp8 import Fp8Meta, fp8_dot_general
+from mpx.int8 import int8_dot_general
 from mpx.policy import OpPrecision
+
+# Kinds whose rhs is a weight (x @ kernel): int8 scales it per output channel.
+WEIGHT_RHS_KINDS = ("dense", "einsum", "head")
 
 
 def dot_general(
@@ -23,9 +27,13 @@ def dot_general(
 
     fp8: `fp8_dot_general` with ``meta`` (required, made for the policy's `Fp8Config`),
     output in ``op.dtype``; the meta it returns is for the next call of the same op in
-    this step. Otherwise, and for an fp8 matmul smaller than ``fp8.min_size`` in any
-    dimension, both operands are cast to ``op.dtype`` and multiplied there; ``meta`` is
-    passed through untouched (an op that never runs in FP8 never advances its meta).
+    this step. int8: `int8_dot_general` with the policy's `Int8Config` (the rhs of
+    ``dense``/``einsum``/``head`` ops is the weight, both operands of the attention
+    matmuls are activations), output in ``op.dtype``; int8 keeps no state, so ``meta`` is
+    returned untouched. Otherwise, and for an fp8 or int8 matmul smaller than its config's
+    ``min_size`` in any dimension, both operands are cast to ``op.dtype`` and multiplied
+    there; ``meta`` is passed through untouched (an op that never runs in FP8 never
+    advances its meta).
 
     The computation is named ``mpx[<op path>]`` (a ``jax.named_scope``), forward and
     backward: profiles show the op's path, and `mpx.inspect.fp8_gemms` maps compiled
@@ -51,8 +59,13 @@ def gemm_dims(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, int]:
 
 
 def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
-    if op.is_fp8 and min(gemm_dims(lhs.shape, rhs.shape, dimension_numbers)) < op.fp8.min_size:
+    min_size = op.fp8.min_size if op.is_fp8 else op.int8.min_size if op.is_int8 else 0
+    if min_size and min(gemm_dims(lhs.shape, rhs.shape, dimension_numbers)) < min_size:
         return lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers), meta
+    if op.is_int8:
+        out = int8_dot_general(lhs, rhs, dimension_numbers, op.int8, rhs_is_weight=op.kind in WEIGHT_RHS_KINDS,
+                               out_dtype=op.dtype)
+        return out, meta
     if op.is_fp8:
         if meta is None:
             raise ValueError(

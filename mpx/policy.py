@@ -1,20 +1,26 @@
 """Precision policies: which precision each op of a model runs in.
 
 A `Policy` has three dtypes (parameter storage, compute, output), an ordered tuple of
-`Rule`s, the `Fp8Config` that fp8 ops use and the `LossScaleConfig` of the run. An op
+`Rule`s, the `Fp8Config` that fp8 ops use, the `Int8Config` that int8 ops use and the
+`LossScaleConfig` of the run. An op
 is named by its module path (``"blocks/0/mlp/fc1"``) and its kind (`KINDS`); the first
 rule that matches decides, and an op no rule matches runs in the compute dtype.
 
 Rule paths are matched against the whole path: ``*`` is one path segment, ``**`` any
 number of segments, and the rest is a regular expression (``(qkv|out)``). Kinds are a
-``|``-separated list. A rule that says ``fp8`` applies only to matmul kinds
+``|``-separated list. A rule that says ``fp8`` or ``int8`` applies only to matmul kinds
 (`MATMUL_KINDS`); other ops pass over it to the next rule.
+
+Presets (`PRESETS`): ``fp32``; ``bf16`` and ``fp16`` (softmax, norms and the loss in fp32;
+fp16 with a dynamic loss scale); ``fp8`` and ``int8`` (bf16 compute, dense and einsum
+matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32).
 
 Build a policy from a preset name, a compact string or a dict (YAML-ready) with
 `parse`::
 
     parse("fp8")
     parse("bf16; blocks/*/mlp/*->fp8; fp8.amax_history=16")
+    parse("fp8; blocks/*/mlp/*->int8; int8.recipe=qat")
     parse({"preset": "fp16", "rules": [{"kind": "head", "use": "fp32"}]})
 
 Rules given next to a preset come before the preset's own, so they take precedence.
@@ -33,9 +39,11 @@ import jax
 import jax.numpy as jnp
 
 from mpx.fp8 import Fp8Config
+from mpx.int8 import Int8Config
 from mpx.loss_scale import LossScaleConfig
 
-PRECISIONS = ("fp8", "bf16", "fp16", "fp32")
+PRECISIONS = ("fp8", "bf16", "fp16", "fp32", "int8")
+QUANTIZED = ("fp8", "int8")  # precisions that apply to matmuls only
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 KINDS = (
     "dense",  # a projection: activations x weight
@@ -120,10 +128,10 @@ class Rule:
         for k in kinds or ():
             if k not in KINDS:
                 raise ValueError(f"unknown op kind {k!r} for {where}; expected one of {', '.join(KINDS)}{_suggest(k, KINDS)}")
-        if self.use == "fp8" and kinds is not None and not set(kinds) & set(MATMUL_KINDS):
+        if self.use in QUANTIZED and kinds is not None and not set(kinds) & set(MATMUL_KINDS):
             raise ValueError(
-                f"{where} asks for fp8 on kinds {'|'.join(kinds)}, which are not matmuls; "
-                f"fp8 applies to {', '.join(MATMUL_KINDS)}"
+                f"{where} asks for {self.use} on kinds {'|'.join(kinds)}, which are not matmuls; "
+                f"{self.use} applies to {', '.join(MATMUL_KINDS)}"
             )
         if self.match is not None:
             try:
@@ -139,7 +147,7 @@ class Rule:
     def matches(self, path: str, kind: str) -> bool:
         if self.kinds is not None and kind not in self.kinds:
             return False
-        if self.use == "fp8" and kind not in MATMUL_KINDS:
+        if self.use in QUANTIZED and kind not in MATMUL_KINDS:
             return False
         return self._regex is None or self._regex.fullmatch(path) is not None
 
@@ -159,9 +167,10 @@ class Rule:
 class OpPrecision:
     """What the policy decided for one op.
 
-    ``precision`` is one of `PRECISIONS`; ``dtype`` the dtype the op computes in (for fp8,
-    the dtype of the surrounding compute and of the FP8 GEMM's output); ``fp8`` the config
-    for fp8 ops; ``rule`` the index of the deciding rule, ``None`` for the default.
+    ``precision`` is one of `PRECISIONS`; ``dtype`` the dtype the op computes in (for fp8
+    and int8, the dtype of the surrounding compute and of the GEMM's output); ``fp8`` the
+    config for fp8 ops, ``int8`` for int8 ops; ``rule`` the index of the deciding rule,
+    ``None`` for the default.
     """
 
     path: str
@@ -170,10 +179,27 @@ class OpPrecision:
     dtype: Any
     fp8: Fp8Config | None
     rule: int | None
+    int8: Int8Config | None = None
 
     @property
     def is_fp8(self) -> bool:
         return self.precision == "fp8"
+
+    @property
+    def is_int8(self) -> bool:
+        return self.precision == "int8"
+
+    @property
+    def is_quantized(self) -> bool:
+        """fp8 or int8: the layer hands the matmul its master weight to quantize (one
+        rounding), and attention takes the explicit path."""
+        return self.precision in QUANTIZED
+
+    @property
+    def label(self) -> str:
+        """The precision as `mpx.inspect.describe` shows it: an int8 op with its recipe
+        (``int8 (qat)``), any other its precision."""
+        return self.int8.label if self.is_int8 else self.precision
 
 
 def _dtype_name(value, key: str) -> str:
@@ -201,6 +227,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     fp8: Fp8Config = Fp8Config()
     loss_scale: LossScaleConfig = LossScaleConfig()
+    int8: Int8Config = Int8Config()
 
     def __post_init__(self):
         for key in ("params", "compute", "output"):
@@ -244,6 +271,7 @@ class Policy:
             "output": self.output,
             "rules": [r.to_dict() for r in self.rules],
             "fp8": dataclasses.asdict(self.fp8),
+            "int8": dataclasses.asdict(self.int8),
             "loss_scale": dataclasses.asdict(self.loss_scale),
         }
 
@@ -274,6 +302,8 @@ def _resolve(policy: Policy, path: str, kind: str) -> OpPrecision:
         precision, index = policy.compute, None
     if precision == "fp8":
         return OpPrecision(path, kind, "fp8", policy.compute_dtype, policy.fp8, index)
+    if precision == "int8":
+        return OpPrecision(path, kind, "int8", policy.compute_dtype, None, index, int8=policy.int8)
     return OpPrecision(path, kind, precision, DTYPES[precision], None, index)
 
 
@@ -307,15 +337,24 @@ def _preset(name: str) -> Policy:
                 Rule(kind="dense|einsum", use="fp8"),
             ),
         )
+    if name == "int8":
+        return Policy(
+            compute="bf16",
+            rules=(
+                _STABLE_IN_FP32,
+                Rule(kind="embed|head", use="bf16"),
+                Rule(kind="dense|einsum", use="int8"),
+            ),
+        )
     raise ValueError(f"unknown policy preset {name!r}; expected one of {', '.join(PRESETS)}{_suggest(name, PRESETS)}")
 
 
-PRESETS = ("fp32", "bf16", "fp16", "fp8")
+PRESETS = ("fp32", "bf16", "fp16", "fp8", "int8")
 
 
 # ----------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "loss_scale")
+_TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale")
 _RULE_KEYS = ("match", "kind", "use")
 
 
@@ -349,7 +388,8 @@ def _rule_from_dict(d: Any, i: int) -> Rule:
 
 
 def policy_from_dict(d: Mapping[str, Any]) -> Policy:
-    """Build a policy from a dict with keys from ``preset, params, compute, output, rules, fp8, loss_scale``."""
+    """Build a policy from a dict with keys from ``preset, params, compute, output, rules, fp8, int8,
+    loss_scale``."""
     if not isinstance(d, Mapping):
         raise ValueError(f"a policy dict must be a mapping, got {type(d).__name__}")
     for key in d:
@@ -366,6 +406,7 @@ def policy_from_dict(d: Mapping[str, Any]) -> Policy:
         output=d.get("output", base.output),
         rules=own + base.rules,
         fp8=_config(Fp8Config, d.get("fp8", {}), base.fp8, "fp8"),
+        int8=_config(Int8Config, d.get("int8", {}), base.int8, "int8"),
         loss_scale=_config(LossScaleConfig, d.get("loss_scale", {}), base.loss_scale, "loss_scale"),
     )
 
@@ -384,14 +425,15 @@ def policy_from_string(spec: str) -> Policy:
 
     Items: a preset name (first item only); ``params=``/``compute=``/``output=`` a dtype;
     a rule ``PATTERN@KINDS->PRECISION`` (either side of ``@`` may be left out);
-    ``fp8.KEY=VALUE``; ``loss_scale=KIND``; ``loss_scale.KEY=VALUE``.
+    ``fp8.KEY=VALUE``; ``int8.KEY=VALUE``; ``loss_scale=KIND``; ``loss_scale.KEY=VALUE``.
     """
     d: dict[str, Any] = {"rules": []}
     fp8: dict[str, Any] = {}
+    int8: dict[str, Any] = {}
     loss: dict[str, Any] = {}
     items = [s.strip() for s in spec.split(";") if s.strip()]
     if not items:
-        raise ValueError("empty policy string; give a preset name (fp32, bf16, fp16, fp8) or items like 'compute=bf16'")
+        raise ValueError(f"empty policy string; give a preset name ({', '.join(PRESETS)}) or items like 'compute=bf16'")
     for i, item in enumerate(items):
         if "->" in item:
             target, use = (s.strip() for s in item.rsplit("->", 1))
@@ -401,6 +443,8 @@ def policy_from_string(spec: str) -> Policy:
             key, value = (s.strip() for s in item.split("=", 1))
             if key.startswith("fp8."):
                 fp8[key[4:]] = _scalar(value)
+            elif key.startswith("int8."):
+                int8[key[5:]] = _scalar(value)
             elif key == "loss_scale":
                 loss["kind"] = value
             elif key.startswith("loss_scale."):
@@ -410,7 +454,7 @@ def policy_from_string(spec: str) -> Policy:
             else:
                 raise ValueError(
                     f"unknown key {key!r} in policy item {item!r}; expected params, compute, output, "
-                    f"fp8.<key>, loss_scale or loss_scale.<key>"
+                    f"fp8.<key>, int8.<key>, loss_scale or loss_scale.<key>"
                 )
         elif i == 0:
             d["preset"] = item
@@ -421,6 +465,8 @@ def policy_from_string(spec: str) -> Policy:
             )
     if fp8:
         d["fp8"] = fp8
+    if int8:
+        d["int8"] = int8
     if loss:
         d["loss_scale"] = loss
     return policy_from_dict(d)

@@ -37,9 +37,16 @@ PRESET_TABLES = {
         "embed": ("bf16", BF16, None, 1), "head": ("bf16", BF16, None, 1),
         "softmax": ("fp32", F32, None, 0), "norm": ("fp32", F32, None, 0), "loss": ("fp32", F32, None, 0),
     },
+    # int8 preset: the fp8 preset's rules with dense|einsum->int8 (rule 2).
+    "int8": {
+        "dense": ("int8", BF16, None, 2), "einsum": ("int8", BF16, None, 2),
+        "attention_logits": ("bf16", BF16, None, None), "attention_values": ("bf16", BF16, None, None),
+        "embed": ("bf16", BF16, None, 1), "head": ("bf16", BF16, None, 1),
+        "softmax": ("fp32", F32, None, 0), "norm": ("fp32", F32, None, 0), "loss": ("fp32", F32, None, 0),
+    },
 }
 PRESET_DTYPES = {"fp32": ("fp32", "fp32", "fp32"), "bf16": ("fp32", "bf16", "fp32"),
-                 "fp16": ("fp32", "fp16", "fp32"), "fp8": ("fp32", "bf16", "fp32")}
+                 "fp16": ("fp32", "fp16", "fp32"), "fp8": ("fp32", "bf16", "fp32"), "int8": ("fp32", "bf16", "fp32")}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -52,6 +59,7 @@ def test_preset_dtypes_loss_scale_and_per_kind_precision(name):
     assert policy.fp8 == FP8
     assert resolved(policy) == PRESET_TABLES[name]
     assert policy.for_op("blocks/0/mlp/fc1", "dense").is_fp8 is (name == "fp8")
+    assert policy.for_op("blocks/0/mlp/fc1", "dense").is_int8 is (name == "int8")
 
 
 def test_first_matching_rule_wins_and_reports_its_index():
@@ -227,16 +235,18 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8 \(did you mean 'fp8'\?\)"),
+        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8, int8 \(did you mean 'fp8'\?\)"),
         ("bf16; head->float32", r"rule 0: unknown precision 'float32' for rule head->float32; "
-                                r"expected one of fp8, bf16, fp16, fp32 \(did you mean 'fp32'\?\)"),
+                                r"expected one of fp8, bf16, fp16, fp32, int8 \(did you mean 'fp32'\?\)"),
         ("bf16; @softmaxx->fp32", rf"unknown op kind 'softmaxx' for rule @softmaxx->fp32; "
                                   rf"expected one of {ALL_KINDS} \(did you mean 'softmax'\?\)"),
         ("bf16; @norm|loss->fp8", rf"rule @norm\|loss->fp8 asks for fp8 on kinds norm\|loss, which are not "
                                   rf"matmuls; fp8 applies to {MATMULS}"),
+        ("bf16; @softmax->int8", rf"rule @softmax->int8 asks for int8 on kinds softmax, which are not "
+                                 rf"matmuls; int8 applies to {MATMULS}"),
         ("bf16; blocks/(a->fp32", r"invalid path pattern 'blocks/\(a' for rule blocks/\(a->fp32"),
         ({"presett": "fp8"}, r"unknown key 'presett' in policy; accepted keys: preset, params, compute, output, "
-                             r"rules, fp8, loss_scale \(did you mean 'preset'\?\)"),
+                             r"rules, fp8, int8, loss_scale \(did you mean 'preset'\?\)"),
         ({"rules": [{"match": "a", "usee": "fp8"}]},
          r"unknown key 'usee' in rule 0; accepted keys: match, kind, use \(did you mean 'use'\?\)"),
         ({"rules": [{"kind": "head", "use": "fp32"}, {"match": "a"}]},

@@ -136,8 +136,8 @@ def find_ops(model: nnx.Module, kinds: Mapping[str, str] | None = None) -> list[
 
 def promote_keep_kernel(args, /, *, dtype=None, inexact=True):
     """Flax NNX's ``promote_dtype``, except that the kernel (the second array) keeps its
-    storage dtype: an FP8 matmul quantizes the f32 master weight itself, so the weight is
-    rounded once (to FP8), not first to the compute dtype."""
+    storage dtype: an FP8 or int8 matmul quantizes the f32 master weight itself, so the
+    weight is rounded once (to FP8 / int8), not first to the compute dtype."""
     inputs, kernel, *rest = args
     inputs, *rest = nnx_dtypes.promote_dtype((inputs, *rest), dtype=dtype, inexact=inexact)
     return (inputs, kernel, *rest)
@@ -171,7 +171,7 @@ def apply_policy(model: nnx.Module, policy: Policy, *example_args, kinds: Mappin
                 module.einsum_op = nnx.data(dot)
             else:
                 module.dot_general = nnx.data(dot)
-            module.promote_dtype = promote_keep_kernel if op.is_fp8 else nnx_dtypes.promote_dtype
+            module.promote_dtype = promote_keep_kernel if op.is_quantized else nnx_dtypes.promote_dtype
         module.dtype = op.dtype
     capture_matmuls(model, policy, kinds, example_args, example_kwargs)
     return model
