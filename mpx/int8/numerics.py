@@ -46,13 +46,15 @@ def _axes(x: jax.Array, axes: int | Sequence[int] | None) -> tuple[int, ...]:
 def compute_scale(x: jax.Array, axes: int | Sequence[int] | None = None) -> jax.Array:
     """``max(amax * (1 / 127), MIN_SCALE)`` as f32, the amax taken over ``axes`` (``None``: all).
 
-    A product with the f32 reciprocal of 127 rather than a division: XLA rewrites a
-    division by a constant into that product under ``jit`` (but not eagerly), so only the
-    product gives the same scale everywhere. Kept dims: the result broadcasts against
-    ``x``. A non-finite value makes its scale
-    inf or NaN, which every product with the scale (the dequantized tensor, the rescaled
-    matmul output) carries on: an overflow upstream stays visible downstream instead of
-    being quantized into plausible numbers.
+    Kept dims: the result broadcasts against ``x``. A product with the f32 reciprocal of
+    127 rather than a division: XLA rewrites a division by a constant into that product
+    under ``jit`` (but not eagerly), so only the product gives the same scale everywhere
+    (127 * f32(1 / 127) is exactly 1: an amax of 127 gives a scale of 1).
+
+    A non-finite value makes its scale inf or NaN, which every product with the scale
+    (the dequantized tensor, the rescaled matmul output) carries on: an overflow upstream
+    stays visible downstream instead of being quantized into plausible numbers. (XLA
+    flushes subnormal inputs to zero on CPU and GPU; they quantize as zeros.)
     """
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=_axes(x, axes), keepdims=True)
     return jnp.maximum(amax * _INV_INT8_MAX, jnp.float32(MIN_SCALE))  # NaN propagates
