@@ -24,7 +24,7 @@ QUICKSTART ?= configs/quickstart.yaml
 train: $(STAMP)
 	$(PY) -m train train $(QUICKSTART)
 	$(PY) -m train eval $(QUICKSTART)
-	$(PY) -m train generate $(QUICKSTART) --tokens 300
+	$(PY) -m train generate $(QUICKSTART) --tokens 200
 
 clean:
 	rm -rf $(VENV) .pytest_cache
