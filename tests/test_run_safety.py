@@ -390,3 +390,29 @@ def test_a_failed_restore_drops_only_the_closed_event_loop_reports(monkeypatch):
     sys.unraisablehook(report(ValueError("Event loop is closed")))
     assert [u.exc_value.args[0] for u in seen] == ["something else", "Event loop is closed"]
     assert seen[0] is other
+
+
+def test_a_new_fine_tuning_run_encodes_with_its_pre_training_runs_tokenizer(tmp_path, data_dir):
+    """Pre-trained with a 300-piece SentencePiece vocabulary: the fine-tuning config says
+    byte (its own default), but the loaded embeddings index SentencePiece ids, so the
+    classifier's data is encoded with the pre-training run's tokenizer, which becomes the
+    fine-tuning run's own; it says so."""
+    corpus = tmp_path / "corpus.txt"  # the small test corpus, as paragraphs (documents)
+    corpus.write_text("\n\n".join((pathlib.Path(__file__).parent / "data" / "tiny_corpus.txt").read_text().split("\n")))
+    pre = config_for(tmp_path, data_dir, "data.tokenizer=sentencepiece", "data.vocab_size=300",
+                     f"data.files=[{corpus}]", f"data.data_dir={tmp_path / 'spm_data'}", "train.steps=2",
+                     "data.validation_fraction=0.2", "data.batch_size=2")
+    loop.train(pre, say=lambda _: None)
+    rows = "text,sentiment\n" + "".join(f"{w} day,{'positive' if i % 2 else 'negative'}\n"
+                                         for i, w in enumerate(["good", "bad", "fine", "awful"] * 10))
+    (tmp_path / "tweets.csv").write_text(rows)
+    said = []
+    ft = config_for(tmp_path, data_dir, "data.task=classification", f"data.path={tmp_path / 'tweets.csv'}",
+                    f"data.data_dir={tmp_path / 'ft_data'}", "data.validation_fraction=0.2", "data.batch_size=2",
+                    f"finetune.init_from={pre.run_dir}", f"run_dir={tmp_path / 'ft'}", "train.steps=2")
+    assert ft.data.tokenizer == "byte"
+    loop.train(ft, say=said.append)
+    assert any(line.startswith(f"encoding with the tokenizer of {pre.run_dir} (sentencepiece, 300 ids)")
+               for line in said), said
+    own = identity.run_tokenizer(ft.run_dir)
+    assert own.kind == "sentencepiece" and own.vocab_size == 300
