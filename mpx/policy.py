@@ -354,7 +354,7 @@ PRESETS = ("fp32", "bf16", "fp16", "fp8", "int8")
 
 # ----------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale")
+TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale")
 _RULE_KEYS = ("match", "kind", "use")
 
 
@@ -393,8 +393,8 @@ def policy_from_dict(d: Mapping[str, Any]) -> Policy:
     if not isinstance(d, Mapping):
         raise ValueError(f"a policy dict must be a mapping, got {type(d).__name__}")
     for key in d:
-        if key not in _TOP_KEYS:
-            raise _unknown_key(key, _TOP_KEYS, "policy")
+        if key not in TOP_KEYS:
+            raise _unknown_key(key, TOP_KEYS, "policy")
     base = _preset(d["preset"]) if "preset" in d else Policy()
     rules = d.get("rules", [])
     if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):

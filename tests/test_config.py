@@ -286,7 +286,8 @@ def test_wrong_types_name_the_key_the_expected_type_and_the_value(override, mess
         (["model.d_model=100", "model.num_heads=8"], r"model.num_heads=10 or model.d_model=96"),
         (["model.num_heads=0"], r"^model.num_heads: must be >= 1, got 0$"),
         (["model.dropout=1"], r"^model.dropout: must be in \[0, 1\), got 1.0$"),
-        (["model.vocab_size=100"], r"^model.vocab_size \(100\) must be >= the byte tokenizer's 256 ids"),
+        (["model.vocab_size=100"], r"^model.vocab_size \(100\) must be >= the sentencepiece tokenizer's 2048 ids"),
+        (["model.vocab_size=100", "data.tokenizer=byte"], r"^model.vocab_size \(100\) must be >= the byte tokenizer's 256 ids"),
         (["data.seq_len=256"], r"^data.seq_len \(256\) must be <= model.max_len \(128\)$"),
         (["train.steps=0"], r"^train.steps: must be >= 1, got 0$"),
         (["train.steps=10"], r"^optim.warmup_steps \(50\) must be <= train.steps \(10\)$"),
@@ -464,3 +465,9 @@ def test_shipped_configs_state_only_their_differences():
     differ = {k for k in fp8.to_dict() if fp8.to_dict()[k] != bf16.to_dict()[k]}
     assert differ == {"name", "run_dir", "precision"}
     assert "base:" in (ROOT / "configs/pretrain_bf16.yaml").read_text()
+
+
+def test_a_bad_int8_key_is_named_under_precision_int8():
+    with raises(r"^precision.int8.recipee: unknown key 'recipee' in int8; .*did you mean 'recipe'"):
+        config_from_dict({"precision": {"preset": "int8", "int8": {"recipee": "qat"}}})
+    assert config_from_dict({"precision": "int8; int8.recipe=qat"}).policy().int8.recipe == "qat"

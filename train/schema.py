@@ -496,8 +496,7 @@ def _checked_precision(spec):
     elif not isinstance(spec, str):
         raise ConfigError(
             f"precision: expected a preset name ({', '.join(mpx.policy.PRESETS)}), a compact policy string "
-            f"('bf16; blocks/*/mlp/*->fp8') or a mapping (preset, params, compute, output, rules, fp8, "
-            f"loss_scale), got {spec!r}"
+            f"('bf16; blocks/*/mlp/*->fp8') or a mapping ({', '.join(mpx.policy.TOP_KEYS)}), got {spec!r}"
         )
     whole = _policy_failure(spec)
     if whole is None:
@@ -513,7 +512,7 @@ def _checked_precision(spec):
                         raise ConfigError(f"precision.rules[{i}]: {_RULE_PREFIX.sub('', message)}")
             if key in ("params", "compute", "output") and not isinstance(value, str):
                 raise ConfigError(f"precision.{key}: expected a dtype name ({', '.join(mpx.policy.DTYPES)}), got {value!r}")
-            if key in ("fp8", "loss_scale") and isinstance(value, Mapping):
+            if key in ("fp8", "int8", "loss_scale") and isinstance(value, Mapping):
                 for sub, v in value.items():
                     if message := _policy_failure({key: {sub: v}}):
                         raise ConfigError(f"precision.{key}.{sub}: {message}")
