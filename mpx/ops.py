@@ -10,10 +10,10 @@ from jax import lax
 
 from mpx.fp8 import Fp8Meta, fp8_dot_general
 from mpx.int8 import int8_dot_general
-from mpx.policy import OpPrecision
+from mpx import ptq
+from mpx.policy import WEIGHT_RHS_KINDS, OpPrecision
 
 # Kinds whose rhs is a weight (x @ kernel): int8 scales it per output channel.
-WEIGHT_RHS_KINDS = ("dense", "einsum", "head")
 
 
 def dot_general(
@@ -59,6 +59,10 @@ def gemm_dims(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, int]:
 
 
 def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
+    if op.kind in WEIGHT_RHS_KINDS:
+        ptq.record(op.path, lhs)  # a no-op unless `mpx.ptq.calibrate` is running
+    if op.input_clip is not None:  # the policy's static input grid (post-training quantization)
+        lhs = ptq.fake_quantize_input(lhs, op.input_clip, op.input_format)
     min_size = op.fp8.min_size if op.is_fp8 else op.int8.min_size if op.is_int8 else 0
     if min_size and min(gemm_dims(lhs.shape, rhs.shape, dimension_numbers)) < min_size:
         return lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers), meta

@@ -15,6 +15,11 @@ Presets (`PRESETS`): ``fp32``; ``bf16`` and ``fp16`` (softmax, norms and the los
 fp16 with a dynamic loss scale); ``fp8`` and ``int8`` (bf16 compute, dense and einsum
 matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32).
 
+``inputs`` (`StaticInputs`, dict key ``inputs``) puts the input of each listed weight
+matmul (kinds `WEIGHT_RHS_KINDS`) on the int8 or E4M3 grid of a calibrated static clip
+value: post-training quantization of activations (`mpx.ptq`). Being part of the policy,
+the grids are part of every model built and every program traced under it.
+
 Build a policy from a preset name, a compact string or a dict (YAML-ready) with
 `parse`::
 
@@ -57,6 +62,8 @@ KINDS = (
     "loss",
 )
 MATMUL_KINDS = ("dense", "einsum", "attention_logits", "attention_values", "head")
+WEIGHT_RHS_KINDS = ("dense", "einsum", "head")  # matmuls whose rhs is a weight (the rest: two activations)
+INPUT_FORMATS = ("int8", "fp8")
 
 
 def _suggest(value: str, choices: Sequence[str]) -> str:
@@ -94,6 +101,35 @@ def kind_overrides(kinds: Mapping[str, str] | None) -> list:
             raise ValueError(f"unknown op kind {kind!r} for path {pattern!r} in kinds; expected one of {', '.join(KINDS)}")
         out.append((re.compile(_translate_pattern(pattern)), kind))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticInputs:
+    """Static input grids of weight matmuls: the op at each path of ``clip`` takes its input
+    on the ``format`` grid (int8: ``clip / 127`` steps, codes in [-127, 127]; fp8: E4M3
+    scaled so that ``clip`` lands on 448), values beyond ``clip`` saturating. ``clip`` is a
+    mapping ``{op path: clip value}`` (calibrated, `mpx.ptq.calibrate`), kept as sorted
+    pairs so the policy stays hashable. Ops not listed take their input as it is."""
+
+    format: str = "int8"
+    clip: Any = ()
+
+    def __post_init__(self):
+        if self.format not in INPUT_FORMATS:
+            raise ValueError(f"inputs.format: expected one of {', '.join(INPUT_FORMATS)}, got {self.format!r}")
+        items = self.clip.items() if isinstance(self.clip, Mapping) else self.clip
+        pairs = []
+        for path, value in items:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < float("inf"):
+                raise ValueError(f"inputs.clip[{path!r}]: expected a positive finite number, got {value!r}")
+            pairs.append((str(path), float(value)))
+        object.__setattr__(self, "clip", tuple(sorted(pairs)))
+
+    def clip_of(self, path: str) -> float | None:
+        return dict(self.clip).get(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "clip": dict(self.clip)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +216,8 @@ class OpPrecision:
     fp8: Fp8Config | None
     rule: int | None
     int8: Int8Config | None = None
+    input_clip: float | None = None  # a static input grid (`StaticInputs`), with its format
+    input_format: str | None = None
 
     @property
     def is_fp8(self) -> bool:
@@ -199,7 +237,8 @@ class OpPrecision:
     def label(self) -> str:
         """The precision as `mpx.inspect.describe` shows it: an int8 op with its recipe
         (``int8 (qat)``), any other its precision."""
-        return self.int8.label if self.is_int8 else self.precision
+        label = self.int8.label if self.is_int8 else self.precision
+        return f"{label} ({self.input_format} inputs)" if self.input_clip is not None else label
 
 
 def _dtype_name(value, key: str) -> str:
@@ -228,6 +267,7 @@ class Policy:
     fp8: Fp8Config = Fp8Config()
     loss_scale: LossScaleConfig = LossScaleConfig()
     int8: Int8Config = Int8Config()
+    inputs: StaticInputs | None = None
 
     def __post_init__(self):
         for key in ("params", "compute", "output"):
@@ -273,6 +313,7 @@ class Policy:
             "fp8": dataclasses.asdict(self.fp8),
             "int8": dataclasses.asdict(self.int8),
             "loss_scale": dataclasses.asdict(self.loss_scale),
+            **({"inputs": self.inputs.to_dict()} if self.inputs is not None else {}),
         }
 
 
@@ -300,11 +341,13 @@ def _resolve(policy: Policy, path: str, kind: str) -> OpPrecision:
             break
     else:
         precision, index = policy.compute, None
+    clip = policy.inputs.clip_of(path) if policy.inputs is not None and kind in WEIGHT_RHS_KINDS else None
+    grid = {"input_clip": clip, "input_format": policy.inputs.format if clip is not None else None}
     if precision == "fp8":
-        return OpPrecision(path, kind, "fp8", policy.compute_dtype, policy.fp8, index)
+        return OpPrecision(path, kind, "fp8", policy.compute_dtype, policy.fp8, index, **grid)
     if precision == "int8":
-        return OpPrecision(path, kind, "int8", policy.compute_dtype, None, index, int8=policy.int8)
-    return OpPrecision(path, kind, precision, DTYPES[precision], None, index)
+        return OpPrecision(path, kind, "int8", policy.compute_dtype, None, index, int8=policy.int8, **grid)
+    return OpPrecision(path, kind, precision, DTYPES[precision], None, index, **grid)
 
 
 def _cast_floating(tree, dtype):
@@ -354,7 +397,7 @@ PRESETS = ("fp32", "bf16", "fp16", "fp8", "int8")
 
 # ----------------------------------------------------------------------------- parsing
 
-TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale")
+TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale", "inputs")
 _RULE_KEYS = ("match", "kind", "use")
 
 
@@ -389,7 +432,7 @@ def _rule_from_dict(d: Any, i: int) -> Rule:
 
 def policy_from_dict(d: Mapping[str, Any]) -> Policy:
     """Build a policy from a dict with keys from ``preset, params, compute, output, rules, fp8, int8,
-    loss_scale``."""
+    loss_scale, inputs``."""
     if not isinstance(d, Mapping):
         raise ValueError(f"a policy dict must be a mapping, got {type(d).__name__}")
     for key in d:
@@ -408,6 +451,7 @@ def policy_from_dict(d: Mapping[str, Any]) -> Policy:
         fp8=_config(Fp8Config, d.get("fp8", {}), base.fp8, "fp8"),
         int8=_config(Int8Config, d.get("int8", {}), base.int8, "int8"),
         loss_scale=_config(LossScaleConfig, d.get("loss_scale", {}), base.loss_scale, "loss_scale"),
+        inputs=_config(StaticInputs, d["inputs"], StaticInputs(), "inputs") if d.get("inputs") is not None else None,
     )
 
 
