@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -38,22 +41,39 @@ def generate(graphdef, params, meta, prompt: list[int], *, max_len: int, new_tok
 
     The model sees a fixed window of ``max_len`` tokens, right-padded: a causal model's
     logits at position p depend only on tokens <= p, so one compiled step serves every
-    position. Past ``max_len`` the window slides.
+    position. Past ``max_len`` the window slides. The step is compiled once per model
+    (graph, policy included) and sampling setting, and reused by later calls.
     """
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token (e.g. a newline)")
     check_sampling(new_tokens=new_tokens, temperature=temperature, top_k=top_k, vocab_size=None)
+    step = _sampling_step(graphdef, temperature, top_k)
+    tokens = list(prompt)
+    key = jax.random.key(seed)
+    for i in range(new_tokens):
+        context = tokens[-max_len:]
+        window = np.zeros((max_len,), np.int32)  # on the host: no per-length device op to compile
+        window[: len(context)] = context
+        tokens.append(int(step(params, meta, window, len(context) - 1, jax.random.fold_in(key, i))))
+    return tokens[len(prompt):]
 
+
+@functools.lru_cache(maxsize=8)
+def _sampling_step(graphdef, temperature: float, top_k: int | None):
     @jax.jit
     def step(params, meta, window, pos, key):  # state as arguments: merged Variables belong to this trace
         model = nnx.merge(graphdef, params, meta)
         logits = model(window[None])[0, pos]
         return sample_logits(logits, key, temperature=temperature, top_k=top_k)
 
-    tokens = list(prompt)
-    key = jax.random.key(seed)
-    for i in range(new_tokens):
-        context = tokens[-max_len:]
-        window = jnp.zeros((max_len,), jnp.int32).at[: len(context)].set(jnp.asarray(context, jnp.int32))
-        tokens.append(int(step(params, meta, window, len(context) - 1, jax.random.fold_in(key, i))))
-    return tokens[len(prompt):]
+    return step
+
+
+def tokens_per_second(graphdef, params, meta, *, max_len: int, new_tokens: int = 64) -> float:
+    """Steady sampling speed: ``new_tokens`` timed after one untimed token (the compile)."""
+    import time
+
+    generate(graphdef, params, meta, [0], max_len=max_len, new_tokens=1)
+    start = time.perf_counter()
+    generate(graphdef, params, meta, [0], max_len=max_len, new_tokens=new_tokens)
+    return new_tokens / (time.perf_counter() - start)
