@@ -246,7 +246,7 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
                                  rf"matmuls; int8 applies to {MATMULS}"),
         ("bf16; blocks/(a->fp32", r"invalid path pattern 'blocks/\(a' for rule blocks/\(a->fp32"),
         ({"presett": "fp8"}, r"unknown key 'presett' in policy; accepted keys: preset, params, compute, output, "
-                             r"rules, fp8, int8, loss_scale \(did you mean 'preset'\?\)"),
+                             r"rules, fp8, int8, loss_scale, inputs \(did you mean 'preset'\?\)"),
         ({"rules": [{"match": "a", "usee": "fp8"}]},
          r"unknown key 'usee' in rule 0; accepted keys: match, kind, use \(did you mean 'use'\?\)"),
         ({"rules": [{"kind": "head", "use": "fp32"}, {"match": "a"}]},
