@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {train,eval,generate,data,bench} CONFIG [key=value ...]``."""
+"""Command line: ``python -m train {train,eval,generate,quantize,export,data,bench} CONFIG [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -24,13 +24,25 @@ def _parser() -> argparse.ArgumentParser:
 
     t = command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
     t.add_argument("--strict", action="store_true", help="a policy rule that matches no op is an error, not a warning")
-    command("eval", "Evaluate a run's newest checkpoint on its validation split.")
+    e = command("eval", "Evaluate a run's newest checkpoint on its validation split.")
+    e.add_argument("--quantized", action="append", default=[], metavar="DIR",
+                   help="also evaluate this quantized model (python -m train quantize), next to the float one; "
+                        "may be given several times")
     g = command("generate", "Sample text from a language-model run's newest checkpoint.")
+    g.add_argument("--quantized", default=None, metavar="DIR", help="sample from this quantized model of the run")
     g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     g.add_argument("--tokens", type=int, default=200, help="how many tokens to sample (default 200)")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    q = command("quantize", "Post-training quantization of a run's newest checkpoint (int8 or fp8 weights, "
+                "optionally calibrated int8/fp8 matmul inputs), compared with the float model.")
+    q.add_argument("--out", required=True, help="a new directory to write the quantized model to")
+    q.add_argument("--format", default="int8", help="int8 or fp8 (E4M3) (default int8)")
+    q.add_argument("--mode", default="weight", help="weight (weights only) or weight_activation (default weight)")
+    q.add_argument("--calibration", default="absmax", help="input clip value: absmax or percentile (default absmax)")
+    q.add_argument("--percentile", type=float, default=99.99, help="percentile of |x| for --calibration percentile")
+    q.add_argument("--batches", type=int, default=8, help="training batches to calibrate on (default 8)")
     x = command("export", "Write a run's params and FP8 meta (newest checkpoint) with its config and tokenizer.")
     x.add_argument("--out", required=True, help="a new directory to write to")
     d = command("data", "Prepare a run's dataset and tokenizer, or inspect them.")
@@ -99,8 +111,31 @@ def _eval(config, args) -> int:
     from train.evaluation import evaluate_trained, load_trained
 
     trained = load_trained(config)
+    if args.quantized:
+        from train import quantize
+
+        models = [quantize.load_quantized(d, trained.state.params) for d in args.quantized]
+        print(f"at step {trained.step}, under the fp32 policy:")
+        quantize.compare(trained, models)
+        return 0
     result = evaluate_trained(trained)
     print(f"eval at step {trained.step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _quantize(config, args) -> int:
+    import json
+
+    from train import quantize
+    from train.evaluation import load_trained
+
+    settings = quantize.QuantizeSettings(format=args.format, mode=args.mode, calibration=args.calibration,
+                                         percentile=args.percentile, batches=args.batches)
+    trained = load_trained(config)
+    out = quantize.quantize(trained, settings, args.out)
+    print(f"at step {trained.step}, under the fp32 policy:")
+    rows = quantize.compare(trained, [quantize.load_quantized(out, trained.state.params)])
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -116,9 +151,15 @@ def _generate(config, args) -> int:
     tokenizer = trained.task.tokenizer
     check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
                    vocab_size=tokenizer.vocab_size)
-    out = generate(trained.graphdef, trained.state.params, trained.state.fp8_meta, tokenizer.encode(args.prompt),
-                   max_len=trained.config.model.max_len, new_tokens=args.tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, seed=args.seed)
+    graphdef, params, meta = trained.graphdef, trained.state.params, trained.state.fp8_meta
+    if args.quantized:
+        from train import quantize
+
+        model = quantize.load_quantized(args.quantized, params)
+        built = quantize.float_reference(trained, say=print, precision=model.precision)
+        graphdef, params, meta = built.graphdef, model.params, built.state.fp8_meta
+    out = generate(graphdef, params, meta, tokenizer.encode(args.prompt), max_len=trained.config.model.max_len,
+                   new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(out))
     return 0
 
@@ -170,8 +211,8 @@ def _export(config, args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "data": _data,
-             "bench": _bench}
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "quantize": _quantize,
+             "data": _data, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

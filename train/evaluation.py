@@ -120,22 +120,20 @@ def export_trained(trained: Trained, out_dir: str | pathlib.Path) -> pathlib.Pat
     ``{"params", "fp8_meta"}`` (plain nested dicts of arrays, read back with
     ``orbax.checkpoint.StandardCheckpointer().restore(out_dir / "state")``), with the run's
     ``config.yaml`` and ``tokenizer/`` beside it. ``out_dir`` must not exist yet."""
-    import shutil
-
     import orbax.checkpoint as ocp
 
-    out = pathlib.Path(out_dir).absolute()
-    if out.exists():
-        raise ValueError(f"export directory {out} exists; give a new one (an export never overwrites)")
-    out.mkdir(parents=True)
+    out = new_directory(out_dir, "export")
     tree = {"params": trained.state.params.to_pure_dict(), "fp8_meta": nnx.State(trained.state.fp8_meta).to_pure_dict()}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / "state", jax.device_get(tree))
-    run = pathlib.Path(trained.config.run_dir)
-    for name in (identity.CONFIG_FILE, identity.TOKENIZER_DIR):
-        source = run / name
-        if source.is_dir():
-            shutil.copytree(source, out / name)
-        elif source.is_file():
-            shutil.copy2(source, out / name)
+    identity.copy_identity(trained.config.run_dir, out)
+    return out
+
+
+def new_directory(path: str | pathlib.Path, what: str) -> pathlib.Path:
+    """``path`` made (absolute); it must not exist yet: an output never overwrites."""
+    out = pathlib.Path(path).absolute()
+    if out.exists():
+        raise ValueError(f"{what} directory {out} exists; give a new one (an existing directory is never written over)")
+    out.mkdir(parents=True)
     return out

@@ -207,3 +207,14 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
             node = node.setdefault(part, {})
         node[last] = value
     return config_from_dict(nested)
+
+
+def copy_identity(run_dir: str | pathlib.Path, out: pathlib.Path) -> None:
+    """The run's ``config.yaml`` and ``tokenizer/`` into ``out`` (an export carries them)."""
+    import shutil
+
+    run = pathlib.Path(run_dir)
+    if (run / CONFIG_FILE).is_file():
+        shutil.copy2(run / CONFIG_FILE, out / CONFIG_FILE)
+    if (run / TOKENIZER_DIR).is_dir():
+        shutil.copytree(run / TOKENIZER_DIR, out / TOKENIZER_DIR)
