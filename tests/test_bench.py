@@ -41,7 +41,8 @@ def test_gemm_rows_cover_every_variant_and_pass(record):
     rows = [r for r in record["rows"] if r["mode"] == "gemm"]
     assert {(r["variant"], r["pass"]) for r in rows} == {
         ("bf16", "fwd"), ("bf16", "fwd+bwd"), ("fp8_raw", "fwd"), ("mpx_fp8", "fwd"), ("mpx_fp8", "fwd+bwd"),
-        ("flax_fp8_direct", "fwd"), ("flax_fp8_direct", "fwd+bwd")}
+        ("flax_fp8_direct", "fwd"), ("flax_fp8_direct", "fwd+bwd"), ("int8_raw", "fwd"), ("mpx_int8", "fwd"),
+        ("mpx_int8", "fwd+bwd")}
     for r in rows:
         check_timing(r)
         assert r["shape"] == [32, 16, 48] and r["tflops"] > 0
@@ -54,7 +55,7 @@ def test_layer_step_and_crossover_rows(record):
     assert set(layer) == {"mpx_bf16", "flax_bf16", "mpx_fp8", "flax_fp8_direct"}
     assert layer["mpx_bf16"]["speedup_vs_mpx_bf16"] == 1.0
     step = {r["variant"]: r for r in record["rows"] if r["mode"] == "step"}
-    assert set(step) == {"fp32", "bf16", "fp8", "fp16"}
+    assert set(step) == {"fp32", "bf16", "fp8", "fp16", "int8"}
     for r in [*layer.values(), *step.values()]:
         check_timing(r)
     for r in step.values():
@@ -82,7 +83,8 @@ def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "[gemm]" in run.stdout and "mpx_fp8" in run.stdout
-    assert {r["variant"] for r in json.loads(out.read_text())["rows"]} == {"bf16", "fp8_raw", "mpx_fp8", "flax_fp8_direct"}
+    assert {r["variant"] for r in json.loads(out.read_text())["rows"]} == {"bf16", "fp8_raw", "mpx_fp8", "flax_fp8_direct",
+                                                                          "int8_raw", "mpx_int8"}
     bad = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "gemmm"], cwd=tmp_path,
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown bench mode 'gemmm'" in bad.stderr

@@ -587,3 +587,22 @@ def test_readme_int8_example_runs_as_written():
     assert (scope["op"].precision, scope["op"].label) == ("int8", "int8 (qat)")
     assert scope["y"].dtype == jnp.bfloat16 and np.all(np.asarray(scope["y"], np.float32) == 64.0)
     assert scope["scale"].shape == (1, 32) and np.all(np.asarray(scope["q"]) == 127)
+
+
+# ----------------------------------------------------------------------------- GPU: integer GEMMs
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_int8_matmul_compiles_to_an_integer_gemm_on_gpu():
+    """On a GPU, XLA runs the s8 x s8 -> s32 dot_general as a cuBLAS GEMM on s8 operands
+    (not a float GEMM on converted codes): the compiled program has a GEMM custom call
+    whose operands are s8."""
+    x = jnp.ones((256, 512), jnp.bfloat16)
+    w = jnp.ones((512, 256), jnp.float32)
+
+    def f(x, w):
+        return int8_dot_general(x, w, (((1,), (0,)), ((), ())), Int8Config(), out_dtype=jnp.bfloat16)
+
+    hlo = jax.jit(f).lower(x, w).compile().as_text()
+    gemms = [line for line in hlo.splitlines() if "custom_call_target=\"__cublas$gemm\"" in line]
+    assert any("s8[" in line for line in gemms), "\n".join(gemms) or hlo[-3000:]

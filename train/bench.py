@@ -6,11 +6,13 @@ Modes (each returns rows; `run` collects them into one JSON-ready record):
 
 * ``gemm``: for (M, K, N) shapes, ``x (M, K) @ w (K, N)``: bf16; raw FP8 (operands
   quantized outside the timed program: the ceiling); `mpx.fp8_dot_general`; Flax's
-  ``fp8_scaled_dot_general`` (the function behind ``Fp8DirectDotGeneralOp``). Forward
-  and forward + backward; TFLOP/s and the ratio to bf16.
+  ``fp8_scaled_dot_general`` (the function behind ``Fp8DirectDotGeneralOp``); raw int8
+  (s8 x s8 -> s32, codes made outside) and `mpx.int8.int8_dot_general` (per-token and
+  per-channel codes made inside, straight-through backward). Forward and forward +
+  backward; TFLOP/s (TOP/s for int8) and the ratio to bf16.
 * ``layer``: a stack of decoder layers of the config's shape (plain Flax NNX layers),
   forward + backward: mpx fp8, mpx bf16, plain Flax bf16, Flax Fp8Direct dots.
-* ``step``: the config's full train step (AdamW) under fp32 / bf16 / fp8 / fp16:
+* ``step``: the config's full train step (AdamW) under fp32 / bf16 / fp8 / fp16 / int8:
   step time, tokens/s, MFU, compiled memory.
 * ``crossover``: square GEMMs of growing size, forward + backward: the smallest size
   at which mpx FP8 beats bf16, as the policy override ``fp8.min_size=N``.
@@ -111,12 +113,25 @@ def gemm_variants(m: int, k: int, n: int, *, history: int = 16, seed: int = 0) -
         out = jax.lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.bfloat16)
         return (out.astype(jnp.float32) / (scales[0] * scales[1])).astype(jnp.bfloat16)
 
+    # int8: codes per token (x) and per output channel (w), s8 x s8 -> s32, rescaled in f32.
+    ix, isx = mpx.int8.quantize(x, axes=1)
+    iw, isw = mpx.int8.quantize(w, axes=0)
+    int8_config = mpx.int8.Int8Config()
+
+    def int8_raw(a, b, scales):
+        out = jax.lax.dot_general(a, b, MATMUL, preferred_element_type=jnp.int32)
+        return (out.astype(jnp.float32) * scales[0] * scales[1]).astype(jnp.bfloat16)
+
+    mpx_int8 = lambda a, b, _: mpx.int8.int8_dot_general(a, b, MATMUL, int8_config, out_dtype=jnp.bfloat16)  # noqa: E731
+
     _require_bf16("bf16", bf16, x, w16, None)
     return {
         "bf16": (jax.jit(bf16), summed(bf16), (x, w16, jnp.zeros(()))),
         "fp8_raw": (jax.jit(raw), None, (qx, qw, (sx, sw))),
         "mpx_fp8": (jax.jit(mpx_dot), summed(mpx_dot), (x, w, meta)),
         "flax_fp8_direct": (jax.jit(_flax_fp8_dot), summed(_flax_fp8_dot), (x, w16, flax_state)),
+        "int8_raw": (jax.jit(int8_raw), None, (ix, iw, (isx, isw))),
+        "mpx_int8": (jax.jit(mpx_int8), summed(mpx_int8), (x, w, jnp.zeros(()))),
     }
 
 
@@ -241,7 +256,7 @@ def layer(shape: mn.TransformerConfig, *, layers: int, batch: int, seq: int, rep
 # ----------------------------------------------------------------------------- step
 
 
-PRECISIONS = ("fp32", "bf16", "fp8", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp16", "int8")
 
 
 def step(shape: mn.TransformerConfig, *, batch: int, seq: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
