@@ -371,22 +371,13 @@ def _preset(name: str) -> Policy:
         return Policy(compute="bf16", rules=(_STABLE_IN_FP32,))
     if name == "fp16":
         return Policy(compute="fp16", rules=(_STABLE_IN_FP32,), loss_scale=LossScaleConfig(kind="dynamic"))
-    if name == "fp8":
+    if name in ("fp8", "int8"):  # the 8-bit presets differ only in the dense matmuls' precision
         return Policy(
             compute="bf16",
             rules=(
                 _STABLE_IN_FP32,
                 Rule(kind="embed|head", use="bf16"),
-                Rule(kind="dense|einsum", use="fp8"),
-            ),
-        )
-    if name == "int8":
-        return Policy(
-            compute="bf16",
-            rules=(
-                _STABLE_IN_FP32,
-                Rule(kind="embed|head", use="bf16"),
-                Rule(kind="dense|einsum", use="int8"),
+                Rule(kind="dense|einsum", use=name),
             ),
         )
     raise ValueError(f"unknown policy preset {name!r}; expected one of {', '.join(PRESETS)}{_suggest(name, PRESETS)}")
