@@ -62,3 +62,26 @@ def test_post_training_quantization_example_quantizes_weights_and_inputs():
     relative = float(jnp.sqrt(jnp.mean((logits - float_logits) ** 2) / jnp.mean(float_logits**2)))
     assert 1e-4 < relative < 0.05, relative
     assert len(scope["policy"].inputs.clip) == 9  # 2 blocks x (qkv, out, fc, proj) + the tied head
+
+
+def test_the_policy_key_table_lists_every_key_and_preset():
+    """The README's key reference cannot fall behind the code: every top-level policy key,
+    every field of the fp8 / int8 / loss-scale configs and every preset and op kind is in
+    the "Every policy key" section."""
+    import dataclasses
+
+    import mpx
+    from mpx.int8 import Int8Config
+    from mpx.policy import KINDS, PRESETS, TOP_KEYS
+
+    text = README.read_text()
+    section = text[text.index("### Every policy key"):text.index("### How FP8 state flows")]
+    for key in TOP_KEYS:
+        assert f"`{key}" in section, key
+    for prefix, cls in (("fp8", mpx.Fp8Config), ("int8", Int8Config)):
+        for f in dataclasses.fields(cls):
+            assert f"`{prefix}.{f.name}`" in section, (prefix, f.name)
+    for f in dataclasses.fields(mpx.LossScaleConfig):
+        assert f.name in section, f.name
+    for name in (*PRESETS, *KINDS):
+        assert f"`{name}`" in section, name
