@@ -392,7 +392,7 @@ def test_a_failed_restore_drops_only_the_closed_event_loop_reports(monkeypatch):
     assert seen[0] is other
 
 
-def test_a_new_fine_tuning_run_encodes_with_its_pre_training_runs_tokenizer(tmp_path, data_dir):
+def test_a_new_fine_tuning_run_encodes_with_its_pre_training_runs_tokenizer(tmp_path, data_dir, capsys):
     """Pre-trained with a 300-piece SentencePiece vocabulary: the fine-tuning config says
     byte (its own default), but the loaded embeddings index SentencePiece ids, so the
     classifier's data is encoded with the pre-training run's tokenizer, which becomes the
@@ -411,6 +411,15 @@ def test_a_new_fine_tuning_run_encodes_with_its_pre_training_runs_tokenizer(tmp_
                     f"data.data_dir={tmp_path / 'ft_data'}", "data.validation_fraction=0.2", "data.batch_size=2",
                     f"finetune.init_from={pre.run_dir}", f"run_dir={tmp_path / 'ft'}", "train.steps=2")
     assert ft.data.tokenizer == "byte"
+    # `data` prepares what the run will read: the same tokenizer, said the same way.
+    from train.__main__ import main
+
+    overrides = ["data.task=classification", f"data.path={tmp_path / 'tweets.csv'}", f"data.data_dir={tmp_path / 'ft_data'}",
+                 "data.validation_fraction=0.2", "data.batch_size=2", f"finetune.init_from={pre.run_dir}",
+                 f"run_dir={tmp_path / 'ft'}"]
+    assert main(["data", str(tmp_path / "run.yaml"), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "(sentencepiece, 300 ids)" in printed and "(vocab 300)" in printed, printed
     loop.train(ft, say=said.append)
     assert any(line.startswith(f"encoding with the tokenizer of {pre.run_dir} (sentencepiece, 300 ids)")
                for line in said), said

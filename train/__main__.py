@@ -166,9 +166,10 @@ def _generate(config, args) -> int:
 
 def _data(config, args) -> int:
     from train import data as data_lib
+    from train.build import tokenizer_of
     from train.tasks import make_task
 
-    task = make_task(config)
+    task = make_task(config, tokenizer_of(config, print))  # the tokenizer a run of this config would use
     if args.inspect:
         facts = data_lib.describe_dataset(task.prepared)
         print("\n".join(f"{k}: {v}" for k, v in facts.items()))

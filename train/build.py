@@ -88,7 +88,7 @@ def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bo
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
     policy = config.policy()
-    task = make_task(config, _tokenizer(config, say))
+    task = make_task(config, tokenizer_of(config, say))
     model = task.model(config.model, policy, nnx.Rngs(config.train.seed))
     graphdef, params, meta, rest = mn.split(model)
     if rest:
@@ -107,7 +107,7 @@ def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bo
     return Built(config, policy, task, graphdef, optimizer, state, mesh, shardings)
 
 
-def _tokenizer(config: RunConfig, say: Callable[[str], None]):
+def tokenizer_of(config: RunConfig, say: Callable[[str], None]):
     """The run's own tokenizer; a new fine-tuning run's is its pre-training run's (ids the
     loaded embeddings were trained on); None: the one the data config describes."""
     tokenizer = identity.run_tokenizer(config.run_dir)
