@@ -159,7 +159,7 @@ def lm_trainer(name, lr=3e-3):
 @pytest.fixture(scope="module")
 def lm_runs():
     runs = {}
-    for name in mpx.policy.PRESETS:
+    for name in ("fp32", "bf16", "fp16", "fp8"):  # int8's own LM test is in test_int8.py (within 0.05 nats of bf16)
         state, step = lm_trainer(name)
         losses = []
         for i in range(300):
