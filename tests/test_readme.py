@@ -85,3 +85,20 @@ def test_the_policy_key_table_lists_every_key_and_preset():
         assert f.name in section, f.name
     for name in (*PRESETS, *KINDS):
         assert f"`{name}`" in section, name
+
+
+def test_the_cli_table_lists_every_command_and_flag():
+    """Every command of python -m train and every one of its flags is in the README's table."""
+    import argparse
+
+    from train.__main__ import _parser
+
+    text = README.read_text()
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in row, (name, flag)
