@@ -132,7 +132,18 @@ LossScale = NoOpLossScale | StaticLossScale | DynamicLossScale
 def dynamic_loss_scale(
     initial: float = 2.0**15, *, period: int = 2000, factor: float = 2.0, min_loss_scale: float = 1.0
 ) -> DynamicLossScale:
-    """A `DynamicLossScale` with every field an f32/i32 array."""
+    """A `DynamicLossScale` with every field an f32/i32 array.
+
+    >>> ls = dynamic_loss_scale(2.0**15, period=2)
+    >>> for finite in (True, True, False):       # grows after 2 finite steps, halves on overflow
+    ...     ls = ls.adjust(jnp.array(finite))
+    ...     print(float(ls.loss_scale), int(ls.counter))
+    32768.0 1
+    65536.0 0
+    32768.0 0
+    >>> float(ls.scale(jnp.float32(0.5))), float(ls.unscale(jnp.float32(16384.0)))
+    (16384.0, 0.5)
+    """
     return DynamicLossScale(
         loss_scale=jnp.asarray(initial, jnp.float32),
         counter=jnp.zeros((), jnp.int32),

@@ -291,7 +291,19 @@ class Policy:
         return DTYPES[self.output]
 
     def for_op(self, path: str | Sequence[Any], kind: str) -> OpPrecision:
-        """The precision of the op at ``path`` (str or sequence of keys) of ``kind``."""
+        """The precision of the op at ``path`` (str or sequence of keys) of ``kind``.
+
+        >>> policy = parse("fp8")
+        >>> op = policy.for_op("blocks/0/mlp/fc", "dense")
+        >>> op.precision, jnp.dtype(op.dtype).name, op.rule    # fp8 GEMM in bf16 compute, rule 2
+        ('fp8', 'bfloat16', 2)
+        >>> print(policy.rules[op.rule])
+        @dense|einsum->fp8
+        >>> policy.for_op("blocks/0/attn/softmax", "softmax").precision
+        'fp32'
+        >>> parse("bf16").for_op("blocks/0/attn/logits", "attention_logits").rule is None   # no rule: compute dtype
+        True
+        """
         return _resolve(self, _path_str(path), kind)
 
     def cast_to_param(self, tree):
@@ -508,7 +520,19 @@ def policy_from_string(spec: str) -> Policy:
 
 
 def parse(spec: Policy | str | Mapping[str, Any]) -> Policy:
-    """A `Policy` from a policy, a preset name / compact string, or a dict."""
+    """A `Policy` from a policy, a preset name / compact string, or a dict.
+
+    >>> policy = parse("bf16; blocks/*/mlp/*->fp8; @head->fp32")
+    >>> [str(rule) for rule in policy.rules]      # the preset's own rule comes last
+    ['blocks/*/mlp/*->fp8', '@head->fp32', '@softmax|norm|loss->fp32']
+    >>> policy == parse({"preset": "bf16", "rules": [{"match": "blocks/*/mlp/*", "use": "fp8"},
+    ...                                              {"kind": "head", "use": "fp32"}]})
+    True
+    >>> parse("bf16; @head->float32")
+    Traceback (most recent call last):
+    ...
+    ValueError: policy rule 0: unknown precision 'float32' for rule @head->float32; ... (did you mean 'fp32'?)
+    """
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, str):

@@ -213,6 +213,17 @@ def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config) -> Fp
     kept exactly: an idle op must not roll its history, and an overflow must not enter it.
     Statistics summed by un-threaded reuse are divided by ``fanout`` (their mean); the
     amax is kept as summed, which bounds the max from above.
+
+    >>> config = Fp8Config(amax_history=3)
+    >>> state = Fp8Scale.init(config.amax_history)
+    >>> for amax in (2.0, 1.0, 0.5, 0.25):      # delayed: scale = 448 / max of the last 3 amaxes
+    ...     seen = observation(state, jnp.float32(amax), (0.0, 0.0))
+    ...     state = advance(state, seen, E4M3, config)
+    ...     print(state.amax_history.tolist(), float(state.scale))
+    [2.0, 0.0, 0.0] 224.0
+    [1.0, 2.0, 0.0] 224.0
+    [0.5, 1.0, 2.0] 224.0
+    [0.25, 0.5, 1.0] 448.0
     """
     history = jnp.concatenate([observed.amax[..., None], state.amax_history[..., :-1]], axis=-1)
     if config.recipe == "delayed" and config.amax_compute == "max":

@@ -69,6 +69,13 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, *, key: jax.Array | None
     probability equal to the fractional part, so the codes are unbiased: ``E[q] = x /
     scale`` (within [-127, 127]). Used for gradients, where a systematic rounding bias adds
     up over steps while independent noise averages out.
+
+    >>> x = jnp.full((10000,), 0.3)                                  # 0.3 of a step
+    >>> quantize_with_scale(x, jnp.float32(1.0))[:3].tolist()        # nearest: always 0
+    [0, 0, 0]
+    >>> q = quantize_with_scale(x, jnp.float32(1.0), key=jax.random.key(0))
+    >>> sorted(set(q.tolist())), round(float(q.mean()), 1)           # stochastic: 0 or 1, 0.3 on average
+    ([0, 1], 0.3)
     """
     y = x.astype(jnp.float32) / scale.astype(jnp.float32)
     if key is None:
@@ -87,6 +94,13 @@ def quantize(
 
         q, s = quantize(w, axes=0)        # w (K, N): one scale per output channel, s (1, N)
         q, s = quantize(x, axes=-1)       # x (B, T, K): one scale per token, s (B, T, 1)
+
+    >>> w = jnp.array([[1.27, -0.02], [0.5, 0.005]])
+    >>> q, scale = quantize(w, axes=0)    # column amaxes 1.27 and 0.02 each map to 127
+    >>> q.tolist(), scale.shape
+    ([[127, -127], [50, 32]], (1, 2))
+    >>> np.asarray(dequantize(q, scale), np.float64).round(3).tolist()
+    [[1.27, -0.02], [0.5, 0.005]]
     """
     scale = compute_scale(x, axes)
     return quantize_with_scale(x, scale, key=key), scale

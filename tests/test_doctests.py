@@ -1,0 +1,20 @@
+"""The examples in the public API's docstrings run and print what they say."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["mpx.policy", "mpx.fp8.numerics", "mpx.fp8.meta", "mpx.int8.numerics", "mpx.loss_scale"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(module, name, globs=vars(module).copy()):
+        runner.run(test, out=report.append)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0, f"{name} has no docstring examples"
+    assert result.failed == 0, "".join(report)
