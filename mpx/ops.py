@@ -13,8 +13,6 @@ from mpx.int8 import int8_dot_general
 from mpx import ptq
 from mpx.policy import WEIGHT_RHS_KINDS, OpPrecision
 
-# Kinds whose rhs is a weight (x @ kernel): int8 scales it per output channel.
-
 
 def dot_general(
     lhs: jax.Array,

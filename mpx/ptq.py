@@ -86,11 +86,10 @@ def quantize_weight(w: jax.Array, format: Format, channel_axis: int) -> Quantize
     _check_format(format)
     channel_axis %= w.ndim
     axes = tuple(a for a in range(w.ndim) if a != channel_axis)
+    if format == "int8":
+        return QuantizedWeight(*int8_numerics.quantize(w, axes), "int8")
     x = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-    if format == "int8":
-        scale = jnp.maximum(amax * np.float32(1.0 / _CODE_MAX["int8"]), np.float32(int8_numerics.MIN_SCALE))
-        return QuantizedWeight(int8_numerics.quantize_with_scale(x, scale), scale, "int8")
     limit = _CODE_MAX["fp8"]
     scale = jnp.maximum(amax * np.float32(1.0 / limit), np.float32(int8_numerics.MIN_SCALE))  # see int8's compute_scale
     return QuantizedWeight(jnp.clip(x / scale, -limit, limit).astype(E4M3), scale, "fp8")

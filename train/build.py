@@ -5,7 +5,7 @@
 
 train, eval, generate, export and data all start here, so a run is rebuilt the same way
 whatever the command. The state is a fresh step-0 `mpx.TrainState` laid out on the mesh;
-restoring a checkpoint into it is the caller's (`train.loop`, `train.trained`).
+restoring a checkpoint into it is the caller's (`train.loop`, `train.evaluation`).
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bo
     """Policy, task (data prepared), model, optimizer, mesh and a step-0 state on it.
 
     The data is encoded with the run's own tokenizer once the run directory has one
-    (`train.identity`), before that with the tokenizer of the run it fine-tunes from. With ``finetune`` and ``finetune.init_from`` set, the body params
-    come from that pre-training run and the task's new collections (a classifier head)
-    stay fresh.
+    (`train.identity`), before that with the tokenizer of the run it fine-tunes from
+    (`tokenizer_of`). With ``finetune`` and ``finetune.init_from`` set, the body params come
+    from that pre-training run and the task's new collections (a classifier head) stay fresh.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
     policy = config.policy()
