@@ -88,10 +88,10 @@ class QuantizedModel:
         return self.settings.label
 
     @property
-    def precision(self) -> dict[str, Any]:
+    def precision(self) -> Any:
         """The policy it runs under: fp32, with the calibrated input grids if any."""
         if self.amaxes is None:
-            return {"preset": "fp32"}
+            return "fp32"
         return {"preset": "fp32", "inputs": {"format": self.settings.format, "clip": self.amaxes}}
 
 
@@ -178,13 +178,19 @@ def compare(trained: Trained, models: list[QuantizedModel], *, say: Callable[[st
     perplexity (LM) or accuracy (classification), parameter bytes and tokens/s of
     generation (LM). One row each, printed as a table."""
     refs = trained.task.references()
+    built: dict[str, Built] = {}  # one build per policy: every weight-only model runs the float one
+
+    def reference(precision) -> Built:
+        key = json.dumps(precision, sort_keys=True)
+        if key not in built:
+            built[key] = float_reference(trained, say=say, precision=precision)
+        return built[key]
+
     float_bytes = ptq.nbytes(trained.state.params.to_pure_dict())
-    rows = [_row("float32", float_reference(trained, say=say), trained.state.params, trained, refs, float_bytes,
-                 gen_tokens)]
+    rows = [_row("float32", reference("fp32"), trained.state.params, trained, refs, float_bytes, gen_tokens)]
     for model in models:
-        built = float_reference(trained, say=say, precision=model.precision)
-        rows.append(_row(model.label, built, model.params, trained, refs, model.info["bytes"]["params_quantized"],
-                         gen_tokens))
+        rows.append(_row(model.label, reference(model.precision), model.params, trained, refs,
+                         model.info["bytes"]["params_quantized"], gen_tokens))
     say(format_rows(rows))
     return rows
 
