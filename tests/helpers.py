@@ -34,3 +34,17 @@ def assert_same_batches(a, b):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def settled(losses, last: int = 10) -> float:
+    """Where a training run ended: the median of its last ``last`` losses.
+
+    A run judged by its final step passes or fails by luck: XLA's CPU code differs between
+    processors (vector width, fused multiply-adds), so near zero loss one machine's last Adam
+    step spikes (0.28 after 0.02) where another's does not. The median of the last few steps
+    ignores such a spike (up to half of them) while a run that really stopped learning, or
+    diverged, still shows in it."""
+    tail = np.asarray(losses[-last:], dtype=np.float64)
+    assert len(tail) == last, f"a run of {len(losses)} steps has no last {last}"
+    assert np.isfinite(tail).all(), f"non-finite loss among the last {last}: {tail}"
+    return float(np.median(tail))

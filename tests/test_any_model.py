@@ -25,6 +25,8 @@ import mpx
 import mpx.linen as ml
 from mpx.inspect import NOT_UNDER_POLICY, describe
 
+from helpers import settled
+
 V, D, T, B = 32, 32, 8, 16  # vocab, width, sequence, batch: small enough to compile fast
 
 
@@ -203,12 +205,15 @@ def _train(loss_fn, params, meta, policy, tokens, steps, lr, *, model_state=None
 
 # Bounds for "trains within a stated margin of bf16": the task is learnable to near zero
 # loss from ln(32) = 3.47 in these steps; FP8 rounding (E4M3: 2**-4 relative) slows it a
-# little. fp8 must end below half its start, and within 0.25 nats + 30% of bf16's final
-# loss (measured gaps are < 0.1 nats on CPU; the slack covers XLA/CPU differences).
+# little. Each run is judged by where it settled (the median of its last 10 steps: near
+# zero loss a single Adam step can spike on one CPU and not another, see helpers.settled):
+# fp8 must settle below half its start, and within 0.25 nats + 30% of bf16 (measured gaps
+# are < 0.1 nats on CPU; the slack covers XLA/CPU differences).
 def assert_trains_like_bf16(fp8: Trained, bf16: Trained):
-    assert fp8.losses[-1] < 0.5 * fp8.losses[0], fp8.losses
-    assert bf16.losses[-1] < 0.5 * bf16.losses[0], bf16.losses
-    assert fp8.losses[-1] <= bf16.losses[-1] * 1.3 + 0.25, (fp8.losses[-1], bf16.losses[-1])
+    fp8_end, bf16_end = settled(fp8.losses), settled(bf16.losses)
+    assert fp8_end < 0.5 * fp8.losses[0], fp8.losses
+    assert bf16_end < 0.5 * bf16.losses[0], bf16.losses
+    assert fp8_end <= bf16_end * 1.3 + 0.25, (fp8_end, bf16_end, fp8.losses[-10:])
 
 
 def precisions(table) -> dict[str, str]:

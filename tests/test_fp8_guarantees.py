@@ -25,6 +25,8 @@ import mpx.linen as ml
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 
+from helpers import settled
+
 MATMUL = (((1,), (0,)), ((), ()))
 POLICY = mpx.parse_policy("fp8; fp8.amax_history=4; loss_scale=dynamic; loss_scale.initial=1024")
 
@@ -211,8 +213,9 @@ def test_unthreaded_reuse_never_compounds_over_steps():
     (threaded_loss, threaded_scale), (fanned_loss, fanned_scale) = runs[True], runs[False]
     ratio = fanned_scale / threaded_scale
     assert np.all(ratio >= 1 / 2.2) and np.all(ratio <= 1.1), ratio.min()
-    assert fanned_loss[-1] < 0.5 * fanned_loss[0]
-    assert abs(fanned_loss[-1] - threaded_loss[-1]) < 0.1 * threaded_loss[-1]
+    fanned_end, threaded_end = settled(fanned_loss, 5), settled(threaded_loss, 5)
+    assert fanned_end < 0.5 * fanned_loss[0]
+    assert abs(fanned_end - threaded_end) < 0.1 * threaded_end, (fanned_end, threaded_end)
 
 
 class SharedCell(nnx.Module):
@@ -260,7 +263,7 @@ def test_layer_closed_over_by_lax_scan_trains_with_bounded_reported_fanout():
         state, m = step(state, xs)
         assert not bool(m.skipped)
         losses.append(float(m.loss))
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert settled(losses, 5) < 0.8 * losses[0], losses
 
 
 # ----------------------------------------------------------------------------- the first step
@@ -373,7 +376,7 @@ def test_fp16_policy_with_fp8_dense_trains_without_skipping():
         assert not bool(m.skipped)
         losses.append(float(m.loss))
     assert float(state.loss_scale.loss_scale) == 2.0**15
-    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+    assert settled(losses, 10) < losses[0] / 5, (losses[0], losses[-10:])
 
 
 # ----------------------------------------------------------------------------- rounding

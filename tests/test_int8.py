@@ -31,6 +31,8 @@ from mpx.int8 import (
 from mpx.int8.dot import MAX_EXACT_K
 from mpx.policy import Policy, Rule, parse
 
+from helpers import settled
+
 MATMUL = (((1,), (0,)), ((), ()))
 EPS32 = 2.0**-24  # unit roundoff of f32
 INV127 = np.float32(1 / 127)  # scale = amax * INV127 (127 * INV127 is exactly 1)
@@ -513,15 +515,15 @@ def test_int8_lm_trains_like_bf16():
     int8 runs its 4 dense matmuls (qkv, out, fc, proj) as s8 x s8 -> s32 dots (4 in the
     step: forward; the gradients in bf16); QAT and bf16 have none. From ln(256) = 5.5
     every run must end below half its start, and each int8 run within 0.05 nats of bf16
-    (mean of the last 20 steps; measured gaps 0.003, and 0.003 with ``backward=int8`` too:
+    (median of the last 20 steps, helpers.settled; measured gaps 0.003, and 0.003 with ``backward=int8`` too:
     per-row int8 rounding, at most 2**-8 of a row's amax, is small next to bf16's own
     rounding noise at this size)."""
     runs = {spec: train_lm(spec) for spec in ("bf16", "int8", "int8; int8.recipe=qat")}
     assert [dots for _, dots in runs.values()] == [0, 4, 0]
-    bf16 = runs["bf16"][0][-20:].mean()
+    bf16 = settled(runs["bf16"][0], 20)
     for spec, (losses, _) in runs.items():
-        assert losses[0] > 5.0 and losses[-20:].mean() < 0.5 * losses[0], (spec, losses[-20:].mean())
-        assert abs(losses[-20:].mean() - bf16) < 0.05, (spec, losses[-20:].mean(), bf16)
+        assert losses[0] > 5.0 and settled(losses, 20) < 0.5 * losses[0], (spec, losses[-20:])
+        assert abs(settled(losses, 20) - bf16) < 0.05, (spec, settled(losses, 20), bf16)
 
 
 class RawNnx(nnx.Module):

@@ -14,6 +14,8 @@ import mpx
 import mpx.linen as ml
 from mpx.fp8 import Fp8Meta, fp8_dot_general
 
+from helpers import settled
+
 FP8 = mpx.parse_policy("fp8; fp8.amax_history=4")
 KINDS = {"Dense_2": "head"}
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: round-to-nearest is within 2**-9 relative
@@ -113,8 +115,9 @@ def test_trains_with_the_mpx_step_and_meta_tracks_the_tensors():
         used = state.params  # the params the step is about to run with
         state, metrics = step(state, batch)
         losses.append(float(metrics.loss))
-    # Target variance ~0.48 on 64 points; 100 Adam steps fit it (measured: /750). Ask /20.
-    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
+    # Target variance ~0.48 on 64 points; 100 Adam steps fit it (measured: /750). Ask /20
+    # of where the run settled (median of the last 10: one step's spike is luck, helpers.settled).
+    assert settled(losses) < losses[0] / 20, (losses[0], losses[-10:])
     assert not any(np.isnan(losses))
 
     for path in ("Dense_0", "Dense_1"):

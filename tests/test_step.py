@@ -11,6 +11,8 @@ import pytest
 import mpx
 from mpx.fp8 import Fp8Meta, fp8_max
 
+from helpers import settled
+
 DIMS = (((1,), (0,)), ((), ()))
 LAYERS = (("fc1", "dense"), ("fc2", "dense"), ("out", "head"))
 HISTORY = 4
@@ -101,16 +103,16 @@ def trained(data):
 def test_all_presets_train_to_the_fp32_loss(trained):
     """Every preset learns the regression and ends near the fp32 loss.
 
-    Measured (mean of the last 20 of 300 Adam steps, initial loss ~0.75): fp32 0.0012,
+    Measured (median of the last 20 of 300 Adam steps, initial loss ~0.75): fp32 0.0012,
     bf16 0.0011, fp16 0.0001, fp8 0.0034. Bounds: each run must fall below 2% of its
     initial loss (a linear fit of this target plateaus near 0.3, so only a working
     nonlinear fit passes), and within 0.01 of fp32: three times the largest gap measured
     (fp8, 0.0022), which FP8's 3 mantissa bits and per-tensor scaling explain, while a
     run that lost its precision bookkeeping (frozen scales, NaN updates) stays far above.
     """
-    ref = trained["fp32"][0][-20:].mean()
+    ref = settled(trained["fp32"][0], 20)
     for name, (losses, _, _) in trained.items():
-        final = losses[-20:].mean()
+        final = settled(losses, 20)
         assert final < 0.02 * losses[0], (name, losses[0], final)
         assert abs(final - ref) < 0.01, (name, final, ref)
 

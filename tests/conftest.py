@@ -1,0 +1,29 @@
+"""Suite-wide settings.
+
+Every test process, and every command-line run a test starts, shares one persistent JAX
+compilation cache for the session: the end-to-end tests start the same tiny training
+program in many fresh processes (a run, its resume, its eval), and each would otherwise
+compile it again. The cache key holds the program, the compile options and XLA_FLAGS, so a
+hit is the program the process would have built; nothing a test checks depends on whether
+a program came from the cache. A fresh directory per session (pytest's tmp root, shared by
+xdist workers through the environment they inherit), so nothing carries over between runs.
+"""
+
+import os
+import shutil
+import tempfile
+
+CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or CACHE in os.environ:
+        return  # an xdist worker: inherits the controller's directory (or the user chose one)
+    os.environ[CACHE] = tempfile.mkdtemp(prefix="mpx-jax-cache-")
+    # Programs of the tiny test models compile in well under the default 1 s threshold.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(CACHE, "").startswith(tempfile.gettempdir()):
+        shutil.rmtree(os.environ.pop(CACHE), ignore_errors=True)
