@@ -3,10 +3,24 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# XLA's GPU compiler (the CUDA PJRT plugin, for the installed jaxlib) and ptxas, from PyPI: the
+# tests compile programs for an H100 without one (tests/test_h100.py). Kept in a directory of
+# its own, loaded only where a program is compiled for a GPU (mpx.program.use_plugin): in the
+# venv itself every `import jax` would print CUDA driver lines.
+CUDA_COMPILER := $(VENV)/cuda-compiler
+CUDA_STAMP    := $(CUDA_COMPILER)/.installed
 
-.PHONY: test train install clean
+.PHONY: test train install cuda-compiler clean
 
 install: $(STAMP)
+
+cuda-compiler: $(CUDA_STAMP)
+
+$(CUDA_STAMP): $(STAMP)
+	v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
+	$(PY) -m pip install --quiet --no-deps --target $(CUDA_COMPILER) \
+		"jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v" "nvidia-cuda-nvcc-cu12>=12.6.85"
+	touch $(CUDA_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +30,7 @@ $(STAMP): pyproject.toml
 
 # Two workers (CI has 2 cores); whole test files per worker, so module fixtures build once.
 JOBS ?= 2
-test: $(STAMP)
+test: $(STAMP) $(CUDA_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 # Fresh machine -> venv -> quickstart: train (fp8, CPU, a few minutes), evaluate, sample.

@@ -1,6 +1,6 @@
 """mpx: mixed-precision (FP8 / INT8 / BF16 / FP16 / FP32) training on JAX."""
 
-from mpx import fp8, inspect, int8, loss_scale, ops, policy, ptq
+from mpx import fp8, inspect, int8, loss_scale, ops, policy, program, ptq
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.int8 import Int8Config, int8_dot_general
 from mpx.loss_scale import (
@@ -46,6 +46,7 @@ __all__ = [
     "ops",
     "parse_policy",
     "policy",
+    "program",
     "ptq",
     "select_tree",
     "train_step",

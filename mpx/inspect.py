@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from mpx import program
 from mpx.fp8 import Fp8Meta
 from mpx.policy import Policy, Rule, key_name
 
@@ -211,27 +212,28 @@ def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
 
 # ----------------------------------------------------------------------------- FP8 GEMMs in the compiled program
 
-FP8_GEMM_TARGET = "__cublas$lt$matmul$f8"
-"""The custom call XLA emits for an FP8 GEMM on NVIDIA GPUs (cuBLASLt)."""
-
 _SCOPE = re.compile(r"mpx\[([^\]]+)\]")
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmRow:
     """The matmuls of one policy op in a program: ``dots`` dot_generals traced under its
-    name, ``fp8_dots`` of them with two FP8 operands, ``fp8_gemms`` FP8 GEMM custom calls
-    the backend compiled for it (forward and backward: 3 per call site of an fp8 op)."""
+    name, ``fp8_dots`` of them with two FP8 operands; ``fp8_gemms`` FP8 GEMMs the backend
+    compiled for it (cuBLASLt FP8 calls or Triton GEMMs on FP8 operands; forward and backward:
+    3 per call site of an fp8 op) and ``other_gemms`` GEMMs of any other kind (an FP8 op with
+    one of these lost FP8 somewhere)."""
 
     path: str
     dots: int
     fp8_dots: int
     fp8_gemms: int
+    other_gemms: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8GemmReport:
-    """What `fp8_gemms` found. ``unattributed_gemms``: FP8 GEMMs outside any policy op."""
+    """What `fp8_gemms` found. ``backend``: the platform or target compiled for;
+    ``unattributed_gemms``: FP8 GEMMs outside any policy op."""
 
     backend: str
     rows: tuple[GemmRow, ...]
@@ -246,11 +248,13 @@ class Fp8GemmReport:
         return sum(r.fp8_gemms for r in self.rows) + self.unattributed_gemms
 
     def missing(self) -> list[str]:
-        """Ops whose FP8 dot_generals did not all become FP8 GEMMs on this backend."""
-        return [r.path for r in self.rows if r.fp8_gemms < r.fp8_dots]
+        """Ops whose FP8 dot_generals did not all become FP8 GEMMs, or that also have GEMMs of
+        another kind, on this backend."""
+        return [r.path for r in self.rows if r.fp8_gemms < r.fp8_dots or (r.fp8_dots and r.other_gemms)]
 
     def __str__(self) -> str:
-        lines = format_table(["path", "dots", "fp8 dots", "fp8 GEMMs"], [dataclasses.astuple(r) for r in self.rows])
+        lines = format_table(["path", "dots", "fp8 dots", "fp8 GEMMs", "other GEMMs"],
+                             [dataclasses.astuple(r) for r in self.rows])
         lines.append(f"{self.fp8_gemms} FP8 GEMMs for {self.fp8_dots} FP8 dot_generals on {self.backend}")
         return "\n".join(lines)
 
@@ -275,15 +279,16 @@ def dot_generals(fn, *args) -> list[tuple[str, tuple[str, ...]]]:
     return found
 
 
-def fp8_gemms(fn, *args, **kwargs) -> Fp8GemmReport:
+def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
     """Compile ``fn(*args, **kwargs)`` and report, per policy op, its dot_generals, how
-    many take FP8 operands, and how many became FP8 GEMMs on this backend.
+    many take FP8 operands, and how many became FP8 GEMMs.
 
-    Ops are found by the name `mpx.ops.dot_general` gives them (``mpx[<path>]``), in the
-    traced program (what the policy emitted) and in the compiled one (NVIDIA:
-    ``__cublas$lt$matmul$f8`` custom calls, attributed by their ``op_name``). Pass the
-    train step itself to check the forward and backward together. On a backend without
-    FP8 GEMMs (CPU) every ``fp8_gemms`` is 0.
+    ``target``: compile for that device without it (``"h100"``: `mpx.program.compile_for`)
+    instead of for this machine's default backend. Ops are found by the name
+    `mpx.ops.dot_general` gives them (``mpx[<path>]``), in the traced program (what the
+    policy emitted) and in the compiled one (`mpx.program.kernels`). Pass the train step
+    itself to check the forward and backward together. On a backend without FP8 GEMMs (CPU)
+    every ``fp8_gemms`` is 0.
     """
     traced: dict[str, list[int]] = {}
     for where, dtypes in dot_generals(functools.partial(fn, **kwargs), *args):
@@ -292,18 +297,20 @@ def fp8_gemms(fn, *args, **kwargs) -> Fp8GemmReport:
             row = traced.setdefault(scopes[-1], [0, 0])
             row[0] += 1
             row[1] += all("float8" in d for d in dtypes)
-    compiled = jax.jit(functools.partial(fn, **kwargs)).lower(*args).compile().as_text()
-    gemms: dict[str, int] = {}
+    if target is None:
+        compiled, backend = jax.jit(functools.partial(fn, **kwargs)).lower(*args).compile(), jax.default_backend()
+    else:
+        compiled, backend = program.compile_for(functools.partial(fn, **kwargs), *args, target=target), target
+    gemms: dict[str, list[int]] = {}
     unattributed = 0
-    for line in compiled.splitlines():
-        if FP8_GEMM_TARGET not in line:
+    for k in program.kernels(compiled.as_text()):
+        if k.kind != "gemm":
             continue
-        name = re.search(r'op_name="([^"]*)"', line)
-        scopes = _SCOPE.findall(name.group(1)) if name else []
-        if scopes:
-            gemms[scopes[-1]] = gemms.get(scopes[-1], 0) + 1
-        else:
-            unattributed += 1
+        if k.op is None:
+            unattributed += k.gemm == "fp8"
+            continue
+        row = gemms.setdefault(k.op, [0, 0])
+        row[0 if k.gemm == "fp8" else 1] += 1
     paths = sorted(set(traced) | set(gemms))
-    rows = tuple(GemmRow(p, *traced.get(p, (0, 0)), gemms.get(p, 0)) for p in paths)
-    return Fp8GemmReport(jax.default_backend(), rows, unattributed)
+    rows = tuple(GemmRow(p, *traced.get(p, (0, 0)), *gemms.get(p, (0, 0))) for p in paths)
+    return Fp8GemmReport(backend, rows, unattributed)

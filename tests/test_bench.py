@@ -31,7 +31,7 @@ def test_record_has_device_versions_and_settings(record):
     assert set(record) >= {"device", "backend", "versions", "date", "settings", "model", "batch", "seq", "rows",
                            "crossover"}
     assert set(record["versions"]) == {"jax", "flax", "optax", "python"}
-    assert tuple(record["settings"]["modes"]) == bench.MODES and record["model"]["d_model"] == 32
+    assert tuple(record["settings"]["modes"]) == bench.TIMED_MODES and record["model"]["d_model"] == 32
     json.dumps(record)  # JSON-ready as it is
 
 
@@ -88,3 +88,7 @@ def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "gemmm"], cwd=tmp_path,
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown bench mode 'gemmm'" in bad.stderr
+    target = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "static", "--target", "h1000"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert target.returncode == 2 and target.stderr.strip().splitlines() == [
+        "error: unknown target 'h1000'; expected one of h100"], target.stderr

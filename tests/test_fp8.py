@@ -603,9 +603,11 @@ def test_fp8_operands_go_straight_into_dot_general(out_dtype, gemm_out):
 
 
 @pytest.mark.skipif(not fp8_gpu(), reason="needs an FP8-capable GPU (compute capability >= 8.9)")
-def test_fp8_dense_compiles_to_cublaslt_fp8_gemms():
-    """XLA rewrites each FP8 x FP8 dot_general into a cuBLASLt FP8 GEMM custom call: forward,
-    input gradient and weight gradient give at least three."""
+def test_fp8_dense_compiles_to_three_fp8_gemms_on_this_gpu():
+    """On this GPU (autotuned: cuBLASLt or Triton, whichever wins), the forward, the input
+    gradient and the weight gradient of one FP8 matmul are three FP8 GEMMs and the only GEMMs.
+    value_and_grad: with jax.grad alone the forward GEMM would be dead code. (tests/test_h100.py
+    checks the same deviceless on every run.)"""
     x = jnp.ones((256, 512), jnp.bfloat16)
     w = jnp.ones((512, 256), jnp.float32)
 
@@ -613,5 +615,7 @@ def test_fp8_dense_compiles_to_cublaslt_fp8_gemms():
         out, _ = fp8_dot_general(x, w, MATMUL, meta, out_dtype=jnp.bfloat16)
         return jnp.sum(out.astype(jnp.float32))
 
-    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w, Fp8Meta.init(Fp8Config(amax_history=16))).compile().as_text()
-    assert hlo.count("__cublas$lt$matmul$f8") >= 3
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    hlo = step.lower(x, w, Fp8Meta.init(Fp8Config(amax_history=16))).compile().as_text()
+    gemms = [k.gemm for k in mpx.program.kernels(hlo) if k.kind == "gemm"]
+    assert gemms == ["fp8"] * 3, gemms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 EPILOG = """Overrides are dotted keys of the config, e.g. train.steps=100 optim.lr=3e-4
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
                 "config's model shape (model.*, data.batch_size, data.seq_len; model.vocab_size or 256).")
-    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, all, or a comma list (default all)")
+    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, all (the timed four), or a "
+                   "comma list (default all)")
+    b.add_argument("--target", default="h100", help="the device --mode static compiles for, without it (default h100)")
     b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
     b.add_argument("--sizes", default=None, help="crossover sizes n,... (square n^3 GEMMs)")
     b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
@@ -178,6 +181,20 @@ def _data(config, args) -> int:
     return 0
 
 
+def _load_compiler(target: str) -> None:
+    """The static mode compiles for ``target`` without it: XLA's compiler for that device must be
+    here (a GPU build of jax, or the plugin `make cuda-compiler` puts beside the venv)."""
+    import mpx
+
+    try:
+        mpx.program.topology(target)
+    except RuntimeError as missing:
+        overlay = pathlib.Path(sys.prefix) / "cuda-compiler"
+        if not overlay.is_dir():
+            raise ValueError(f"bench --mode static: {missing} (make cuda-compiler installs it into {overlay})") from None
+        mpx.program.use_plugin(overlay)
+
+
 def _bench(config, args) -> int:
     from train import bench
 
@@ -188,12 +205,14 @@ def _bench(config, args) -> int:
             raise ValueError(f"cannot read {text!r}: expected comma-separated {'MxKxN' if sep else 'integers'}") from None
 
     defaults = bench.BenchSettings()
-    modes = bench.MODES if args.mode == "all" else tuple(m.strip() for m in args.mode.split(","))
+    modes = bench.TIMED_MODES if args.mode == "all" else tuple(m.strip() for m in args.mode.split(","))
     settings = bench.BenchSettings(
         modes=modes, shapes=ints(args.shapes, "x") if args.shapes else defaults.shapes,
         sizes=ints(args.sizes, None) if args.sizes else defaults.sizes, layers=args.layers,
-        repeats=args.repeats, warmup=args.warmup,
+        repeats=args.repeats, warmup=args.warmup, target=args.target,
     )
+    if "static" in modes:
+        _load_compiler(args.target)
     shape = config.model.to_transformer(config.model.vocab_size or 256)
     record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings)
     print(bench.format_record(record))

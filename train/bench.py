@@ -185,7 +185,10 @@ class PlainBlock(nnx.Module):
         b, t, d = x.shape
         q, k, v = jnp.split(self.qkv(self.ln1(x).astype(x.dtype)), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.heads, d // self.heads) for a in (q, k, v))  # (B, T, H, K)
-        a = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+        # cuDNN flash attention where the program runs on a GPU, as mpx's TransformerLM does
+        cudnn = mpx.program.platform_of(q) == "gpu"
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None)
+        a = a.reshape(b, t, d)
         x = x + self.out(a).astype(x.dtype)
         return x + self.proj(jax.nn.gelu(self.fc(self.ln2(x).astype(x.dtype)), approximate=True)).astype(x.dtype)
 
@@ -296,19 +299,22 @@ def step(shape: mn.TransformerConfig, *, batch: int, seq: int, repeats: int, war
 # ----------------------------------------------------------------------------- the record
 
 
-MODES = ("gemm", "layer", "step", "crossover")
+TIMED_MODES = ("gemm", "layer", "step", "crossover")
+MODES = (*TIMED_MODES, "static")  # "all" is the timed modes; static compiles for a target (train/bench_static.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    """What to run. ``shapes``: (M, K, N) of the gemm mode; ``sizes``: the crossover ladder."""
+    """What to run. ``shapes``: (M, K, N) of the gemm mode; ``sizes``: the crossover ladder;
+    ``target``: the device the static mode compiles for."""
 
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = TIMED_MODES
     shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (16384, 2048, 8192), (16384, 8192, 2048))
     sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
     layers: int = 4
     repeats: int = 20
     warmup: int = 3
+    target: str = "h100"
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -342,6 +348,10 @@ def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSet
         result = crossover(settings.sizes, **kw)
         record["rows"] += [{**r, "mode": "crossover"} for r in result["rows"]]
         record["crossover"] = {"min_size": result["min_size"], "policy_override": result["policy_override"]}
+    if "static" in settings.modes:
+        from train.bench_static import static
+
+        record["rows"] += static(shape, batch=batch, seq=seq, layers=settings.layers, target=settings.target)
     return record
 
 

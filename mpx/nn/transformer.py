@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpx import ops
+from mpx import ops, program
 from mpx.nn.apply import apply_policy
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
@@ -167,7 +167,7 @@ class Attention(nnx.Module):
         # Named as the logits op: its matmuls are this layer's policy ops (mpx.capture and
         # fp8_gemms read the name), not matmuls left outside the policy.
         with jax.named_scope(ops.scope_name(self.logits.precision.path)):
-            if jax.default_backend() == "gpu" and dtype != jnp.float32:
+            if program.platform_of(q) == "gpu" and dtype != jnp.float32:
                 try:  # cuDNN flash attention; jax's default (None) is its XLA path
                     return attend(implementation="cudnn")
                 except (NotImplementedError, ValueError, RuntimeError):
@@ -316,3 +316,4 @@ class SequenceClassifier(Decoder):
         w = mask.astype(jnp.float32)[..., None]
         pooled = jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # (B, D)
         return self.classifier(pooled)
+

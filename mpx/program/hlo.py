@@ -1,0 +1,318 @@
+"""Read an optimized XLA program: its kernels, GEMMs by kind, bytes and flops.
+
+``cost_analysis()`` is empty for a program compiled without its device, so everything here
+comes from the optimized HLO text: each launched kernel (a fusion, a library call, a
+collective, a standalone op) with the bytes it reads and writes (its operands' and results'
+shapes) and, for a GEMM, ``2 * M * N * K`` flops. Kernels inside a ``while`` loop count once per
+iteration where XLA knows the trip count (a scan over layers). The bytes are those a kernel
+touches in device memory if nothing stays in cache: an upper bound on its traffic, and the
+figure that changes when a pass is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+          "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e8m0fnu": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_GEMM_KIND = {"f8e4m3fn": "fp8", "f8e5m2": "fp8", "f8e4m3": "fp8", "f8e4m3fnuz": "fp8", "f8e5m2fnuz": "fp8",
+              "s8": "int8", "u8": "int8", "bf16": "bf16", "f16": "f16", "f32": "f32", "f64": "f64"}
+# Ops that launch nothing: views, tuples, control flow (its bodies are read instead), the
+# second half of an asynchronous pair.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+         "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain", "async-done",
+         "async-update", "all-reduce-done", "all-gather-done", "collective-permute-done", "copy-done",
+         "send-done", "recv-done", "iota"}
+_COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast"
+                         r"|ragged-all-to-all)(-start)?$")
+_SCOPE = re.compile(r"mpx\[([^\]]+)\]")
+
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \((.*)\) -> (.*) \{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?|[\w]+\[\]|token\[\]|\S+) "
+                    r"([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel the program launches.
+
+    ``kind``: ``gemm``, ``attention`` (a fused-attention library call), ``collective`` or
+    ``other``. ``gemm``: the GEMM's operand kind (``fp8``, ``int8``, ``bf16``, ...) and
+    ``engine`` what runs it (``cublas``, ``triton``, ``cudnn``, ``xla``). ``op``: the policy op
+    it computes for (the innermost ``mpx[<path>]`` name scope), if any. ``launches``: how many
+    times one run of the program launches it (loop trip counts); ``bytes`` and ``flops`` are
+    per launch."""
+
+    name: str
+    kind: str
+    gemm: str | None
+    engine: str
+    op: str | None
+    bytes: float
+    flops: float
+    launches: int
+    line: str = dataclasses.field(repr=False, compare=False, default="")
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    type: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+    line: str
+
+
+def shape_bytes(type_text: str) -> float:
+    """Bytes of an HLO type: an array ``bf16[8,128]{1,0}`` or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(type_text):
+        total += _BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _dims(type_text: str) -> tuple[str, list[int]]:
+    m = _ARRAY.search(type_text)
+    if not m:
+        return "", []
+    return m.group(1), [int(d) for d in m.group(2).split(",") if d]
+
+
+def _split_operands(rest: str) -> tuple[list[str], str]:
+    """``a, b, c), attrs...`` -> (operand names, attrs)."""
+    depth, i = 1, 0
+    while i < len(rest) and depth:
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        i += 1
+    inside, attrs = rest[: i - 1], rest[i:]
+    inside = re.sub(r"/\*[^*]*\*/", "", inside)
+    names = [tok.strip().split(" ")[-1].lstrip("%") for tok in inside.split(",") if tok.strip()]
+    return names, attrs
+
+
+def _computations(text: str) -> tuple[dict[str, list[_Instr]], str]:
+    comps: dict[str, list[_Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            comps[current] = []
+            if header.group(1):
+                entry = current
+            continue
+        if current is None:
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            operands, attrs = _split_operands(m.group(4))
+            comps[current].append(_Instr(m.group(1), m.group(2), m.group(3), operands, attrs, line.strip()))
+    return comps, entry
+
+
+def _attr(attrs: str, key: str) -> str | None:
+    m = re.search(rf"\b{key}=%?([\w.\-]+)", attrs)
+    return m.group(1) if m else None
+
+
+def _trip_count(instr: _Instr) -> int:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+    return int(m.group(1)) if m else 1
+
+
+def _op_path(instr: _Instr) -> str | None:
+    m = re.search(r'op_name="([^"]*)"', instr.attrs)
+    scopes = _SCOPE.findall(m.group(1)) if m else []
+    return scopes[-1] if scopes else None
+
+
+def _dot_flops(dot: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
+    """(operand kind, 2*M*N*K) of a ``dot`` instruction."""
+    lhs_dtype, lhs = _dims(types.get(dot.operands[0], ""))
+    rhs_dtype, _ = _dims(types.get(dot.operands[1], "")) if len(dot.operands) > 1 else ("", [])
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
+    k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting and lhs else 0
+    _, out = _dims(dot.type)
+    return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * k
+
+
+def _gemm_kind(lhs: str, rhs: str) -> str | None:
+    kinds = {_GEMM_KIND.get(lhs), _GEMM_KIND.get(rhs)} - {None}
+    if not kinds:
+        return None
+    for kind in ("f64", "f32", "f16", "bf16", "int8", "fp8"):  # the wider operand decides
+        if kind in kinds:
+            return kind
+    return None
+
+
+def _library_gemm(instr: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
+    """(operand kind, flops) of a cuBLAS custom call, from its operands and its backend config."""
+    lhs_dtype, lhs = _dims(types.get(instr.operands[0], ""))
+    rhs_dtype, _ = _dims(types.get(instr.operands[1], ""))
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs)
+    k = math.prod(lhs[int(d.strip('" '))] for d in contracting.group(1).split(",") if d.strip('" ')) \
+        if contracting and lhs else 0
+    _, out = _dims(instr.type)  # a tuple (result, workspace): the first array is the result
+    return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * k
+
+
+def _io_bytes(instr: _Instr, types: dict[str, str], *, library: bool) -> float:
+    out = instr.type
+    if library and out.startswith("("):  # (result, ..., s8[workspace]): scratch, not traffic
+        out = out.rsplit(",", 1)[0] + ")"
+    return shape_bytes(out) + sum(shape_bytes(types.get(o, "")) for o in instr.operands)
+
+
+_SLICES = {"dynamic-slice", "slice", "gather"}
+
+
+def _fusion_bytes(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str]) -> float:
+    """Bytes a fusion touches. A parameter read only through (dynamic-)slices counts the slices
+    (a scan body reading layer i of a stacked weight reads one layer, not the stack); a
+    dynamic-update-slice into a parameter writes in place (its update, not the whole buffer)."""
+    body = comps.get(_attr(instr.attrs, "calls") or "", [])
+    if not body:
+        return _io_bytes(instr, types, library=False)
+    local = {i.name: i for i in body}
+    params = {int(i.operands[0]): i.name for i in body if i.opcode == "parameter"}
+    uses: dict[str, list[_Instr]] = {}
+    for i in body:
+        for o in i.operands:
+            uses.setdefault(o, []).append(i)
+    def through_views(name: str) -> str:  # a bitcast is a view of the same buffer
+        while name in local and local[name].opcode == "bitcast" and local[name].operands:
+            name = local[name].operands[0]
+        return name
+
+    def slice_bytes(name: str) -> float | None:
+        """Bytes read from ``name`` if it is only ever sliced (through views), else None."""
+        total = 0.0
+        for use in uses.get(name, []):
+            if use.opcode == "bitcast":
+                inner = slice_bytes(use.name)
+                if inner is None:
+                    return None
+                total += inner
+            elif use.opcode in _SLICES and use.operands[0] == name:
+                total += shape_bytes(use.type)
+            else:
+                return None
+        return total if uses.get(name) else None
+
+    in_place: set[str] = set()
+    written = 0.0
+    root = next((i for i in body if i.line.startswith("ROOT")), body[-1])
+    outputs = [local[o] for o in root.operands if o in local] if root.opcode == "tuple" else [root]
+    for out in outputs:
+        out = local.get(through_views(out.name), out)
+        target = through_views(out.operands[0]) if out.opcode == "dynamic-update-slice" else None
+        if target in params.values():
+            in_place.add(target)
+            written += shape_bytes(local[out.operands[1]].type) if out.operands[1] in local else 0.0
+        else:
+            written += shape_bytes(out.type)
+    read = 0.0
+    for index, operand in enumerate(instr.operands):
+        name = params.get(index)
+        if name in in_place:
+            continue
+        sliced = slice_bytes(name) if name is not None else None
+        read += sliced if sliced is not None else shape_bytes(types.get(operand, ""))
+    return read + written
+
+
+def kernels(text: str) -> list[Kernel]:
+    """Every kernel an optimized HLO module (``compiled.as_text()``) launches."""
+    comps, entry = _computations(text)
+    found: list[Kernel] = []
+
+    def walk(name: str, launches: int) -> None:
+        types = {i.name: i.type for i in comps.get(name, [])}  # names repeat between computations
+        for instr in comps.get(name, []):
+            op = instr.opcode
+            if op == "while":
+                n = launches * _trip_count(instr)
+                for key in ("condition", "body"):
+                    walk(_attr(instr.attrs, key), n)
+                continue
+            if op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else [
+                    _attr(instr.attrs, "true_computation"), _attr(instr.attrs, "false_computation")]
+                for branch in filter(None, names):
+                    walk(branch, launches)
+                continue
+            if op == "call" or (op == "async-start" and "custom-call" not in instr.attrs):
+                walk(_attr(instr.attrs, "to_apply") or _attr(instr.attrs, "calls"), launches)
+                continue
+            if op in _FREE or op.endswith("-done"):
+                continue
+            found.append(_kernel(instr, comps, types, launches))
+
+    walk(entry, 1)
+    return found
+
+
+def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str], launches: int) -> Kernel:
+    path = _op_path(instr)
+    if instr.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+        target = target.group(1) if target else ""
+        if target.startswith("__cublas"):
+            gemm, flops = _library_gemm(instr, types)
+            return Kernel(instr.name, "gemm", gemm, "cublas", path, _io_bytes(instr, types, library=True), flops,
+                          launches, instr.line)
+        if target.startswith("__cudnn$fmha"):
+            return Kernel(instr.name, "attention", None, "cudnn", path, _io_bytes(instr, types, library=True), 0.0,
+                          launches, instr.line)
+        return Kernel(instr.name, "other", None, target, path, _io_bytes(instr, types, library=False), 0.0,
+                      launches, instr.line)
+    if instr.opcode == "dot":
+        gemm, flops = _dot_flops(instr, types)
+        return Kernel(instr.name, "gemm", gemm, "xla", path, _io_bytes(instr, types, library=False), flops,
+                      launches, instr.line)
+    if instr.opcode == "fusion":
+        dot = _find_dot(_attr(instr.attrs, "calls"), comps)
+        if dot is not None:
+            gemm, flops = _dot_flops(dot[0], {i.name: i.type for i in comps[dot[1]]})
+            engine = "triton" if '"kind":"__triton' in instr.attrs else (
+                "cudnn" if '"kind":"__cudnn' in instr.attrs else "xla")
+            return Kernel(instr.name, "gemm", gemm, engine, path or _op_path(dot[0]),
+                          _fusion_bytes(instr, comps, types), flops, launches, instr.line)
+        return Kernel(instr.name, "other", None, "xla", path, _fusion_bytes(instr, comps, types), 0.0, launches,
+                      instr.line)
+    kind = "collective" if _COLLECTIVE.match(instr.opcode) else "other"
+    return Kernel(instr.name, kind, None, "xla", path, _io_bytes(instr, types, library=False), 0.0, launches,
+                  instr.line)
+
+
+def _find_dot(name: str | None, comps: dict[str, list[_Instr]], depth: int = 0) -> tuple[_Instr, str] | None:
+    """The ``dot`` a fusion computes and the computation holding it, looking through nested
+    fusions (Triton's nested GEMMs). Operand types are looked up in that computation: parameter
+    names repeat between computations."""
+    if name is None or depth > 4:
+        return None
+    for instr in comps.get(name, []):
+        if instr.opcode == "dot":
+            return instr, name
+    for instr in comps.get(name, []):
+        if instr.opcode == "fusion":
+            inner = _find_dot(_attr(instr.attrs, "calls"), comps, depth + 1)
+            if inner is not None:
+                return inner
+    return None
+
+
+def iter_lines(ks: list[Kernel], kind: str) -> Iterator[str]:
+    """The HLO lines of the kernels of one kind (for a failing assertion's message)."""
+    return (k.line for k in ks if k.kind == kind)

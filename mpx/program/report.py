@@ -1,0 +1,109 @@
+"""What a compiled program runs, in one report: GEMMs by kind and policy op, the kernels around
+them, bytes, flops, memory and a roofline estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Mapping
+
+import jax
+
+from mpx.program.hlo import Kernel, kernels
+from mpx.program.target import CUBLAS_ONLY, Target, compile_for, get_target
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """The kernels of one compiled program and what they add up to.
+
+    ``temp_bytes`` / ``argument_bytes`` / ``output_bytes``: XLA's memory analysis (device memory
+    for intermediates, inputs, outputs). ``compile_s``: seconds to compile, when this report
+    compiled the program."""
+
+    target: str
+    kernels: tuple[Kernel, ...]
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    compile_s: float | None = None
+
+    # --------------------------------------------------------------- GEMMs
+    def gemms(self, gemm: str | None = None, *, op: str | None = None, engine: str | None = None) -> int:
+        """GEMM kernels in the program (each once, however often a loop runs it), optionally of
+        one operand kind (``fp8``, ``int8``, ``bf16``, ...), for one policy op, on one engine."""
+        return sum(1 for k in self.kernels if k.kind == "gemm" and (gemm is None or k.gemm == gemm)
+                   and (op is None or k.op == op) and (engine is None or k.engine == engine))
+
+    def gemms_by_op(self) -> dict[str | None, Counter]:
+        """``{policy op path (None: outside any op): Counter(gemm kind -> GEMMs)}``."""
+        out: dict[str | None, Counter] = {}
+        for k in self.kernels:
+            if k.kind == "gemm":
+                out.setdefault(k.op, Counter())[k.gemm] += 1
+        return out
+
+    # --------------------------------------------------------------- everything around them
+    @property
+    def non_gemm_kernels(self) -> int:
+        """Kernels launched per run other than GEMMs and fused attention (loops counted per trip)."""
+        return sum(k.launches for k in self.kernels if k.kind not in ("gemm", "attention"))
+
+    @property
+    def attention(self) -> str:
+        """``cudnn`` when attention runs as a fused library kernel, else ``xla`` (unfused ops)."""
+        return "cudnn" if any(k.kind == "attention" for k in self.kernels) else "xla"
+
+    @property
+    def bytes_accessed(self) -> float:
+        return sum(k.bytes * k.launches for k in self.kernels)
+
+    @property
+    def bytes_outside_gemms(self) -> float:
+        """Bytes of every kernel but the GEMMs and fused attention: the passes around them."""
+        return sum(k.bytes * k.launches for k in self.kernels if k.kind not in ("gemm", "attention"))
+
+    @property
+    def gemm_flops(self) -> float:
+        return sum(k.flops * k.launches for k in self.kernels if k.kind == "gemm")
+
+    def roofline_s(self, target: str | Target | None = None) -> float:
+        """Sum over kernels of max(bytes / bandwidth, GEMM flops / peak of its kind): the step's
+        time if every kernel ran at the device's limit. Fused attention counts its bytes only."""
+        t = get_target(target or self.target)
+        return sum(k.launches * t.roofline_s(k.bytes, k.flops, k.gemm if k.kind == "gemm" else None)
+                   for k in self.kernels)
+
+    def summary(self) -> dict:
+        """The report's figures as a JSON-ready dict."""
+        kinds = Counter(k.gemm for k in self.kernels if k.kind == "gemm")
+        return {"target": self.target, "gemms": dict(sorted(kinds.items(), key=lambda kv: str(kv[0]))),
+                "non_gemm_kernels": self.non_gemm_kernels, "bytes_accessed": self.bytes_accessed,
+                "bytes_outside_gemms": self.bytes_outside_gemms, "gemm_flops": self.gemm_flops,
+                "roofline_ms": 1e3 * self.roofline_s(), "temp_bytes": self.temp_bytes,
+                "argument_bytes": self.argument_bytes, "attention": self.attention, "compile_s": self.compile_s}
+
+    def __str__(self) -> str:
+        s = self.summary()
+        gemms = ", ".join(f"{n} {k}" for k, n in s["gemms"].items()) or "none"
+        return (f"{self.target}: GEMMs {gemms}; {s['non_gemm_kernels']} other kernels; "
+                f"{s['bytes_accessed'] / 1e9:.2f} GB accessed ({s['bytes_outside_gemms'] / 1e9:.2f} GB outside "
+                f"GEMMs); {s['gemm_flops'] / 1e12:.3f} GEMM TFLOP; roofline {s['roofline_ms']:.2f} ms; "
+                f"temp {s['temp_bytes'] / 2**20:.1f} MiB; attention {s['attention']}")
+
+
+def read(compiled: jax.stages.Compiled, target: str | Target, *, compile_s: float | None = None) -> ProgramReport:
+    """The report of an already compiled program (``jax.jit(f).lower(...).compile()`` or
+    `compile_for`); ``target`` names the device it was compiled for (its roofline figures)."""
+    memory = compiled.memory_analysis()
+    get = (lambda key: int(getattr(memory, key, 0) or 0)) if memory is not None else (lambda key: 0)
+    return ProgramReport(get_target(target).name, tuple(kernels(compiled.as_text())), get("temp_size_in_bytes"),
+                         get("argument_size_in_bytes"), get("output_size_in_bytes"), compile_s)
+
+
+def report(fn, *args, target: str = "h100", options: Mapping[str, object] = CUBLAS_ONLY, **kwargs) -> ProgramReport:
+    """Compile ``fn(*args)`` for ``target`` without that device (`compile_for`) and report it."""
+    start = time.perf_counter()
+    compiled = compile_for(fn, *args, target=target, options=options, **kwargs)
+    return read(compiled, target, compile_s=time.perf_counter() - start)

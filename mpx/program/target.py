@@ -1,0 +1,296 @@
+"""Compile a program for an accelerator this machine does not have.
+
+XLA's GPU compiler runs without a GPU: given a target description (a text-format
+``GpuTargetConfigProto``), the CUDA PJRT plugin builds *compile-only* devices, and a program
+lowered on them goes through the whole GPU pipeline (GEMM rewriter, fusion, scheduling,
+ptxas). What comes out is the program that GPU would run, less autotuning: with no device
+to time candidates on, XLA takes the first GEMM backend that applies (Triton). ``CUBLAS_ONLY``
+(the default here) turns Triton GEMMs off so that every dot shows what the GEMM rewriter makes
+of it (cuBLASLt FP8, int8, bf16 calls, with their scale operands and epilogues).
+
+    compiled = mpx.program.compile_for(step, state, batch, target="h100")
+    print(mpx.program.read(compiled, target="h100"))
+
+The plugin (``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` of the installed jaxlib's version,
+and ``nvidia-cuda-nvcc-cu12`` for ptxas) is needed, not a GPU. Installed next to a CPU jax it
+makes every ``import jax`` print CUDA driver lines; kept in a directory of its own
+(``pip install --target DIR ...``) and loaded with `use_plugin` only where a program is
+compiled for a GPU target, ordinary runs stay quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import math
+import os
+import sys
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+CUBLAS_ONLY: Mapping[str, object] = {"xla_gpu_enable_triton_gemm": False}
+"""Compiler options under which a deviceless compile shows the GEMM rewriter's choice for every
+dot (cuBLAS / cuBLASLt calls). XLA's defaults ({}) give Triton GEMM fusions instead: what it
+falls back to without autotuning, not a prediction of what the GPU would pick."""
+
+_H100_SXM_CONFIG = r"""
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {
+    major: 9
+    feature_extension: ACCELERATED_FEATURES
+  }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  scalar_unit_description {
+    rate_infos { key: 4 value { clock_rate_ghz: 1.98 units_per_core: 64 ops_per_clock: 1 } }
+    rate_infos { key: 8 value { clock_rate_ghz: 1.98 units_per_core: 64 ops_per_clock: 1 } }
+    rate_infos { key: 10 value { clock_rate_ghz: 1.98 units_per_core: 128 ops_per_clock: 2 } }
+    rate_infos { key: 11 value { clock_rate_ghz: 1.98 units_per_core: 128 ops_per_clock: 1 } }
+    rate_infos { key: 12 value { clock_rate_ghz: 1.98 units_per_core: 64 ops_per_clock: 1 } }
+    rate_infos { key: 16 value { clock_rate_ghz: 1.98 units_per_core: 128 ops_per_clock: 2 } }
+  }
+  matrix_unit_description {
+    rate_infos { key: 2 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 6 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 10 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 512 } }
+    rate_infos { key: 11 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 256 } }
+    rate_infos { key: 12 value { clock_rate_ghz: 1.98 units_per_core: 4 ops_per_clock: 32 } }
+    rate_infos { key: 16 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 512 } }
+    rate_infos { key: 19 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 20 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 23 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 24 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 25 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 28 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 29 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 33 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 35 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+    rate_infos { key: 36 value { clock_rate_ghz: 1.8295201 units_per_core: 4 ops_per_clock: 1024 } }
+  }
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+  device_vendor: "NVIDIA Corporation"
+  platform_version: "Compute Capability 9.0a"
+  model_str: "sm_9.0a with 84942979072B RAM, 132 cores, 1980000KHz clock, 2619000KHz mem clock, 52428800B L2$"
+  device_address_bits: 64
+  pcie_bandwidth: 34359738368
+  ecc_enabled: true
+  name: "NVIDIA H100 80GB HBM3"
+  driver_version: "13.0.0"
+  runtime_version: "12.8.0"
+  compile_time_toolkit_version: "12.8.0"
+  dnn_version: "9.10.0"
+  cub_version: "3.1.2"
+  device_interconnect_info {
+    active_links: 18
+  }
+}
+platform_name: "CUDA"
+dnn_version_info {
+  major: 8
+  minor: 9
+  patch: 4
+}
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""# GpuTargetConfigProto of an H100 SXM 80GB: XLA's xla/backends/gpu/target_config/specs/h100_sxm.txtpb
+# less `collective_memory_granularity`, a field jaxlib 0.10's proto rejects.
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator programs can be compiled for without it.
+
+    ``bandwidth`` (bytes/s of device memory) and ``peak_flops`` (dense matrix-unit rates by GEMM
+    kind: ``fp8``, ``int8``, ``bf16``, ``f16``, ``f32``) are the datasheet figures a roofline
+    estimate uses; they bound, not predict, a kernel's time. ``cudnn_version``: the cuDNN the
+    target's programs are built against (jax's version number, 91000 for 9.10), which decides
+    whether jax emits cuDNN fused attention."""
+
+    name: str
+    platform: str
+    config: str
+    bandwidth: float
+    peak_flops: Mapping[str, float]
+    cudnn_version: int | None = None
+
+    def roofline_s(self, bytes_accessed: float, flops: float = 0.0, gemm: str | None = None) -> float:
+        """A kernel's lower bound in seconds: its memory traffic at full bandwidth, or its GEMM
+        flops at the matrix units' peak, whichever takes longer."""
+        compute = flops / self.peak_flops[gemm] if gemm else 0.0
+        return max(bytes_accessed / self.bandwidth, compute)
+
+
+H100 = Target(
+    name="h100",
+    platform="cuda",
+    config=_H100_SXM_CONFIG,
+    bandwidth=3.35e12,  # HBM3, 3.35 TB/s
+    # Dense tensor-core peaks of the SXM part (no sparsity); f32 GEMMs run as TF32 at best.
+    peak_flops={"fp8": 1979e12, "int8": 1979e12, "bf16": 989e12, "f16": 989e12, "f32": 495e12},
+    cudnn_version=91000,  # the config's dnn_version, 9.10.0
+)
+TARGETS: Mapping[str, Target] = {"h100": H100}
+
+
+def get_target(name: str | Target) -> Target:
+    """The `Target` called ``name`` (or ``name`` itself)."""
+    if isinstance(name, Target):
+        return name
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def use_plugin(directory: str | os.PathLike) -> None:
+    """Make the CUDA compiler plugin installed in ``directory`` (``pip install --target``)
+    available to this process, after jax has started. Idempotent. Its ptxas is put first on
+    PATH so that XLA runs the one that matches the plugin."""
+    directory = os.fspath(directory)
+    jax.devices()  # jax discovers plugins once, as its backends start: let that happen without this one
+    plugins = os.path.join(directory, "jax_plugins")
+    if not os.path.isdir(plugins):
+        raise FileNotFoundError(
+            f"no CUDA compiler plugin in {directory}: install it there with `pip install --target {directory} "
+            f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} nvidia-cuda-nvcc-cu12`")
+    if directory not in sys.path:
+        sys.path.append(directory)
+    import jax_plugins
+
+    if plugins not in list(jax_plugins.__path__):
+        jax_plugins.__path__.append(plugins)
+    ptxas = os.path.join(directory, "nvidia", "cuda_nvcc", "bin")
+    if os.path.isdir(ptxas) and ptxas not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ptxas + os.pathsep + os.environ.get("PATH", "")
+    _initialize_cuda_plugin()
+
+
+@functools.cache
+def _initialize_cuda_plugin() -> None:
+    # jax discovers plugins once, when its backends start; a plugin added later registers itself
+    # when asked. Registering it does not change the default backend or jax.devices().
+    # The plugin checks the CUDA runtime's version as it registers, unless told not to: there is
+    # no runtime on a machine without a GPU, and compiling needs none.
+    skip = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
+    before = os.environ.get(skip)
+    os.environ[skip] = "1"
+    try:
+        importlib.import_module("jax_plugins.xla_cuda12").initialize()
+    finally:
+        if before is None:
+            del os.environ[skip]
+        else:
+            os.environ[skip] = before
+    # jax hands every plugin it discovers to callbacks its modules registered at import (custom
+    # partitioning's, which cuDNN attention needs on a sharded mesh); one registered late has to
+    # be handed to them here. (jax internals: where they are absent, nothing is run.)
+    from jax._src import xla_bridge
+
+    factory = getattr(xla_bridge, "_backend_factories", {}).get("cuda")
+    for callback in list(getattr(xla_bridge, "_plugin_callbacks", [])) if factory is not None else []:
+        callback(c_api=factory.c_api)
+
+
+@functools.cache
+def topology(name: str = "h100", count: int = 1):
+    """The compile-only topology of ``count`` devices of the target on one host."""
+    t = get_target(name)
+    try:
+        return topologies.get_topology_desc(platform=t.platform, topology=f"1x1x{count}", target_config=t.config)
+    except Exception as e:  # the plugin's absence shows as NotImplementedError, RuntimeError or ValueError
+        raise RuntimeError(
+            f"cannot compile for {t.name} here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            f"the CUDA compiler plugin is missing; install jax-cuda12-plugin=={jax.__version__} "
+            f"jax-cuda12-pjrt=={jax.__version__} nvidia-cuda-nvcc-cu12 into a directory of their own "
+            "(pip install --target DIR ...), then call mpx.program.use_plugin(DIR)") from None
+
+
+def make_mesh(shape: tuple[int, ...] = (1,), axis_names: tuple[str, ...] = ("data",), *,
+              target: str = "h100") -> Mesh:
+    """A mesh of compile-only devices of ``target`` (one host), for sharded programs."""
+    return topologies.make_mesh(topology(target, math.prod(shape)), shape, axis_names)
+
+
+def platform_of(x) -> str:
+    """The platform the program holding ``x`` is compiled for (``gpu``, ``cpu``, ``tpu``): that
+    of the devices its sharding names where the trace knows them (a program compiled for a GPU
+    on a machine without one, `compile_for`), else this process's default backend. For choices
+    a trace makes by platform, such as cuDNN fused attention."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    device = getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def _abstract(x, sharding):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
+                                                                     weak_type=x.weak_type)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=getattr(x, "weak_type", False))
+    a = jnp.asarray(x)  # Python scalars
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding, weak_type=True)
+
+
+def compile_for(fn, *args, target: str = "h100", mesh: Mesh | None = None,
+                options: Mapping[str, object] = CUBLAS_ONLY, **jit_kwargs) -> jax.stages.Compiled:
+    """``jax.jit(fn, **jit_kwargs)`` compiled for ``target`` without that device.
+
+    ``args``: arrays, ``jax.ShapeDtypeStruct``s or pytrees of them (only shapes and dtypes are
+    used). A ``ShapeDtypeStruct`` that carries a sharding keeps it (build them on `mesh` for a
+    sharded program); everything else is replicated over ``mesh`` (one device by default).
+    ``options``: XLA compiler options (`CUBLAS_ONLY`, or ``{}`` for XLA's defaults)."""
+    mesh = mesh if mesh is not None else make_mesh(target=target)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.tree.map(lambda x: _abstract(x, replicated), args)
+    with _target_cudnn(get_target(target)):
+        lowered = jax.jit(fn, **jit_kwargs).trace(*abstract).lower()
+    return lowered.compile(compiler_options=dict(options))
+
+
+@contextlib.contextmanager
+def _target_cudnn(t: Target):
+    """While tracing for ``t``: jax asks this machine's cuDNN for its version before it emits
+    cuDNN fused attention, and a machine without a GPU has none; the target's is the one that
+    decides. (A jax-internal hook: where it is absent or a local cuDNN answers, nothing changes.)"""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as attention
+    except ImportError:
+        attention = None
+    check = getattr(attention, "check_cudnn_version", None)
+    if t.cudnn_version is None or check is None:
+        yield
+        return
+    try:
+        check()
+        yield  # a cuDNN is installed here: its answer stands
+        return
+    except Exception:
+        pass
+    attention.check_cudnn_version = lambda: t.cudnn_version
+    try:
+        yield
+    finally:
+        attention.check_cudnn_version = check
