@@ -8,6 +8,7 @@ GEMM (s8 x s8 -> s32 on cuBLASLt); a bf16 program no FP8 GEMM at all. The CUDA c
 comes from PyPI (`make` installs it into .venv/cuda-compiler, apart from the CPU jax, so that
 no other process prints CUDA driver lines)."""
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -47,11 +48,11 @@ CONFIG = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layer
 BATCH = jax.ShapeDtypeStruct((4, 33), jnp.int32)
 
 
-def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1):
+def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.num_layers):
     """A full TransformerLM train step (AdamW) under ``spec``: (model, policy, step, abstract args).
     Matmul dims are multiples of 16 (cuBLASLt FP8 takes those)."""
     policy = mpx.parse_policy(spec)
-    config = CONFIG.__class__(**{**CONFIG.__dict__, "scan_layers": scan, "remat": remat})
+    config = dataclasses.replace(CONFIG, scan_layers=scan, remat=remat, num_layers=layers)
     model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
     graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
 
@@ -250,7 +251,7 @@ def test_one_fp8_matmul_is_three_fp8_gemms_and_one_int8_matmul_an_integer_gemm(o
 def test_fp8_gemms_report_for_the_h100_finds_nothing_missing():
     """`mpx.inspect.fp8_gemms` with a target: every fp8 op of the LM's step has its three FP8
     dot_generals and three FP8 GEMMs, attributed by its name scope; nothing is missing."""
-    model, policy, step, args = lm_step("fp8")
+    model, policy, step, args = lm_step("fp8", layers=1)
     report = mpx.inspect.fp8_gemms(step, *args, target="h100")
     assert report.backend == "h100" and report.missing() == [], str(report)
     assert report.fp8_gemms == report.fp8_dots == 3 * len(ops_of(model, policy, "fp8"))
@@ -262,7 +263,7 @@ def test_bench_static_mode_compares_the_programs_for_the_target():
     H100, one row each with the GEMMs by kind and the cost around them."""
     from train import bench
 
-    shape = CONFIG.__class__(**{**CONFIG.__dict__, "num_layers": 1})
+    shape = dataclasses.replace(CONFIG, num_layers=1)
     record = bench.run(shape, batch=4, seq=32, settings=bench.BenchSettings(modes=("static",), layers=1))
     rows = {(r["model"].split(" ")[0], r["variant"]): r for r in record["rows"]}
     assert set(rows) == {("plain", v) for v in ("flax_bf16", "flax_fp8_direct", "mpx_bf16", "mpx_fp8")} | {
