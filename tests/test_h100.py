@@ -14,19 +14,18 @@ import os
 import pathlib
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 import mpx
 import mpx.linen as ml
-import mpx.nn as mn
 from mpx.inspect import describe
+
+from helpers import CONFIG, lm_step
 
 PLUGIN = pathlib.Path(sys.prefix) / "cuda-compiler"  # where the Makefile installs it
 
@@ -42,29 +41,6 @@ def h100():
             pytest.fail(f"the H100 compile tier must run in CI: {missing}")
         else:
             pytest.skip(f"no CUDA compiler plugin (make installs it into {PLUGIN}): {missing}")
-
-
-CONFIG = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layers=2, d_ff=128, max_len=32)
-BATCH = jax.ShapeDtypeStruct((4, 33), jnp.int32)
-
-
-def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.num_layers):
-    """A full TransformerLM train step (AdamW) under ``spec``: (model, policy, step, abstract args).
-    Matmul dims are multiples of 16 (cuBLASLt FP8 takes those)."""
-    policy = mpx.parse_policy(spec)
-    config = dataclasses.replace(CONFIG, scan_layers=scan, remat=remat, num_layers=layers)
-    model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
-    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
-
-    def loss_fn(params, meta, batch, rng):
-        m = nnx.merge(graphdef, params, meta)
-        return m.loss(m(batch[:, :-1]), batch[:, 1:])
-
-    opt = optax.adamw(1e-3)
-    state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=meta)
-    step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, accum_steps=accum_steps)
-    batch = BATCH if accum_steps == 1 else jax.ShapeDtypeStruct((accum_steps, *BATCH.shape), BATCH.dtype)
-    return model, policy, step, (state, batch)
 
 
 def ops_of(model, policy, precision: str) -> set[str]:

@@ -11,7 +11,7 @@ import mpx
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.inspect import describe, fp8_stats, format_fp8_stats
-from helpers import fp8_gpu
+from helpers import fp8_gpu, lm_step
 
 
 def gpt2_small(policy):
@@ -85,28 +85,6 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
 # ----------------------------------------------------------------------------- FP8 GEMMs
 
 
-def lm_train_step(scan: bool, layers: int = 2):
-    """A full fp8 TransformerLM train step (AdamW) and its arguments; matmul dims multiples of 16."""
-    import functools
-
-    import optax
-
-    policy = mpx.parse_policy("fp8; fp8.amax_history=4")
-    config = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layers=layers, d_ff=128, max_len=32,
-                                  scan_layers=scan)
-    model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
-    graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
-
-    def loss_fn(params, meta, batch, rng):
-        m = nnx.merge(graphdef, params, meta)
-        return m.loss(m(batch[:, :-1]), batch[:, 1:])
-
-    opt = optax.adamw(1e-3)
-    state = mpx.init_train_state(params, opt, fp8_meta=meta)
-    step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt)
-    return model, policy, step, (state, jnp.zeros((4, 33), jnp.int32))
-
-
 def check_every_fp8_op_is_reported(model, policy, report):
     """Every op the policy marks fp8 has its forward and both gradients as FP8 dot_generals
     (3), and no other op has any."""
@@ -123,7 +101,7 @@ def test_fp8_gemms_on_cpu_finds_the_emitted_fp8_matmuls_and_no_gemm():
     backend compiles no FP8 GEMM, and the report says so without failing. (One layer
     each: compiling a train step dominates this test's time.)"""
     for scan in (False, True):
-        model, policy, step, args = lm_train_step(scan, layers=1)
+        model, policy, step, args = lm_step("fp8; fp8.amax_history=4", scan=scan, layers=1)
         report = mpx.inspect.fp8_gemms(step, *args)
         check_every_fp8_op_is_reported(model, policy, report)
         if jax.default_backend() == "cpu":
@@ -137,7 +115,7 @@ def test_every_fp8_matmul_of_a_train_step_is_an_fp8_gemm():
     """On an FP8 GPU every FP8 dot_general of the full train step (unrolled and scanned
     LM), forward and backward, compiles to a cuBLASLt FP8 GEMM attributed to its op."""
     for scan in (False, True):
-        model, policy, step, args = lm_train_step(scan)
+        model, policy, step, args = lm_step("fp8; fp8.amax_history=4", scan=scan)
         report = mpx.inspect.fp8_gemms(step, *args)
         check_every_fp8_op_is_reported(model, policy, report)
         assert report.missing() == [], str(report)

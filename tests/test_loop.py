@@ -7,9 +7,11 @@ values only at log steps (and at eval steps and due checkpoint saves).
 How this is checked on a CPU: JAX's transfer guards do not fire there (a CPU array is
 host memory already: ``int(x)`` under ``jax.transfer_guard_device_to_host("disallow")``
 passes), and a host callback makes a CPU computation run synchronously, so neither can
-observe the loop. Instead the run's loss is slowed down on the device (100 rounds
-of data-dependent 512x512 matmuls per call, far longer than a loop iteration takes on
-the host even on a loaded machine; its value unchanged), and at the end of each loop
+observe the loop. Instead the run's loss is slowed down on the device (600 rounds
+of data-dependent 512x512 matmuls per call: about 0.8 s on an idle 2-core machine, far
+longer than a loop iteration takes on the host even on a loaded machine; 100 rounds, 0.13 s,
+once lost that race right after an asynchronous checkpoint save while the other test worker
+compiled; its value unchanged), and at the end of each loop
 iteration (``on_step``) the test asks, without waiting (``jax.Array.is_ready``), whether
 the step just dispatched has finished. A loop that reads any output of a step before the
 next iteration (``int(m.skipped)``) always finds it finished; a loop that does not finds
@@ -49,7 +51,7 @@ def poisoned(tokens) -> bool:
     return int(tokens[0, 0]) % 2 == 0
 
 
-def instrumented(loss_fn, *, size=512, rounds=100):
+def instrumented(loss_fn, *, size=512, rounds=600):
     """``loss_fn`` slowed down on the device and poisoned (see `poisoned`). The matmuls
     read the batch (no constant folding) and no parameter (the gradient is the same)."""
     traced = []
