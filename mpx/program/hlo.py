@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
           "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e8m0fnu": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -135,14 +134,20 @@ def _op_path(instr: _Instr) -> str | None:
     return scopes[-1] if scopes else None
 
 
-def _dot_flops(dot: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
-    """(operand kind, 2*M*N*K) of a ``dot`` instruction."""
-    lhs_dtype, lhs = _dims(types.get(dot.operands[0], ""))
-    rhs_dtype, _ = _dims(types.get(dot.operands[1], "")) if len(dot.operands) > 1 else ("", [])
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
-    k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting and lhs else 0
-    _, out = _dims(dot.type)
+def _gemm(instr: _Instr, types: dict[str, str], contracting: re.Match | None) -> tuple[str | None, float]:
+    """(operand kind, 2*M*N*K) of a GEMM: its two operands' types, the lhs contracting dims
+    (the first group of ``contracting``) and its result (a library call's first array)."""
+    lhs_dtype, lhs = _dims(types.get(instr.operands[0], ""))
+    rhs_dtype, _ = _dims(types.get(instr.operands[1], "")) if len(instr.operands) > 1 else ("", [])
+    dims = [int(d.strip('" ')) for d in contracting.group(1).split(",") if d.strip('" ')] if contracting else []
+    k = math.prod(lhs[d] for d in dims) if dims and lhs else 0
+    _, out = _dims(instr.type)
     return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * k
+
+
+def _dot_flops(dot: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
+    """(operand kind, flops) of a ``dot`` instruction."""
+    return _gemm(dot, types, re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs))
 
 
 def _gemm_kind(lhs: str, rhs: str) -> str | None:
@@ -157,13 +162,7 @@ def _gemm_kind(lhs: str, rhs: str) -> str | None:
 
 def _library_gemm(instr: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
     """(operand kind, flops) of a cuBLAS custom call, from its operands and its backend config."""
-    lhs_dtype, lhs = _dims(types.get(instr.operands[0], ""))
-    rhs_dtype, _ = _dims(types.get(instr.operands[1], ""))
-    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs)
-    k = math.prod(lhs[int(d.strip('" '))] for d in contracting.group(1).split(",") if d.strip('" ')) \
-        if contracting and lhs else 0
-    _, out = _dims(instr.type)  # a tuple (result, workspace): the first array is the result
-    return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * k
+    return _gemm(instr, types, re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs))
 
 
 def _io_bytes(instr: _Instr, types: dict[str, str], *, library: bool) -> float:
@@ -189,6 +188,7 @@ def _fusion_bytes(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str
     for i in body:
         for o in i.operands:
             uses.setdefault(o, []).append(i)
+
     def through_views(name: str) -> str:  # a bitcast is a view of the same buffer
         while name in local and local[name].opcode == "bitcast" and local[name].operands:
             name = local[name].operands[0]
@@ -312,7 +312,3 @@ def _find_dot(name: str | None, comps: dict[str, list[_Instr]], depth: int = 0) 
                 return inner
     return None
 
-
-def iter_lines(ks: list[Kernel], kind: str) -> Iterator[str]:
-    """The HLO lines of the kernels of one kind (for a failing assertion's message)."""
-    return (k.line for k in ks if k.kind == kind)

@@ -171,9 +171,7 @@ def use_plugin(directory: str | os.PathLike) -> None:
     jax.devices()  # jax discovers plugins once, as its backends start: let that happen without this one
     plugins = os.path.join(directory, "jax_plugins")
     if not os.path.isdir(plugins):
-        raise FileNotFoundError(
-            f"no CUDA compiler plugin in {directory}: install it there with `pip install --target {directory} "
-            f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} nvidia-cuda-nvcc-cu12`")
+        raise FileNotFoundError(f"no CUDA compiler plugin in {directory}: {_install_hint(directory)}")
     if directory not in sys.path:
         sys.path.append(directory)
     import jax_plugins
@@ -221,9 +219,15 @@ def topology(name: str = "h100", count: int = 1):
     except Exception as e:  # the plugin's absence shows as NotImplementedError, RuntimeError or ValueError
         raise RuntimeError(
             f"cannot compile for {t.name} here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-            f"the CUDA compiler plugin is missing; install jax-cuda12-plugin=={jax.__version__} "
-            f"jax-cuda12-pjrt=={jax.__version__} nvidia-cuda-nvcc-cu12 into a directory of their own "
-            "(pip install --target DIR ...), then call mpx.program.use_plugin(DIR)") from None
+            f"the CUDA compiler plugin is missing: {_install_hint('DIR')}") from None
+
+
+def _install_hint(directory: str) -> str:
+    import jaxlib  # the plugin is built against jaxlib, whose version can trail jax's
+
+    v = jaxlib.__version__
+    return (f"install it with `pip install --target {directory} jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v} "
+            f"nvidia-cuda-nvcc-cu12`, then call mpx.program.use_plugin({directory!r})")
 
 
 def make_mesh(shape: tuple[int, ...] = (1,), axis_names: tuple[str, ...] = ("data",), *,
