@@ -13,11 +13,12 @@ from mpx.loss_scale import (
     select_tree,
 )
 from mpx.policy import OpPrecision, Policy, Rule, parse as parse_policy
-from mpx.step import StepMetrics, TrainState, init_train_state, make_train_step, train_step
+from mpx.step import BootstrappedStep, StepMetrics, TrainState, init_train_state, make_train_step, train_step
 from mpx import nn  # noqa: E402 - layers build on everything above
 from mpx import linen  # noqa: E402
 
 __all__ = [
+    "BootstrappedStep",
     "DynamicLossScale",
     "Fp8Config",
     "Fp8Meta",

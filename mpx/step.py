@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mpx.fp8.meta import advance_tree, combine_trees, max_fanout, observations_finite
+from mpx.fp8.meta import advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite
 from mpx.loss_scale import LossScale, NoOpLossScale, select_tree
 from mpx.policy import Policy
 
@@ -160,6 +160,7 @@ def train_step(
     has_aux: bool = False,
     has_state: bool = False,
     accum_steps: int = 1,
+    fp8_bootstrap: bool = True,
 ) -> tuple[TrainState, StepMetrics]:
     """One update. Jit it with ``loss_fn``/``optimizer`` bound, e.g.::
 
@@ -182,14 +183,25 @@ def train_step(
     ``accum_steps > 1``: ``batch`` leaves lead with ``accum_steps`` micro-batches; the
     gradients are averaged over them before one optimizer update, and each FP8 op's
     amaxes are combined by max. ``aux`` is then stacked over micro-batches.
+
+    ``fp8_bootstrap``: an FP8 tensor whose amax history is still empty (the first step)
+    scales from its own amax in this step, so that it neither saturates nor flushes. The
+    price is a pass: every quantize then waits for its tensor's amax. ``False`` compiles the
+    lean program for the steps after: every tensor uses its stored (delayed) scale, and the
+    amax and the statistics come from the pass that reads the tensor anyway. A tensor that
+    was exactly zero in every step so far (a zero-initialised weight) still has an empty
+    history then and quantizes with its stored scale (1) in its first nonzero step.
+    `make_train_step` runs the bootstrap program until a step has been applied, then the
+    lean one.
     """
     rng = step_rng(state)
-    if accum_steps == 1:
-        loss, aux, grads, observed, model_state = _grads(state, state.model_state, batch, rng, loss_fn, has_aux,
-                                                         has_state)
-    else:
-        loss, aux, grads, observed, model_state = _accumulated_grads(state, batch, rng, loss_fn, has_aux, has_state,
-                                                                     accum_steps)
+    with bootstrap(fp8_bootstrap):
+        if accum_steps == 1:
+            loss, aux, grads, observed, model_state = _grads(state, state.model_state, batch, rng, loss_fn, has_aux,
+                                                             has_state)
+        else:
+            loss, aux, grads, observed, model_state = _accumulated_grads(state, batch, rng, loss_fn, has_aux,
+                                                                         has_state, accum_steps)
     grads = state.loss_scale.unscale(grads)
     # One pass over the gradients serves the metric and the check: an inf or NaN element makes
     # the global norm non-finite. (So does a norm past f32's range, 1.8e19: gradients that
@@ -224,6 +236,35 @@ def train_step(
     return new_state, metrics
 
 
+class BootstrappedStep:
+    """A step function in two programs: ``bootstrap`` (``fp8_bootstrap=True``) until a step
+    has been applied to a state with FP8 tensors, then ``lean`` (``fp8_bootstrap=False``; see
+    `train_step`). A state it did not return itself (a fresh or a restored one) is fresh when
+    none of its FP8 tensors has recorded an amax (`mpx.fp8.needs_bootstrap`).
+
+    Both are called as ``fn(state, *args)`` and return a tuple whose first element is the
+    new state and whose last is its `StepMetrics`. Choosing reads the device only while
+    bootstrapping (the histories of a state it did not return itself, the ``skipped`` flag
+    of a bootstrap step): a run in its steady state is never synchronised by it.
+    """
+
+    def __init__(self, bootstrap: Callable[..., Any], lean: Callable[..., Any]):
+        self.bootstrap, self.lean = bootstrap, lean
+        self._returned = None  # the `step` array of the state this object returned last
+        self._bootstrapping = True
+
+    def __call__(self, state: TrainState, *args):
+        if state.step is not self._returned:  # a state from elsewhere: a fresh or restored run
+            self._bootstrapping = needs_bootstrap(state.fp8_meta)
+        if self._bootstrapping:
+            out = self.bootstrap(state, *args)
+            self._bootstrapping = bool(out[-1].skipped)  # an overflowing first step changed nothing
+        else:
+            out = self.lean(state, *args)
+        self._returned = out[0].step
+        return out
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -232,11 +273,19 @@ def make_train_step(
     has_state: bool = False,
     accum_steps: int = 1,
     donate: bool = True,
-) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
+) -> BootstrappedStep:
     """`train_step` with its arguments bound, jitted: ``step(state, batch) -> (state,
     metrics)``. The loss scale and FP8 state travel in the `TrainState`
     (``init_train_state(params, optimizer, policy=policy, fp8_meta=...)``), so the step
-    needs nothing else from the policy. ``donate``: reuse the old state's buffers."""
-    step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=has_aux,
-                             has_state=has_state, accum_steps=accum_steps)
-    return jax.jit(step, donate_argnums=0 if donate else ())
+    needs nothing else from the policy. ``donate``: reuse the old state's buffers.
+
+    Two programs are compiled when the model has FP8 ops: the first step's, which scales
+    fresh FP8 tensors from their own amax, and the lean one of every step after
+    (`BootstrappedStep`)."""
+
+    def jitted(fp8_bootstrap: bool):
+        step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=has_aux,
+                                 has_state=has_state, accum_steps=accum_steps, fp8_bootstrap=fp8_bootstrap)
+        return jax.jit(step, donate_argnums=0 if donate else ())
+
+    return BootstrappedStep(jitted(True), jitted(False))

@@ -13,7 +13,7 @@ from jax import lax
 import mpx
 from helpers import fp8_gpu
 from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, compute_scale,
-                     dequantize, fp8_dot_general, observation, quantization_stats, quantize, scale_for_use)
+                     dequantize, fp8_dot_general, observation, observe, quantization_stats, quantize, scale_for_use)
 
 NP_E4M3, NP_E5M2 = (ml_dtypes.float8_e4m3fn, 3), (ml_dtypes.float8_e5m2, 2)  # (ml_dtypes type, mantissa bits)
 FORMATS = [(E4M3, *NP_E4M3), (E5M2, *NP_E5M2)]
@@ -63,15 +63,18 @@ def test_every_finite_value_round_trips_exactly(dtype, np_dtype, _, scale):
 
 @pytest.mark.parametrize("dtype, np_dtype, _", FORMATS, ids=FORMAT_IDS)
 def test_saturation_and_nan(dtype, np_dtype, _):
-    """Finite values beyond ±fp8_max (also past the rounding midpoint, and 1e30 whose scaled
-    value overflows f32) become exactly ±fp8_max; ±inf and NaN become NaN: an overflow is
-    never laundered into a finite number."""
+    """Finite values beyond ±fp8_max (also past the rounding midpoint) become exactly
+    ±fp8_max; ±inf and NaN become NaN: an overflow is never laundered into a finite number.
+    A finite value whose scaled product overflows f32 (1e30 at scale 1e30) is a blow-up 1e35
+    times past the scale's range: NaN as well, and `observe` does not count it saturated."""
     limit = float(ml_dtypes.finfo(np_dtype).max)
     x = jnp.array([1e30, -1e30, limit * 1.03, limit * 1.07, -limit * 4, np.inf, -np.inf, np.nan], jnp.float32)
     q = np.asarray(quantize(x, dtype, jnp.float32(1.0))).astype(np.float64)
     np.testing.assert_array_equal(q[:5], [limit, -limit, limit, limit, -limit])
     assert np.isnan(q[5:]).all()
-    assert float(quantize(jnp.float32(1e30), dtype, jnp.float32(1e30)).astype(jnp.float32)) == limit
+    assert np.isnan(float(quantize(jnp.float32(1e30), dtype, jnp.float32(1e30)).astype(jnp.float32)))
+    seen = observe(jnp.float32([1e30, 1.0, 0.0, 0.0]), dtype, jnp.float32(1e30))  # 1.0 saturates, 1e30 overflows
+    assert [float(v) for v in seen] == [float(np.float32(1e30)), 0.25, 0.0]
     # A scale that pushes an in-range value over the edge saturates as well.
     assert float(quantize(jnp.float32(100.0), dtype, jnp.float32(1e4)).astype(jnp.float32)) == limit
 

@@ -101,11 +101,12 @@ SETUPS = {"functional": functional_setup, "nnx": nnx_setup, "linen": linen_setup
 
 
 def make_step(setup, accum_steps=1):
+    """The step users get from `mpx.make_train_step` (the bootstrap program for the first
+    step, the lean one after), not donating, so that tests can compare states."""
     params, meta, loss_fn = setup()
     opt = optax.adam(1e-2)
     state = mpx.init_train_state(params, opt, fp8_meta=meta, loss_scale=POLICY.loss_scale.create())
-    step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, accum_steps=accum_steps))
-    return state, step
+    return state, mpx.make_train_step(loss_fn, opt, accum_steps=accum_steps, donate=False)
 
 
 def batch(seed=1, *, t=1.0, inf_at=None, n=16):
@@ -165,10 +166,12 @@ def test_an_inf_activation_gives_nan_in_the_forward_not_a_clipped_value():
     w = np.ones((4, 2), np.float32)
     meta = Fp8Meta.init(Fp8Config(amax_history=4))
     meta = meta.replace(lhs=meta.lhs.replace(amax_history=jnp.float32([1.0, 0, 0, 0])))  # delayed scale 1
-    out, _ = fp8_dot_general(x, w, MATMUL, meta, out_dtype=jnp.float32)
-    out = np.asarray(out)
-    assert np.isnan(out[1]).all()
-    np.testing.assert_array_equal(out[[0, 2]], np.full((2, 2), 4.0))
+    for lean in (False, True):  # the first step's program and the steps' after
+        with mpx.fp8.bootstrap(not lean):
+            out, _ = jax.jit(lambda x: fp8_dot_general(x, w, MATMUL, meta, out_dtype=jnp.float32))(x)
+        out = np.asarray(out)
+        assert np.isnan(out[1]).all()
+        np.testing.assert_array_equal(out[[0, 2]], np.full((2, 2), 4.0))
 
 
 # ----------------------------------------------------------------------------- fan-out
@@ -277,7 +280,8 @@ def e5m2_flushed(g: np.ndarray, scale: float) -> float:
     return float(np.mean((g != 0) & (q.astype(np.float32) == 0)))
 
 
-def test_first_step_scales_from_the_tensors_own_amax():
+@pytest.mark.parametrize("entry", ["train_step", "make_train_step"])
+def test_first_step_scales_from_the_tensors_own_amax(entry):
     """A one-layer regression whose loss is 1e-3 * a mean over 4096 outputs: the output
     gradient is ~5e-7, which a scale of 1 would flush to zero in E5M2 (smallest subnormal
     2**-16; the reference says >50%), and inputs ~1000 that a scale of 1 would saturate
@@ -297,7 +301,10 @@ def test_first_step_scales_from_the_tensors_own_amax():
 
     opt = optax.sgd(0.0)  # keep w fixed: the reference needs only the data
     state = mpx.init_train_state({"w": w}, opt, fp8_meta={"fc": Fp8Meta.init(config)})
-    step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt))
+    if entry == "train_step":  # bootstraps in every step (a no-op once the history is filled)
+        step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt))
+    else:  # the bootstrap program for step 0, the lean one after
+        step = mpx.make_train_step(loss_fn, opt)
 
     # The output gradient of step 0, from the forward that step runs (same fresh meta).
     out0 = np.asarray(fp8_dot_general(xs[0], w, MATMUL, Fp8Meta.init(config), out_dtype=jnp.float32)[0])
@@ -325,6 +332,51 @@ def test_first_step_scales_from_the_tensors_own_amax():
         lhs = state.fp8_meta["fc"].lhs
         np.testing.assert_array_equal(np.asarray(lhs.amax_history), np.float32(amaxes + [0] * (4 - len(amaxes))))
         assert float(lhs.scale) == np.float32(448) / max(amaxes)
+
+
+def counting(fn, calls: list, name: str):
+    def run(*args):
+        calls.append(name)
+        return fn(*args)
+    return run
+
+
+def test_make_train_step_bootstraps_until_a_step_is_applied():
+    """`BootstrappedStep` runs the bootstrap program while no step has been applied (an
+    overflowing first step is skipped and changes nothing, so the next one bootstraps
+    again), then the lean program; a state it did not return (a fresh one, a restored one)
+    is judged by its histories: fresh -> bootstrap, trained -> lean. From a trained state
+    both programs compute the same step bit for bit (every history is filled, so the
+    bootstrap select picks the stored scale), and from a fresh one they differ (the lean
+    program quantizes with the stored scale 1)."""
+    params, meta, loss_fn = functional_setup()
+    opt = optax.adam(1e-2)
+    fresh = mpx.init_train_state(params, opt, fp8_meta=meta, loss_scale=POLICY.loss_scale.create())
+    programs = {flag: jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=flag))
+                for flag in (True, False)}
+    calls = []
+    step = mpx.BootstrappedStep(counting(programs[True], calls, "bootstrap"), counting(programs[False], calls, "lean"))
+
+    state, m = step(fresh, batch(t=1e4))  # overflows: skipped
+    assert bool(m.skipped)
+    state, m = step(state, batch(seed=2))
+    assert not bool(m.skipped)
+    state, _ = step(state, batch(seed=3))
+    state, _ = step(state, batch(seed=4))
+    assert calls == ["bootstrap", "bootstrap", "lean", "lean"]
+
+    calls.clear()
+    step(fresh, batch(seed=2))  # a new run from the fresh state
+    restored = jax.tree.map(jnp.array, state)  # a copy, as a checkpoint restore gives
+    step(restored, batch(seed=5))
+    assert calls == ["bootstrap", "lean"]
+
+    (s1, m1), (s2, m2) = (programs[f](restored, batch(seed=5)) for f in (True, False))
+    trained = tree_equal(s1.replace(rng=None), s2.replace(rng=None)) and tree_equal(m1, m2)  # keys: not arrays
+    from_fresh = tree_equal(*(programs[f](fresh, batch(seed=2))[0].fp8_meta for f in (True, False)))
+    assert trained and not from_fresh
+    assert not mpx.fp8.needs_bootstrap(state.fp8_meta) and mpx.fp8.needs_bootstrap(fresh.fp8_meta)
+    assert not mpx.fp8.needs_bootstrap({})  # nothing in fp8: nothing to bootstrap
 
 
 # ----------------------------------------------------------------------------- fp16 compute with fp8 matmuls

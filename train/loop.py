@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -197,15 +198,21 @@ def _make_step_fn(built: Built):
     def loss_fn(params, meta, batch, rng):
         return task.loss(built.graphdef, params, meta, batch, rng, dropout=config.model.dropout > 0)
 
-    def step(state, skips, batch):
+    def step(state, skips, batch, *, fp8_bootstrap):
         state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
-                                  accum_steps=config.optim.grad_accum)
+                                  accum_steps=config.optim.grad_accum, fp8_bootstrap=fp8_bootstrap)
         skipped = m.skipped.astype(jnp.int32)
         return state, {"total": skips["total"] + skipped, "in_a_row": (skips["in_a_row"] + 1) * skipped}, m
 
     replicated = mesh_lib.replicated(built.mesh)
-    # The state keeps its layout (no recompiles) and its buffers are reused (donated).
-    return jax.jit(step, out_shardings=(built.shardings, replicated, replicated), donate_argnums=0)
+
+    def jitted(fp8_bootstrap: bool):
+        # The state keeps its layout (no recompiles) and its buffers are reused (donated).
+        return jax.jit(functools.partial(step, fp8_bootstrap=fp8_bootstrap),
+                       out_shardings=(built.shardings, replicated, replicated), donate_argnums=0)
+
+    # The first step's program scales fresh FP8 tensors from their own amax; the lean one runs after.
+    return mpx.BootstrappedStep(jitted(True), jitted(False))
 
 
 def _next_batch(train_iter, accum: int, sharding):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpx.dims import normalize_dims, transpose_dims
-from mpx.fp8.meta import Fp8Meta, combine_metas, observation, scale_for_use
-from mpx.fp8.numerics import amax, quantization_stats, quantize
+from mpx.fp8.meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
+from mpx.fp8.numerics import amax, observe, quantize
 
 
 class Fp8FanoutWarning(UserWarning):
@@ -136,35 +136,38 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     dims = normalize_dims(dimension_numbers)
     out_dtype = jnp.dtype(out_dtype if out_dtype is not None else lhs.dtype)
     _warn_if_reused(meta, lhs, rhs)
-    return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
+    return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype):
-    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap):
+    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap)[0]
 
 
-def _quantized(x, state, dtype, config):
-    """(q, scale, observation) of one operand."""
-    x_amax = amax(x)
-    scale = scale_for_use(state, x_amax, dtype, config)
+def _quantized(x, state, dtype, config, bootstrap):
+    """(q, scale, observation) of one operand. Delayed scaling without ``bootstrap`` knows
+    the scale before ``x`` is read: the quantize and the one reduction that observes ``x``
+    are independent and can share a pass (``current`` scaling needs the amax first)."""
+    needs_amax = bootstrap or config.recipe == "current"
+    scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap)
     q = quantize(x, dtype, scale)
-    return q, scale, observation(state, x_amax, quantization_stats(x, dtype, scale))
+    x_amax, saturated, flushed = observe(x, dtype, scale)
+    return q, scale, observation(state, x_amax, (saturated, flushed))
 
 
-def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype):
+def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap):
     fwd = meta.config.forward_dtype
-    q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config)
-    q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config)
+    q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config, bootstrap)
+    q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config, bootstrap)
     out = _scaled_dot(q_lhs, q_rhs, dims, lhs_scale, rhs_scale, out_dtype)
     residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta)
     return (out, meta), residuals
 
 
-def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, residuals, cotangents):
+def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, residuals, cotangents):
     q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta = residuals
     g, later = cotangents
-    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config)
+    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config, bootstrap)
 
     dims_l, perm_l = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
     d_lhs = _scaled_dot(q_g, q_rhs, dims_l, g_scale, rhs_scale, out_dtype)

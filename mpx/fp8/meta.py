@@ -25,11 +25,15 @@ stacked along axis 0); all rules act elementwise over them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from mpx.fp8.numerics import E4M3, E5M2, compute_scale, fp8_max
@@ -170,17 +174,55 @@ def history_is_empty(state: Fp8Scale) -> jax.Array:
     return jnp.max(state.amax_history, axis=-1) <= 0
 
 
-def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config) -> jax.Array:
+_BOOTSTRAP: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_bootstrap", default=True)
+
+
+@contextlib.contextmanager
+def bootstrap(enabled: bool) -> Iterator[None]:
+    """Whether FP8 matmuls traced inside may scale a tensor whose history is empty from its
+    own amax (`scale_for_use`). On by default; `mpx.train_step` turns it off for the steps
+    after the first (``fp8_bootstrap=False``), whose program then quantizes every tensor with
+    its stored scale and never waits for this step's amax: the amax and the statistics are
+    read in the pass that reads the tensor anyway, instead of one pass more before the
+    quantize."""
+    token = _BOOTSTRAP.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _BOOTSTRAP.reset(token)
+
+
+def bootstrapping() -> bool:
+    """The `bootstrap` setting in force where this is traced."""
+    return _BOOTSTRAP.get()
+
+
+def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, *, bootstrap: bool = True) -> jax.Array:
     """The scale that quantizes a tensor of absolute maximum ``x_amax`` now.
 
-    ``current``: from ``x_amax``. ``delayed``: the stored scale, except while the history
-    is empty: then from ``x_amax`` too, so the first step neither saturates nor flushes
-    (a stored scale of 1 would flush most small gradients to zero).
+    ``current``: from ``x_amax``. ``delayed``: the stored scale; with ``bootstrap``, a tensor
+    whose history is still empty is scaled from ``x_amax`` too, so the first step neither
+    saturates nor flushes (a stored scale of 1 would flush most small gradients to zero).
+    Without ``bootstrap`` the result does not depend on ``x_amax`` (which may then be
+    computed after the quantize, in the same pass).
     """
-    current = compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
     if config.recipe == "current":
-        return current
+        return compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
+    if not bootstrap:
+        return state.scale
+    current = compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
     return jnp.where(history_is_empty(state), current, state.scale)
+
+
+def needs_bootstrap(meta) -> bool:
+    """Whether the pytree ``meta`` holds FP8 tensors and none of them has recorded an amax:
+    no step has been applied to it yet (host-side: reads the histories back). Once a step
+    has been applied, every tensor it saw nonzero has a history; one that was exactly zero
+    (or not used) keeps an empty history but does not make the state fresh again, so that a
+    restored run chooses the program the uninterrupted run would have."""
+    metas = [m for m in jax.tree.leaves(meta, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
+    histories = jax.device_get([s.amax_history for m in metas for s in (m.lhs, m.rhs, m.grad)])
+    return bool(histories) and all(bool((np.asarray(h) <= 0).all()) for h in histories)
 
 
 def observation(state: Fp8Scale, x_amax: jax.Array, stats: tuple[jax.Array, jax.Array]) -> Fp8Scale:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -36,7 +37,9 @@ def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
 
     Finite values beyond the FP8 range become ``±fp8_max``. A non-finite input (inf or
     NaN) becomes NaN: an overflow upstream must stay visible downstream, never be
-    clipped into a plausible finite number.
+    clipped into a plausible finite number. So does a finite input whose product with the
+    scale overflows f32 (``|x| * scale`` > 3.4e38: at least 1e35 times the range the scale
+    was set for, a blow-up, not a tensor to saturate).
 
     >>> q = quantize(jnp.array([0.5, -3.0, 1000.0]), E4M3, jnp.float32(2.0))   # 2000 saturates
     >>> q.astype(jnp.float32).tolist()
@@ -49,8 +52,12 @@ def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
     [1.0, nan]
     """
     limit = fp8_max(dtype)
-    y = jnp.clip(_scaled(x, scale), -limit, limit)
-    return jnp.where(jnp.isfinite(x), y, jnp.nan).astype(dtype)
+    y = _scaled(x, scale)
+    # ``y - y + 1`` is 1 for a finite product and NaN for an infinite or NaN one: non-finite
+    # handling in plain arithmetic on the one product (exact, -0 kept), which XLA keeps inside
+    # the quantize kernel. (A select by ``isfinite(x)``, or any second expression of ``x``,
+    # became a pass of its own for a transposed operand.)
+    return (jnp.clip(y, -limit, limit) * (y - y + 1)).astype(dtype)
 
 
 def flush_threshold(dtype) -> float:
@@ -59,22 +66,64 @@ def flush_threshold(dtype) -> float:
     return float(jnp.finfo(dtype).smallest_subnormal) / 2
 
 
-def quantization_stats(x: jax.Array, dtype, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Fractions of ``x`` that ``quantize(x, dtype, scale)`` saturates (finite, |x * scale| >
-    fp8_max) and flushes (x != 0, |x * scale| <= `flush_threshold`: rounded to 0).
+def _largest_scaling_to(limit: float, scale: jax.Array) -> jax.Array:
+    """The largest f32 ``v`` with ``v * scale <= limit`` (f32 product), for positive finite
+    ``scale``: ``|x| * scale <= limit`` exactly when ``|x| <= v``, so a comparison of ``|x|``
+    with this scalar gives the decision of the product without computing it per element.
+    The correctly rounded quotient is within two f32 steps of it; the largest of the
+    neighbours that passes is taken."""
+    scale = scale.astype(jnp.float32)
+    v = jnp.float32(limit) / scale
+    down = jnp.nextafter(v, jnp.float32(0))
+    steps = [down, v]
+    for _ in range(2):
+        steps.append(jnp.nextafter(steps[-1], jnp.float32(jnp.inf)))
+    best = down
+    for c in steps[1:]:
+        best = jnp.where(c * scale <= limit, c, best)
+    return best
 
-    Computed from ``x`` and the scale alone, with the same f32 product as `quantize`, so
-    that the compiler can fuse both reductions into the quantize pass (one read of ``x``)
-    instead of reading ``x`` and its FP8 copy again.
+
+def observe(x: jax.Array, dtype, scale: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(amax, saturated, flushed)`` of ``x`` in one reduction over it: `amax`, and the
+    fractions of ``x`` that ``quantize(x, dtype, scale)`` saturates (|x * scale| > fp8_max,
+    finite in f32) and flushes (x != 0, |x * scale| <= `flush_threshold`: rounded to 0).
+
+    One variadic reduction (max, count, count), so that the statistics cost no pass of their
+    own: they are read in the pass that finds the amax. ``|x|`` is compared with two scalars
+    (`_largest_scaling_to`: the same decisions as the f32 product ``|x| * scale``, bit for
+    bit), so the reduction shares no per-element expression with `quantize`: a shared
+    product would let the compiler compute it once, in the quantize kernel, and reduce
+    copies of it in passes of their own.
 
     >>> x = jnp.array([1e-6, 1.0, 500.0, 0.0])       # at scale 1: 500 saturates, 1e-6 flushes
+    >>> [float(v) for v in observe(x, E4M3, jnp.float32(1.0))]
+    [500.0, 0.25, 0.25]
+    """
+    a = jnp.abs(x)
+    af = a.astype(jnp.float32)
+    finite = af <= _largest_scaling_to(float(jnp.finfo(jnp.float32).max), scale)  # as `quantize` sees it
+    saturated = ((af > _largest_scaling_to(fp8_max(dtype), scale)) & finite).astype(jnp.int32)
+    flushed = ((af <= _largest_scaling_to(flush_threshold(dtype), scale)) & (af > 0)).astype(jnp.int32)
+
+    def merge(p, q):
+        return lax.max(p[0], q[0]), p[1] + q[1], p[2] + q[2]
+
+    zero = (jnp.zeros((), a.dtype), jnp.int32(0), jnp.int32(0))
+    peak, n_saturated, n_flushed = lax.reduce((a, saturated, flushed), zero, merge, tuple(range(x.ndim)))
+    size = jnp.float32(max(x.size, 1))
+    return peak.astype(jnp.float32), n_saturated.astype(jnp.float32) / size, n_flushed.astype(jnp.float32) / size
+
+
+def quantization_stats(x: jax.Array, dtype, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(saturated, flushed)`` of `observe`: the fractions of ``x`` that ``quantize(x, dtype,
+    scale)`` clips to ±fp8_max and rounds to zero.
+
+    >>> x = jnp.array([1e-6, 1.0, 500.0, 0.0])
     >>> [float(v) for v in quantization_stats(x, E4M3, jnp.float32(1.0))]
     [0.25, 0.25]
     """
-    y = jnp.abs(_scaled(x, scale))
-    saturated = jnp.mean(((y > fp8_max(dtype)) & jnp.isfinite(y)).astype(jnp.float32))
-    flushed = jnp.mean(((y <= flush_threshold(dtype)) & (x != 0)).astype(jnp.float32))
-    return saturated, flushed
+    return observe(x, dtype, scale)[1:]
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
