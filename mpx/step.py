@@ -8,9 +8,10 @@ precision (through `mpx.policy` / `mpx.ops`); the step owns the loss scale, the 
 logic and the FP8 meta bookkeeping. Parameters stay in their storage dtype (fp32
 master weights) and the optimizer never sees the meta.
 
-"Finite" means everything: the loss, every gradient, and every amax an FP8 matmul
-observed in the step. A saturating FP8 cast turns an overflowed tensor into finite
-numbers; its amax still says inf, and the step is skipped.
+"Finite" means everything: the loss, every gradient, and the amaxes an FP8 matmul
+observed of its lhs and output gradient in the step (a non-finite rhs is NaN in every
+output column it touches, so the loss or gradients say it). An FP8 cast never turns an
+overflowed tensor into finite numbers, and its amax says inf: the step is skipped.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class StepMetrics:
     """What one step reports. ``grad_norm`` is the global norm of the unscaled gradients.
 
     ``skipped``: the update was not applied, because the loss, a gradient
-    (``grads_finite`` False) or an FP8 amax (``amax_finite`` False) was not finite.
+    (``grads_finite`` False) or an FP8 amax (``amax_finite`` False: an FP8 matmul's lhs or
+    output gradient; see `mpx.fp8.observations_finite`) was not finite.
     ``fp8_fanout``: the largest ``fanout`` of any FP8 tensor this step: 1 when every
     reused meta was threaded, k > 1 when k un-threaded uses added their amaxes
     (see `mpx.fp8.meta`), 0 without FP8 ops.
@@ -213,13 +215,13 @@ def train_step(
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    new_meta = advance_tree(state.fp8_meta, observed)
+    new_meta = advance_tree(state.fp8_meta, observed, apply=finite)  # a skipped step keeps every meta
 
     new_state = state.replace(
         step=state.step + 1,
         params=select_tree(finite, new_params, state.params),
         opt_state=select_tree(finite, new_opt_state, state.opt_state),
-        fp8_meta=select_tree(finite, new_meta, state.fp8_meta),
+        fp8_meta=new_meta,
         model_state=select_tree(finite, model_state, state.model_state),
         loss_scale=state.loss_scale.adjust(finite),
     )
@@ -253,16 +255,25 @@ class BootstrappedStep:
         self._returned = None  # the `step` array of the state this object returned last
         self._bootstrapping = True
 
-    def __call__(self, state: TrainState, *args):
+    def _bootstraps(self, state: TrainState) -> bool:
         if state.step is not self._returned:  # a state from elsewhere: a fresh or restored run
             self._bootstrapping = needs_bootstrap(state.fp8_meta)
-        if self._bootstrapping:
+        return self._bootstrapping
+
+    def __call__(self, state: TrainState, *args):
+        if self._bootstraps(state):
             out = self.bootstrap(state, *args)
-            self._bootstrapping = bool(out[-1].skipped)  # an overflowing first step changed nothing
+            # One read of the device, after the first step: an overflowing first step changed
+            # nothing, and the next must bootstrap again.
+            self._bootstrapping = bool(out[-1].skipped)
         else:
             out = self.lean(state, *args)
         self._returned = out[0].step
         return out
+
+    def lower(self, state: TrainState, *args):
+        """``jax.jit(...).lower`` of the program a call with these arguments would run."""
+        return (self.bootstrap if self._bootstraps(state) else self.lean).lower(state, *args)
 
 
 def make_train_step(

@@ -487,6 +487,41 @@ def test_unthreaded_reuse_is_bounded_reported_and_warned():
         jax.jit(fanned)(old_meta())
 
 
+def random_meta(rng, config, stack=()):
+    """A meta whose every field is random (some histories empty, some amaxes non-finite,
+    some tensors unused), as a state or as an observation."""
+    def scale_state():
+        f = lambda *shape: jnp.asarray(rng.uniform(0.0, 4.0, (*stack, *shape)), jnp.float32)  # noqa: E731
+        amax = np.where(rng.random(stack) < 0.2, np.inf, rng.uniform(0, 4, stack)).astype(np.float32)
+        history = rng.uniform(0, 4, (*stack, config.amax_history)) * (rng.random((*stack, 1)) < 0.7)
+        return Fp8Scale(scale=f(), amax_history=jnp.asarray(history, jnp.float32), amax=jnp.asarray(amax),
+                        calls=jnp.asarray(rng.integers(0, 3, stack), jnp.float32), fanout=f(), saturated=f(),
+                        flushed=f())
+    return Fp8Meta(scale_state(), scale_state(), scale_state(), config=config)
+
+
+def test_advance_tree_batches_and_equals_advancing_each_meta():
+    """`advance_tree` concatenates the tensors of every meta that share a config and a dtype
+    and advances them at once: for a tree of plain, scanned (stacked (3,) and (2, 2)) metas
+    under three configs, jitted, every field equals `Fp8Meta.advance` of each meta on its own
+    bit for bit; ``apply=False`` (a traced flag) keeps the whole tree."""
+    rng = np.random.default_rng(7)
+    configs = [Fp8Config(amax_history=4), Fp8Config(amax_history=4, format="e4m3", margin=1),
+               Fp8Config(amax_history=3, amax_compute="most_recent")]
+    layout = [(0, ()), (0, (3,)), (1, ()), (2, (2, 2)), (0, ()), (1, (3,))]
+    tree = {f"op{i}": random_meta(rng, configs[c], stack) for i, (c, stack) in enumerate(layout)}
+    seen = {k: random_meta(rng, m.config, m.stack) for k, m in tree.items()}
+    batched = jax.jit(lambda t, o, apply: advance_tree(t, o, apply=apply))
+    got = batched(tree, seen, True)
+    for k in tree:
+        want = tree[k].advance(seen[k])
+        for a, b in zip(jax.tree.leaves(got[k]), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kept = batched(tree, seen, False)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(tree)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("amax_compute", ["max", "most_recent"])
 def test_combine_then_advance(amax_compute):
     """Two calls' observations combine into one roll with the larger amax (the scale then

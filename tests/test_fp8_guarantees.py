@@ -145,6 +145,20 @@ def test_an_overflowing_step_is_skipped_on_every_entry_point(entry):
     assert not tree_equal(state.params, before.params)
 
 
+def test_an_inf_weight_is_skipped_through_the_loss():
+    """The weight's (rhs) amax is not part of the step's finite check (so that the optimizer's
+    pass over the weight may read it): one inf element of w1 is NaN in its FP8 copy, the
+    GEMM spreads it over a whole output column (0 * NaN is NaN), and the loss and gradients
+    say it. The step is skipped, nothing changes, and the metrics name the cause."""
+    state, step = make_step(functional_setup)
+    state, _ = step(state, batch())  # past the first step: the lean program
+    poisoned = state.replace(params={**state.params, "w1": state.params["w1"].at[2, 3].set(jnp.inf)})
+    new, m = step(poisoned, batch(seed=2))
+    assert bool(m.skipped) and not bool(m.grads_finite) and bool(m.amax_finite)
+    assert not np.isfinite(float(m.loss))
+    assert tree_equal(new.fp8_meta, poisoned.fp8_meta) and tree_equal(new.opt_state, poisoned.opt_state)
+
+
 def test_one_overflowing_micro_batch_skips_the_accumulated_step():
     """Gradient accumulation over 3 micro-batches, the middle one overflowing: the whole
     step is skipped (its amax observation is inf even though the other two are finite)."""

@@ -248,13 +248,14 @@ def combine(a: Fp8Scale, b: Fp8Scale) -> Fp8Scale:
     )
 
 
-def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config) -> Fp8Scale:
+def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config, *, apply=True) -> Fp8Scale:
     """One step of a tensor's state: roll the observed amax into the history once, rescale.
 
     Where the tensor was not used (``calls == 0``) or its amax is not finite, the state is
     kept exactly: an idle op must not roll its history, and an overflow must not enter it.
-    Statistics summed by un-threaded reuse are divided by ``fanout`` (their mean); the
-    amax is kept as summed, which bounds the max from above.
+    ``apply`` (bool[], or a bool): False keeps every state (a skipped step). Statistics
+    summed by un-threaded reuse are divided by ``fanout`` (their mean); the amax is kept as
+    summed, which bounds the max from above.
 
     >>> config = Fp8Config(amax_history=3)
     >>> state = Fp8Scale.init(config.amax_history)
@@ -278,7 +279,7 @@ def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config) -> Fp
         amax_history=history, amax=observed.amax, calls=observed.calls, fanout=observed.fanout,
         saturated=observed.saturated / fanout, flushed=observed.flushed / fanout,
     )
-    keep_going = (observed.calls > 0) & jnp.isfinite(observed.amax)
+    keep_going = (observed.calls > 0) & jnp.isfinite(observed.amax) & apply
 
     def pick(n, o):
         cond = jnp.reshape(keep_going, keep_going.shape + (1,) * (n.ndim - keep_going.ndim))
@@ -300,22 +301,65 @@ def combine_trees(a, b):
     return jax.tree.map(combine_metas, a, b, is_leaf=is_fp8_meta)
 
 
-def advance_tree(meta, observed):
-    """`Fp8Meta.advance` for every meta of a pytree (a dict, an NNX state, a linen collection)."""
-    return jax.tree.map(lambda m, o: m.advance(o), meta, observed, is_leaf=is_fp8_meta)
+def advance_tree(meta, observed, *, apply=True):
+    """`Fp8Meta.advance` for every meta of a pytree (a dict, an NNX state, a linen collection);
+    ``apply`` False (a traced bool[] of a skipped step) keeps them all.
+
+    Batched: the tensors of every meta that share a config and an FP8 dtype are advanced
+    as one array per field (concatenated, advanced, split back), so that a model's FP8
+    bookkeeping is a few kernels a step instead of several per tensor. Elementwise, so the
+    result is the one of advancing each tensor on its own, bit for bit."""
+    metas, treedef = jax.tree.flatten(meta, is_leaf=is_fp8_meta)
+    seen = treedef.flatten_up_to(observed)
+    groups: dict = {}
+    for i, m in enumerate(metas):
+        for name, state, dtype in m.tensors():
+            groups.setdefault((m.config, jnp.dtype(dtype)), []).append((i, name, state, getattr(seen[i], name)))
+    new: dict = {}
+    for (config, dtype), items in groups.items():
+        states = [state for _, _, state, _ in items]
+        advanced = advance(_concat(states), _concat([o for *_, o in items]), dtype, config, apply=apply)
+        for (i, name, *_), piece in zip(items, _split(advanced, states)):
+            new[i, name] = piece
+    return treedef.unflatten([m.replace(**{name: new[i, name] for name in ("lhs", "rhs", "grad")})
+                              for i, m in enumerate(metas)])
 
 
-def _observed_amaxes(observed) -> list[jax.Array]:
-    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
-    return [s.amax for m in metas for s in (m.lhs, m.rhs, m.grad)]
+def _concat(states: list[Fp8Scale]) -> Fp8Scale:
+    """One `Fp8Scale` whose fields hold those of ``states`` one after another (stack axes
+    flattened: scalars f32[n], histories f32[n, N])."""
+    stack_ndims = [s.scale.ndim for s in states]
+
+    def cat(*fields):
+        return jnp.concatenate([f.reshape(-1, *f.shape[k:]) for f, k in zip(fields, stack_ndims)])
+
+    return jax.tree.map(cat, *states)
+
+
+def _split(flat: Fp8Scale, like: list[Fp8Scale]) -> list[Fp8Scale]:
+    """The inverse of `_concat`: pieces shaped like ``like``."""
+    out, start = [], 0
+    for s in like:
+        n = int(np.prod(s.scale.shape))
+        out.append(jax.tree.map(lambda f, ref: f[start:start + n].reshape(ref.shape), flat, s))
+        start += n
+    return out
 
 
 def observations_finite(observed) -> jax.Array:
-    """bool[]: every amax observed in this step is finite (True for a tree without metas)."""
-    amaxes = _observed_amaxes(observed)
+    """bool[]: every amax observed in this step of an operand or output gradient that the
+    step cannot see otherwise (``lhs`` and ``grad``) is finite (True for a tree without metas).
+
+    The ``rhs`` (in a layer, the weight) is left out: a non-finite element there is NaN in
+    its FP8 copy (`quantize`), and an FP8 GEMM spreads it over a whole column of the output
+    (0 * NaN is NaN), so the loss or the gradients are not finite either. Leaving it out
+    keeps the optimizer's pass over the weights independent of the weights' amax, so that
+    the compiler can read that amax in the same pass."""
+    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
+    amaxes = [s.amax.reshape(-1) for m in metas for s in (m.lhs, m.grad)]
     if not amaxes:
         return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in amaxes]).all()
+    return jnp.all(jnp.isfinite(jnp.concatenate(amaxes)))
 
 
 def max_fanout(observed) -> jax.Array:

@@ -66,21 +66,21 @@ def flush_threshold(dtype) -> float:
     return float(jnp.finfo(dtype).smallest_subnormal) / 2
 
 
-def _largest_scaling_to(limit: float, scale: jax.Array) -> jax.Array:
-    """The largest f32 ``v`` with ``v * scale <= limit`` (f32 product), for positive finite
-    ``scale``: ``|x| * scale <= limit`` exactly when ``|x| <= v``, so a comparison of ``|x|``
-    with this scalar gives the decision of the product without computing it per element.
-    The correctly rounded quotient is within two f32 steps of it; the largest of the
-    neighbours that passes is taken."""
+def _largest_scaling_to(limits, scale: jax.Array) -> jax.Array:
+    """For each of ``limits``, the largest f32 ``v`` with ``v * scale <= limit`` (f32 product),
+    for a positive finite ``scale``: ``|x| * scale <= limit`` exactly when ``|x| <= v``, so a
+    comparison of ``|x|`` with this scalar gives the decision of the product without
+    computing it per element. The correctly rounded quotient is within two f32 steps of it;
+    the largest of its neighbours that passes is taken. One small array for all limits (one
+    kernel, not one per limit)."""
     scale = scale.astype(jnp.float32)
-    v = jnp.float32(limit) / scale
+    limits = jnp.asarray(limits, jnp.float32)
+    v = limits / scale
     down = jnp.nextafter(v, jnp.float32(0))
-    steps = [down, v]
-    for _ in range(2):
-        steps.append(jnp.nextafter(steps[-1], jnp.float32(jnp.inf)))
-    best = down
-    for c in steps[1:]:
-        best = jnp.where(c * scale <= limit, c, best)
+    best, c = down, down
+    for _ in range(3):
+        c = jnp.nextafter(c, jnp.float32(jnp.inf))
+        best = jnp.where(c * scale <= limits, c, best)
     return best
 
 
@@ -102,9 +102,10 @@ def observe(x: jax.Array, dtype, scale: jax.Array) -> tuple[jax.Array, jax.Array
     """
     a = jnp.abs(x)
     af = a.astype(jnp.float32)
-    finite = af <= _largest_scaling_to(float(jnp.finfo(jnp.float32).max), scale)  # as `quantize` sees it
-    saturated = ((af > _largest_scaling_to(fp8_max(dtype), scale)) & finite).astype(jnp.int32)
-    flushed = ((af <= _largest_scaling_to(flush_threshold(dtype), scale)) & (af > 0)).astype(jnp.int32)
+    edges = _largest_scaling_to([fp8_max(dtype), flush_threshold(dtype), jnp.finfo(jnp.float32).max], scale)
+    finite = af <= edges[2]  # as `quantize` sees it: |x| * scale finite
+    saturated = ((af > edges[0]) & finite).astype(jnp.int32)
+    flushed = ((af <= edges[1]) & (af > 0)).astype(jnp.int32)
 
     def merge(p, q):
         return lax.max(p[0], q[0]), p[1] + q[1], p[2] + q[2]
