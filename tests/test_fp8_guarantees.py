@@ -154,9 +154,13 @@ def test_an_inf_weight_is_skipped_through_the_loss():
     state, _ = step(state, batch())  # past the first step: the lean program
     poisoned = state.replace(params={**state.params, "w1": state.params["w1"].at[2, 3].set(jnp.inf)})
     new, m = step(poisoned, batch(seed=2))
-    assert bool(m.skipped) and not bool(m.grads_finite) and bool(m.amax_finite)
-    assert not np.isfinite(float(m.loss))
+    assert bool(m.skipped) and not bool(m.grads_finite) and not np.isfinite(float(m.loss))
     assert tree_equal(new.fp8_meta, poisoned.fp8_meta) and tree_equal(new.opt_state, poisoned.opt_state)
+    # The check itself: an inf rhs amax alone passes it, an inf lhs or grad amax does not.
+    seen = Fp8Meta.init(POLICY.fp8)
+    for name, finite in (("rhs", True), ("lhs", False), ("grad", False)):
+        bad = seen.replace(**{name: getattr(seen, name).replace(amax=jnp.float32(np.inf))})
+        assert bool(mpx.fp8.observations_finite({"a": seen, "b": bad})) is finite
 
 
 def test_one_overflowing_micro_batch_skips_the_accumulated_step():
