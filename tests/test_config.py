@@ -206,6 +206,8 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
         OptimConfig(lr="3e-4")
     with raises(r"train.steps: must be >= 1, got 0"):
         TrainConfig(steps=0)
+    with raises(r"train.fp8_lean_min_steps: must be >= 0 \(0: always the lean program after the first step\), got -1"):
+        TrainConfig(fp8_lean_min_steps=-1)
 
 
 # ----------------------------------------------------------------------------- unknown keys
@@ -219,7 +221,8 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
                              r"\(did you mean 'model'\?\)$"),
         ("data.seqlen=64", r"^data.seqlen: unknown key; data accepts task, source, .*\(did you mean 'seq_len'\?\)$"),
         ("mesh.fdsp=2", r"^mesh.fdsp: unknown key; mesh accepts data, fsdp, distributed \(did you mean 'fsdp'\?\)$"),
-        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches, max_consecutive_skips, max_loss_ratio$"),
+        ("train.zzz=1", r"^train.zzz: unknown key; train accepts steps, seed, log_every, eval_every, eval_batches, max_consecutive_skips, max_loss_ratio, "
+                         r"fp8_lean_min_steps$"),
     ],
 )
 def test_unknown_keys_name_the_dotted_key_the_accepted_keys_and_a_suggestion(override, message, tmp_path):

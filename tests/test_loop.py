@@ -132,8 +132,8 @@ def test_no_wait_on_the_device_between_log_steps(run):
     assert run.traced, "the instrumented loss was not used; the test no longer sees how the loop runs"
     steps = run.config.train.steps
     assert sorted(run.finished_at_iteration_end) == list(range(1, steps + 1))
-    # Step 1 may be done: the first step's `skipped` flag chooses the program of the next
-    # (mpx.BootstrappedStep: the FP8 bootstrap program until a step is applied), one read a run.
+    # Step 1 may be done: with the lean FP8 program (train.fp8_lean_min_steps), the first step's
+    # `skipped` flag chooses the program of the next (mpx.BootstrappedStep), one read a run.
     waited = [s for s, done in run.finished_at_iteration_end.items() if done and not run.is_log(s) and s != 1]
     assert not waited, f"the loop waited on the device at steps {waited}, which are not log steps"
     # A log step (which evaluates and saves here too) reads the device: its step is done.

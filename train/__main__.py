@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
 EPILOG = """Overrides are dotted keys of the config, e.g. train.steps=100 optim.lr=3e-4
@@ -187,12 +186,9 @@ def _load_compiler(target: str) -> None:
     import mpx
 
     try:
-        mpx.program.topology(target)
+        mpx.program.ensure_compiler(target)
     except RuntimeError as missing:
-        overlay = pathlib.Path(sys.prefix) / "cuda-compiler"
-        if not overlay.is_dir():
-            raise ValueError(f"bench --mode static: {missing} (make cuda-compiler installs it into {overlay})") from None
-        mpx.program.use_plugin(overlay)
+        raise ValueError(f"bench --mode static: {missing}") from None
 
 
 def _bench(config, args) -> int:

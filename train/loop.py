@@ -211,8 +211,11 @@ def _make_step_fn(built: Built):
         return jax.jit(functools.partial(step, fp8_bootstrap=fp8_bootstrap),
                        out_shardings=(built.shardings, replicated, replicated), donate_argnums=0)
 
-    # The first step's program scales fresh FP8 tensors from their own amax; the lean one runs after.
-    return mpx.BootstrappedStep(jitted(True), jitted(False))
+    # The first step's program scales fresh FP8 tensors from their own amax; in a long enough run
+    # the lean one runs after (a second compile, repaid over the steps).
+    if config.train.steps >= config.train.fp8_lean_min_steps:
+        return mpx.BootstrappedStep(jitted(True), jitted(False))
+    return jitted(True)
 
 
 def _next_batch(train_iter, accum: int, sharding):

@@ -312,7 +312,11 @@ class TrainConfig(_Section):
     steps); 0 never stops. ``max_loss_ratio``: a logged training loss above this multiple of
     the loss of uniform guessing (ln of the vocabulary or class count, where an untrained
     model starts) means the run exploded though its loss is finite; it stops with an error
-    (0: never)."""
+    (0: never). ``fp8_lean_min_steps``: a run with FP8 ops of at least this many steps
+    compiles a second, leaner step program (every FP8 tensor on its stored scale; see
+    `mpx.BootstrappedStep`) and switches to it after the first applied step; a shorter run
+    keeps the first step's program (one compile; its steps cost a pass per FP8 tensor more).
+    0: always switch."""
 
     _key: ClassVar[str] = "train"
 
@@ -323,9 +327,12 @@ class TrainConfig(_Section):
     eval_batches: int = 20
     max_consecutive_skips: int = 100
     max_loss_ratio: float = 2.0
+    fp8_lean_min_steps: int = 1000
 
     def _validate(self):
         self._positive("steps", "log_every", "eval_batches")
+        _require(self.fp8_lean_min_steps >= 0, "train.fp8_lean_min_steps",
+                 f"must be >= 0 (0: always the lean program after the first step), got {self.fp8_lean_min_steps}")
         _require(self.max_consecutive_skips >= 0, "train.max_consecutive_skips",
                  f"must be >= 0 (0: never stop), got {self.max_consecutive_skips}")
         _require(self.max_loss_ratio == 0 or self.max_loss_ratio > 1, "train.max_loss_ratio",

@@ -222,6 +222,19 @@ def topology(name: str = "h100", count: int = 1):
             f"the CUDA compiler plugin is missing: {_install_hint('DIR')}") from None
 
 
+def ensure_compiler(target: str = "h100", overlay: str | os.PathLike | None = None) -> None:
+    """Make sure this process can compile for ``target``: a GPU build of jax can already; else
+    load the plugin from ``overlay`` (default ``sys.prefix/cuda-compiler``, where ``make
+    cuda-compiler`` installs it). RuntimeError, with the install hint, when neither is there."""
+    try:
+        topology(target)
+    except RuntimeError as missing:
+        overlay = os.fspath(overlay) if overlay is not None else os.path.join(sys.prefix, "cuda-compiler")
+        if not os.path.isdir(overlay):
+            raise RuntimeError(f"{missing} (`make cuda-compiler` installs it into {overlay})") from None
+        use_plugin(overlay)
+
+
 def _install_hint(directory: str) -> str:
     import jaxlib  # the plugin is built against jaxlib, whose version can trail jax's
 
