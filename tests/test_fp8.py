@@ -79,6 +79,23 @@ def test_saturation_and_nan(dtype, np_dtype, _):
     assert float(quantize(jnp.float32(100.0), dtype, jnp.float32(1e4)).astype(jnp.float32)) == limit
 
 
+def test_statistics_thresholds_decide_as_the_f32_product():
+    """`observe` compares |x| with scalars instead of computing |x| * scale per element: for
+    20000 random scales over 2**-60..2**60 and the three limits it uses (fp8_max, the flush
+    threshold, f32's max), the scalar t is the largest f32 with t * scale <= limit in numpy's
+    f32 arithmetic: t passes and the next float up does not."""
+    from mpx.fp8.numerics import _largest_scaling_to, flush_threshold, fp8_max
+
+    rng = np.random.default_rng(11)
+    scales = (2.0 ** rng.uniform(-60, 60, 20000) * rng.uniform(1, 2, 20000)).astype(np.float32)
+    for limit in (fp8_max(E4M3), fp8_max(E5M2), flush_threshold(E4M3), flush_threshold(E5M2), 3.4028235e38):
+        t = np.asarray(jax.jit(lambda s: jax.vmap(lambda one: _largest_scaling_to(limit, one))(s))(scales))
+        lim = np.float32(limit)
+        with np.errstate(over="ignore"):  # a product past f32's max is inf: above the limit, as meant
+            assert (t * scales <= lim).all()
+            assert (np.nextafter(t, np.float32(np.inf)) * scales > lim).all()
+
+
 @pytest.mark.parametrize("in_dtype", [np.float32, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("dtype, np_dtype, _", FORMATS, ids=FORMAT_IDS)
 def test_quantize_matches_ml_dtypes_bit_for_bit(dtype, np_dtype, _, in_dtype):
@@ -500,11 +517,11 @@ def random_meta(rng, config, stack=()):
     return Fp8Meta(scale_state(), scale_state(), scale_state(), config=config)
 
 
-def test_advance_tree_batches_and_equals_advancing_each_meta():
-    """`advance_tree` concatenates the tensors of every meta that share a config and a dtype
-    and advances them at once: for a tree of plain, scanned (stacked (3,) and (2, 2)) metas
-    under three configs, jitted, every field equals `Fp8Meta.advance` of each meta on its own
-    bit for bit; ``apply=False`` (a traced flag) keeps the whole tree."""
+def test_advance_tree_applies_a_traced_flag_to_every_meta():
+    """`advance_tree` with the step's finite flag inside: for a tree of plain and scanned
+    (stacked (3,) and (2, 2)) metas under three configs, jitted with a traced flag, True gives
+    `Fp8Meta.advance` of each meta on its own bit for bit, False keeps the whole tree (what a
+    skipped step needs, with no select over the tree afterwards)."""
     rng = np.random.default_rng(7)
     configs = [Fp8Config(amax_history=4), Fp8Config(amax_history=4, format="e4m3", margin=1),
                Fp8Config(amax_history=3, amax_compute="most_recent")]

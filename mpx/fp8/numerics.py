@@ -70,17 +70,18 @@ def _largest_scaling_to(limits, scale: jax.Array) -> jax.Array:
     """For each of ``limits``, the largest f32 ``v`` with ``v * scale <= limit`` (f32 product),
     for a positive finite ``scale``: ``|x| * scale <= limit`` exactly when ``|x| <= v``, so a
     comparison of ``|x|`` with this scalar gives the decision of the product without
-    computing it per element. The correctly rounded quotient is within two f32 steps of it;
-    the largest of its neighbours that passes is taken. One small array for all limits (one
-    kernel, not one per limit)."""
+    computing it per element. One small array for all limits (one kernel, not one per limit).
+
+    It is ``q = limit / scale`` rounded down or the float after that: every float <= q passes,
+    and a product ``v * scale`` above ``limit`` by less than half an ulp of ``limit`` (it
+    rounds down to it) exceeds q by less than one ulp of q. The correctly rounded quotient
+    is within half an ulp of q, so the answer is its predecessor, itself or its successor."""
     scale = scale.astype(jnp.float32)
     limits = jnp.asarray(limits, jnp.float32)
     v = limits / scale
-    down = jnp.nextafter(v, jnp.float32(0))
-    best, c = down, down
-    for _ in range(3):
-        c = jnp.nextafter(c, jnp.float32(jnp.inf))
-        best = jnp.where(c * scale <= limits, c, best)
+    best = jnp.nextafter(v, jnp.float32(0))
+    for candidate in (v, jnp.nextafter(v, jnp.float32(jnp.inf))):
+        best = jnp.where(candidate * scale <= limits, candidate, best)
     return best
 
 
