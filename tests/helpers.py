@@ -63,9 +63,10 @@ CONFIG = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layer
 BATCH = jax.ShapeDtypeStruct((4, 33), jnp.int32)
 
 
-def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.num_layers):
+def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.num_layers, fp8_bootstrap=True):
     """A full TransformerLM train step (AdamW) under ``spec``: (model, policy, step, abstract args).
-    Matmul dims are multiples of 16 (cuBLASLt FP8 takes those)."""
+    Matmul dims are multiples of 16 (cuBLASLt FP8 takes those). ``fp8_bootstrap``: the first
+    step's program (True) or the lean one of the steps after."""
     policy = mpx.parse_policy(spec)
     config = dataclasses.replace(CONFIG, scan_layers=scan, remat=remat, num_layers=layers)
     model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
@@ -77,6 +78,7 @@ def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.
 
     opt = optax.adamw(1e-3)
     state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=meta)
-    step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, accum_steps=accum_steps)
+    step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, accum_steps=accum_steps,
+                             fp8_bootstrap=fp8_bootstrap)
     batch = BATCH if accum_steps == 1 else jax.ShapeDtypeStruct((accum_steps, *BATCH.shape), BATCH.dtype)
     return model, policy, step, (state, batch)

@@ -67,8 +67,10 @@ def test_fp8_lm_train_step_runs_every_fp8_matmul_as_an_fp8_gemm(scan, remat):
     its three FP8 cuBLASLt GEMMs; the ops the preset keeps in bf16 (the head) give bf16 ones.
     A scanned stack compiles its body once, so its ops count once. Remat recomputes each
     block's forward inside the backward loop: a fourth GEMM, FP8 like the first, for every op
-    whose output the backward needs (all but the block's last matmul, mlp/proj)."""
-    model, policy, step, args = lm_step("fp8", scan=scan, remat=remat)
+    whose output the backward needs (all but the block's last matmul, mlp/proj). The unrolled
+    step is the first step's program (fresh tensors scaled from their own amax), the scanned
+    ones the lean program of every step after (`fp8_bootstrap=False`): both keep every GEMM."""
+    model, policy, step, args = lm_step("fp8", scan=scan, remat=remat, fp8_bootstrap=not scan)
     report = mpx.program.report(step, *args, target="h100")
     fp8_ops = ops_of(model, policy, "fp8")
     assert len(fp8_ops) == (4 if scan else 4 * CONFIG.num_layers)  # qkv, out, fc, proj per (stacked) block
