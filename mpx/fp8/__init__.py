@@ -21,6 +21,7 @@ from mpx.fp8.meta import (
     history_is_empty,
     is_fp8_meta,
     max_fanout,
+    metas_of,
     needs_bootstrap,
     observation,
     observations_finite,
@@ -30,8 +31,7 @@ from mpx.fp8.numerics import E4M3, E5M2, amax, compute_scale, dequantize, fp8_ma
 
 __all__ = [
     "E4M3", "E5M2", "Fp8Config", "Fp8FanoutWarning", "Fp8Meta", "Fp8Scale", "advance", "advance_tree", "amax",
-    "bootstrap", "bootstrapping",
-    "combine", "combine_metas", "combine_trees", "compute_scale", "dequantize", "fp8_dot_general", "fp8_max",
-    "history_is_empty", "is_fp8_meta", "max_fanout", "needs_bootstrap", "observation", "observe", "observations_finite", "quantization_stats",
-    "quantize", "scale_for_use",
+    "bootstrap", "bootstrapping", "combine", "combine_metas", "combine_trees", "compute_scale", "dequantize",
+    "fp8_dot_general", "fp8_max", "history_is_empty", "is_fp8_meta", "max_fanout", "metas_of", "needs_bootstrap",
+    "observation", "observations_finite", "observe", "quantization_stats", "quantize", "scale_for_use",
 ]

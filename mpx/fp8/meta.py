@@ -166,6 +166,11 @@ def is_fp8_meta(x) -> bool:
     return isinstance(x, Fp8Meta)
 
 
+def metas_of(tree) -> list[Fp8Meta]:
+    """The `Fp8Meta` leaves of a pytree, in leaf order."""
+    return [m for m in jax.tree.leaves(tree, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
+
+
 # ----------------------------------------------------------------------------- the rules
 
 
@@ -206,11 +211,11 @@ def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, 
     Without ``bootstrap`` the result does not depend on ``x_amax`` (which may then be
     computed after the quantize, in the same pass).
     """
-    if config.recipe == "current":
-        return compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
-    if not bootstrap:
+    if config.recipe == "delayed" and not bootstrap:
         return state.scale
     current = compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
+    if config.recipe == "current":
+        return current
     return jnp.where(history_is_empty(state), current, state.scale)
 
 
@@ -220,8 +225,7 @@ def needs_bootstrap(meta) -> bool:
     has been applied, every tensor it saw nonzero has a history; one that was exactly zero
     (or not used) keeps an empty history but does not make the state fresh again, so that a
     restored run chooses the program the uninterrupted run would have."""
-    metas = [m for m in jax.tree.leaves(meta, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
-    histories = jax.device_get([s.amax_history for m in metas for s in (m.lhs, m.rhs, m.grad)])
+    histories = jax.device_get([s.amax_history for m in metas_of(meta) for s in (m.lhs, m.rhs, m.grad)])
     return bool(histories) and all(bool((np.asarray(h) <= 0).all()) for h in histories)
 
 
@@ -321,8 +325,7 @@ def observations_finite(observed) -> jax.Array:
     (0 * NaN is NaN), so the loss or the gradients are not finite either. Leaving it out
     keeps the optimizer's pass over the weights independent of the weights' amax, so that
     the compiler can read that amax in the same pass."""
-    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
-    amaxes = [s.amax.reshape(-1) for m in metas for s in (m.lhs, m.grad)]
+    amaxes = [s.amax.reshape(-1) for m in metas_of(observed) for s in (m.lhs, m.grad)]
     if not amaxes:
         return jnp.array(True)
     return jnp.all(jnp.isfinite(jnp.concatenate(amaxes)))
@@ -330,6 +333,5 @@ def observations_finite(observed) -> jax.Array:
 
 def max_fanout(observed) -> jax.Array:
     """f32[]: the largest ``fanout`` observed (0 without metas, 1 when every reuse was threaded)."""
-    metas = [m for m in jax.tree.leaves(observed, is_leaf=is_fp8_meta) if is_fp8_meta(m)]
-    values = [jnp.max(s.fanout) for m in metas for s in (m.lhs, m.rhs, m.grad)]
+    values = [jnp.max(s.fanout) for m in metas_of(observed) for s in (m.lhs, m.rhs, m.grad)]
     return jnp.max(jnp.stack(values)) if values else jnp.float32(0)

@@ -91,9 +91,9 @@ def observe(x: jax.Array, dtype, scale: jax.Array) -> tuple[jax.Array, jax.Array
     finite in f32) and flushes (x != 0, |x * scale| <= `flush_threshold`: rounded to 0).
 
     One variadic reduction (max, count, count), so that the statistics cost no pass of their
-    own: they are read in the pass that finds the amax. ``|x|`` is compared with two scalars
-    (`_largest_scaling_to`: the same decisions as the f32 product ``|x| * scale``, bit for
-    bit), so the reduction shares no per-element expression with `quantize`: a shared
+    own: they are read in the pass that finds the amax. ``|x|`` is compared with three scalars
+    (`_largest_scaling_to` of fp8_max, the flush threshold and f32's max: the same decisions
+    as the f32 product ``|x| * scale``), so the reduction shares no per-element expression with `quantize`: a shared
     product would let the compiler compute it once, in the quantize kernel, and reduce
     copies of it in passes of their own.
 
