@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
     t.add_argument("--strict", action="store_true", help="a policy rule that matches no op is an error, not a warning")
+    t.add_argument("--change-optim", action="store_true",
+                   help="resume with changed optimizer settings (optim.lr, warmup_steps, decay_steps, min_lr_ratio, "
+                        "grad_clip, weight_decay, b1, b2, eps), e.g. a lower lr after a divergence; recorded in the "
+                        "run's history.jsonl")
     e = command("eval", "Evaluate a run's newest checkpoint on its validation split.")
     e.add_argument("--quantized", action="append", default=[], metavar="DIR",
                    help="also evaluate this quantized model (python -m train quantize), next to the float one; "
@@ -103,7 +107,7 @@ def _quiet_libraries() -> None:
 def _train(config, args) -> int:
     from train.loop import train
 
-    out = train(config, strict=args.strict)
+    out = train(config, strict=args.strict, change_optim=args.change_optim)
     print(f"finished at step {out['step']}: " + " ".join(
         f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
     return 0

@@ -2,8 +2,11 @@
 
 Layout: ``<run_dir>/checkpoints/<step>/{state,data,config}``. Saves are asynchronous
 (orbax writes into a temporary directory and renames it on success, so a crash mid-save
-never touches the last good checkpoint); ``keep`` newest are kept. The state is saved
-exactly: fp32 master params, optimizer state, FP8 meta, loss scale, step and RNG key.
+never touches the last good checkpoint). ``keep`` checkpoints are kept among those a later
+divergence check has confirmed (`confirm`): the checkpoints saved since, which a divergence
+may yet show to hold a bad state, are kept beside them, so a run that goes bad never rotates
+its good checkpoints out. The state is saved exactly: fp32 master params, optimizer state,
+FP8 meta, loss scale, step and RNG key.
 """
 
 from __future__ import annotations
@@ -62,18 +65,38 @@ def has_checkpoints(run_dir: str | pathlib.Path) -> bool:
 
 
 class Checkpointer:
-    """Saves every ``every`` steps, keeps ``keep``, restores the newest readable one."""
+    """Saves every ``every`` steps, keeps ``keep`` confirmed ones, restores the newest
+    readable one."""
 
     def __init__(self, run_dir: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = checkpoint_dir(run_dir)
-        self.every = every
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-        )
+        self.every, self.keep = every, keep
+        # Rotation is `confirm`'s: orbax's own would delete the oldest whatever the newer hold.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._confirmed_through = max(self.steps(), default=-1)  # what an earlier run kept, it had checked
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        """Whether `save` at ``step`` would save (a multiple of ``every`` not saved yet)."""
+        return self.every > 0 and step % self.every == 0 and step not in self._manager.all_steps()
+
+    def confirm(self, through: int) -> None:
+        """The states saved up to step ``through`` are good (a divergence check after them
+        found the run healthy): delete the oldest of those beyond ``keep``."""
+        self._confirmed_through = max(self._confirmed_through, through)
+        confirmed = [s for s in self.steps() if s <= self._confirmed_through]
+        for step in confirmed[:-self.keep] if self.keep > 0 else []:
+            self._manager.delete(step)
+
+    def set_aside_from(self, step: int, say) -> list[tuple[int, str]]:
+        """Move the checkpoints of ``step`` and later to ``<run_dir>/diverged/`` (kept, out of
+        the way of a resume); returns ``(step, new path)`` of each."""
+        self.wait()
+        return self._set_aside([s for s in self.steps() if s >= step], say, folder="diverged",
+                               why="a state from after the run went bad")
 
     def save(self, step: int, state: TrainState, *, data_state: Any, config: dict, force: bool = False,
              counters: Callable[[], dict] | None = None) -> bool:
@@ -84,9 +107,7 @@ class Checkpointer:
         ``counters()``: the run's running counts (skipped steps), read only when a save is
         due, kept with the data position (``Restored.data_state["counters"]``).
         """
-        if not force and (self.every <= 0 or step % self.every):
-            return False
-        if step in self._manager.all_steps():
+        if not (force or self.due(step)) or step in self._manager.all_steps():
             return False
         if not bool(all_finite(state.params)):
             # Never rotate a good checkpoint out for a state that cannot be trained from.
@@ -135,7 +156,8 @@ class Checkpointer:
             try:
                 restored = self.restore(step, like)
                 if set_aside and failures:
-                    self._set_aside([failed for failed, _ in failures], say)
+                    self._set_aside([failed for failed, _ in failures], say, folder="damaged",
+                                    why="unreadable; the run saves that step again")
                 return restored
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 ignore_closed_loop_callbacks()
@@ -150,15 +172,18 @@ class Checkpointer:
         return None
 
 
-    def _set_aside(self, steps: list[int], say) -> None:
-        damaged = self.directory.parent / "damaged"
-        if jax.process_index() == 0:
-            damaged.mkdir(exist_ok=True)
-            for step in steps:
-                target = damaged / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    def _set_aside(self, steps: list[int], say, *, folder: str, why: str) -> list[tuple[int, str]]:
+        aside = self.directory.parent / folder
+        moved = []
+        for step in steps:
+            target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if jax.process_index() == 0:
+                aside.mkdir(exist_ok=True)
                 (self.directory / str(step)).rename(target)
-                say(f"moved the unreadable checkpoint of step {step} to {target}; the run saves step {step} again")
+                say(f"moved the checkpoint of step {step} ({why}) to {target}")
+            moved.append((step, str(target)))
         self._manager.reload()
+        return moved
 
 
 def ignore_closed_loop_callbacks() -> None:

@@ -5,7 +5,14 @@ current config with it: keys that only say how long to run, how often to log or 
 and on which devices (`HARMLESS`) may change (each change is reported); any other
 difference changes what the saved state is or means (a model shape, the precision, the
 data, the optimizer) and is an error that lists the keys, before anything is restored,
-so a run is never silently restarted in its own directory.
+so a run is never silently restarted in its own directory. The precision is compared as
+the policy it parses to, however it is spelled.
+
+The one deliberate change: ``--change-optim`` lets a resume change how updates are made
+from the saved optimizer state (`ADJUSTABLE`: the learning rate and its schedule, clipping,
+Adam's constants), e.g. to go on from the last good checkpoint of a diverged run with a
+lower learning rate. The run's ``config.yaml`` then becomes the new config and
+``history.jsonl`` records the change and the step it took effect at.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ HARMLESS = (
 )
 """Dotted config keys a resumed run may change."""
 
+ADJUSTABLE = ("optim.lr", "optim.warmup_steps", "optim.decay_steps", "optim.min_lr_ratio", "optim.grad_clip",
+              "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps")
+"""Optimizer keys a resume may change with ``--change-optim``: they change how the next
+updates are computed, not what the saved optimizer state holds."""
+
+HISTORY_FILE = "history.jsonl"
+
 
 class ConfigMismatch(ConfigError):
     """A run resumed with a config whose state-changing keys differ from its own."""
@@ -51,10 +65,23 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``key -> (saved, current)`` for every dotted key whose value differs."""
+    """``key -> (saved, current)`` for every dotted key whose value differs (the precision:
+    whose parsed policies differ)."""
     a, b = flatten(saved), flatten(current)
     missing = object()
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+    out = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+    if "precision" in out and _same_policy(*out["precision"]):
+        del out["precision"]
+    return out
+
+
+def _same_policy(a, b) -> bool:
+    import mpx
+
+    try:
+        return mpx.parse_policy(a) == mpx.parse_policy(b)
+    except ValueError:  # a spec this version cannot read is not this run's policy
+        return False
 
 
 def saved_config(run_dir: str | pathlib.Path) -> dict | None:
@@ -75,20 +102,72 @@ def record(run_dir: str | pathlib.Path, config: Mapping[str, Any]) -> None:
 
 
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, run_dir: str,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], change_optim: bool = False) -> dict[str, tuple[Any, Any]]:
     """Raise `ConfigMismatch` when ``current`` differs from ``saved`` beyond `HARMLESS`
-    keys; report the harmless changes through ``say``."""
+    keys (and `ADJUSTABLE` ones with ``change_optim``); report the allowed changes through
+    ``say``. Returns the `ADJUSTABLE` changes (for `amend`)."""
     diff = differences(saved, current)
-    harmful = {k: v for k, v in diff.items() if k not in HARMLESS}
+    allowed = HARMLESS + (ADJUSTABLE if change_optim else ())
+    harmful = {k: v for k, v in diff.items() if k not in allowed}
     if harmful:
         lines = "\n".join(f"  {k}: {a!r} (the run) -> {b!r} (now)" for k, (a, b) in harmful.items())
+        optim_only = all(k in ADJUSTABLE for k in harmful)
         raise ConfigMismatch(
             f"run {run_dir} was created with a different config; these keys change what its checkpoints hold "
-            f"or mean:\n{lines}\nto keep training this run, use its config ({pathlib.Path(run_dir) / CONFIG_FILE}); "
-            f"for a new run give it a new name (name=...) or run_dir; only "
-            f"{', '.join(HARMLESS[2:])} may change on resume")
+            f"or mean:\n{lines}\nto keep training this run, use its config ({pathlib.Path(run_dir) / CONFIG_FILE})"
+            + ("; to resume it with these optimizer settings (e.g. a lower lr after a divergence), add "
+               "--change-optim" if optim_only else "")
+            + f"; for a new run give it a new name (name=...) or run_dir; only {', '.join(HARMLESS[2:])} may "
+            f"change on resume, and with --change-optim {', '.join(ADJUSTABLE)}")
+    clip = diff.get("optim.grad_clip")
+    if change_optim and clip is not None and (clip[0] is None) != (clip[1] is None):
+        raise ConfigMismatch(
+            f"optim.grad_clip: {clip[0]!r} (the run) -> {clip[1]!r} (now) adds or removes the clipping stage, whose "
+            "state is part of the saved optimizer state; --change-optim can change the clip value, not whether "
+            "there is one; for a new run give it a new name (name=...)")
     for key, (a, b) in diff.items():
         say(f"resuming with {key} = {b!r} (the run had {a!r})")
+    return {k: v for k, v in diff.items() if k in ADJUSTABLE}
+
+
+def amend(run_dir: str | pathlib.Path, saved: Mapping[str, Any], changes: Mapping[str, tuple[Any, Any]], *,
+          step: int) -> None:
+    """Write the run's config ``saved`` with the ``changes`` (`check_resume`'s) made, and
+    append them to ``history.jsonl`` with the step they take effect after. Only those keys
+    change: the others (`HARMLESS` ones included) keep the run's values."""
+    config = json.loads(json.dumps(dict(saved)))  # a deep copy of plain data
+    for key, (_, value) in changes.items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    record(run_dir, config)
+    entry = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+    with open(pathlib.Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def keep_decay_end(saved: Mapping[str, Any], config, *, say: Callable[[str], None]):
+    """``config`` with the learning rate decaying where the run's own schedule ends.
+
+    The cosine ends at ``optim.decay_steps``, or at ``train.steps`` when that is unset. A
+    resume that changes ``train.steps`` would move that end, and the learning rate of the
+    very next step with it (up, for a longer run); instead the schedule keeps the run's
+    end (from there on the rate stays at its floor), and this is said."""
+    import dataclasses
+
+    run_steps = flatten(saved).get("train.steps")
+    if config.optim.decay_steps is not None or run_steps in (None, config.train.steps):
+        return config
+    if flatten(saved).get("optim.decay_steps") is not None:
+        return config
+    o = config.optim
+    say(f"the learning rate keeps the run's schedule: it decays to {o.lr * o.min_lr_ratio:g} at step {run_steps} "
+        f"(the run's train.steps) and stays there; to decay over the new {config.train.steps} steps instead, "
+        f"resume with optim.decay_steps={config.train.steps} --change-optim (the rate of the next step changes)")
+    return dataclasses.replace(config, optim=dataclasses.replace(o, decay_steps=max(run_steps, o.warmup_steps + 1)))
 
 
 LOCK_FILE = ".lock"

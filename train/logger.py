@@ -3,6 +3,7 @@ progress bar) and TensorBoard."""
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 from collections.abc import Callable
@@ -16,6 +17,7 @@ class Logger:
         self.jsonl = pathlib.Path(config.run_dir) / "metrics.jsonl"
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         self.bar = None
+        self._running = collections.deque()  # an output of each step dispatched and not seen finished
         if config.logging.progress:
             from tqdm.auto import tqdm
 
@@ -26,9 +28,19 @@ class Logger:
 
             self.writer = SummaryWriter(str(pathlib.Path(config.run_dir) / "tensorboard"))
 
-    def step(self):
-        if self.bar is not None:
-            self.bar.update(1)
+    def step(self, output) -> None:
+        """A step was dispatched; ``output`` (one of its device arrays) says when it has run.
+        The bar counts finished steps (asking without waiting, `jax.Array.is_ready`), so its
+        rate is the device's, not how fast the host dispatches."""
+        if self.bar is None:
+            return
+        self._running.append(output)
+        finished = 0
+        while self._running and self._running[0].is_ready():
+            self._running.popleft()
+            finished += 1
+        if finished:
+            self.bar.update(finished)
 
     def log(self, step: int, scalars: dict[str, float], prefix: str):
         with open(self.jsonl, "a") as f:
@@ -42,6 +54,8 @@ class Logger:
 
     def close(self):
         if self.bar is not None:
+            self.bar.update(len(self._running))  # the loop has waited for its last step
+            self._running.clear()
             self.bar.close()
         if self.writer is not None:
             self.writer.close()

@@ -10,20 +10,23 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import mpx
 from mpx.inspect import describe, fp8_stats
 from train import checkpoint as ckpt
 from train import data as data_lib
+from train import divergence
 from train import identity
 from train import mesh as mesh_lib
 from train import metrics as mt
 from train.build import Built, build, make_schedule
 from train.evaluation import eval_step, evaluate, with_references
+from train.divergence import Diverged
 from train.logger import Logger, drop_rows_after
 from train.schema import ConfigError, RunConfig
+
+__all__ = ["Diverged", "precision_report", "train"]
 
 
 def train(
@@ -32,6 +35,7 @@ def train(
     say: Callable[[str], None] = print,
     on_step: Callable[[int, mpx.TrainState], None] | None = None,
     strict: bool = False,
+    change_optim: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the training run ``config`` describes; returns the final metrics.
 
@@ -44,23 +48,27 @@ def train(
 
     The loop never waits on the device between log steps: each step is dispatched
     asynchronously, the next batch is loaded and put on the devices while it runs, and
-    the skipped-step count is kept on the device. Metrics are fetched (one
-    ``jax.device_get``) only at log steps; evaluations and checkpoint saves read the state
-    at their own intervals. A run that diverges (`Diverged`) stops at a log step.
+    the run's health (skipped steps, an exploded loss: `train.divergence`) is kept on the
+    device. Metrics are fetched (one ``jax.device_get``) only at log steps; evaluations and
+    checkpoint saves read the state at their own intervals. A run that diverges stops
+    (`Diverged`) at the first log step or due save after, before saving anything from then.
 
     Process 0 holds the run directory's lock while it trains (`train.identity.locked`): a
-    second run in the same directory is an error.
+    second run in the same directory is an error. A resume may change the run's optimizer
+    settings (`train.identity.ADJUSTABLE`) only with ``change_optim``; the change is recorded.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
     lock = identity.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
-        resuming, saved = _check_identity(config, say)
+        resuming, saved, config, changes = _check_identity(config, say, change_optim=change_optim)
         built = build(config, say=say, finetune=not resuming)
         refs = _start_report(built, say=say, strict=strict)
         checkpointer = built.checkpointer(training=True)
         try:
             train_iter = built.task.train_iter()
             state, skipped = _resume(built, checkpointer, train_iter, saved, say)
+            if changes and jax.process_index() == 0:
+                identity.amend(config.run_dir, saved, changes, step=int(state.step))
             return _run(built, state, skipped, train_iter, checkpointer, refs, say, on_step)
         finally:
             checkpointer.close()
@@ -70,17 +78,19 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
     """Steps from ``state.step`` to ``train.steps``: log, evaluate and save on the way."""
     config, t = built.config, built.config.train
     config_dict = config.to_dict()
-    step_fn, eval_fn = _make_step_fn(built), eval_step(built.task, built.graphdef)
+    guard = divergence.Guard(checkpointer, max_consecutive_skips=t.max_consecutive_skips,
+                             max_loss_ratio=t.max_loss_ratio, uniform_loss=built.task.uniform_loss(),
+                             lr=config.optim.lr, say=say)
+    step_fn, eval_fn = _make_step_fn(built, guard.ceiling), eval_step(built.task, built.graphdef)
     accum = config.optim.grad_accum
     batch_sharding = built.batch_sharding(accumulated=accum > 1)
     meter = _Meter(built)
     start, end = int(state.step), t.steps
     logger = Logger(config, say, end, start)
-    # Skipped steps: the run's total (from the checkpoint on) and the current streak,
-    # counted on the device by the step itself.
-    skips = jax.device_put({"total": np.asarray(skipped, np.int32), "in_a_row": np.zeros((), np.int32)},
-                           mesh_lib.replicated(built.mesh))
-    counters = lambda: {"skipped": int(skips["total"])}  # noqa: E731 - read at saves only
+    # The run's health (skipped steps: the total from the checkpoint on and the current streak;
+    # the first exploded loss), kept on the device by the step itself.
+    health = jax.device_put(divergence.initial(skipped), mesh_lib.replicated(built.mesh))
+    counters = lambda: {"skipped": int(health["total"])}  # noqa: E731 - read at saves only
     # The data position after the batches of every step run so far: what a checkpoint
     # saves. The iterator itself runs one batch ahead (the prefetched one).
     data_state = train_iter.get_state()
@@ -88,17 +98,21 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
     last: dict[str, Any] = {}
     try:
         for step in range(start, end):
-            state, skips, m = step_fn(state, skips, batch)  # dispatched; returns before the step has run
+            state, health, m = step_fn(state, health, batch)  # dispatched; returns before the step has run
             done = step + 1
             data_state = train_iter.get_state()
             if done < end:  # prefetch: load and transfer the next batch while this step runs
                 batch = _next_batch(train_iter, accum, batch_sharding)
-            logger.step()
+            logger.step(m.loss)
             meter.tick()
+            read = None
             if done % t.log_every == 0 or done == end:
-                last, in_a_row = meter.read(done, m, skips, state)  # the one wait on the device in a window
+                last, read = meter.read(done, m, health, state)  # the one wait on the device in a window
                 logger.log(done, last, "train")
-                _check_divergence(built, done, in_a_row, last, checkpointer)
+            elif checkpointer.due(done):  # a save reads the state anyway: check what it would save
+                read = _read_health(m, health)
+            if read is not None:
+                guard.check(done, read[0], loss=read[1], loss_scale=read[2])
             if t.eval_every and (done % t.eval_every == 0 or done == end):
                 result = evaluate(eval_fn, state, built.task.eval_iter(), t.eval_batches, built.batch_sharding())
                 result = with_references(result, refs)
@@ -111,26 +125,40 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
                 on_step(done, state)
         checkpointer.save(int(state.step), state, data_state=data_state, config=config_dict, force=True,
                           counters=counters)
+        checkpointer.confirm(int(state.step))  # the run ended healthy: keep the newest `keep`
         checkpointer.wait()
     finally:
         logger.close()
     last["step"] = int(state.step)
+    remark = built.task.below_baseline(last, refs)
+    if remark:
+        say(f"warning: {remark}")
     return last
+
+
+def _read_health(m: mpx.StepMetrics, health) -> tuple[divergence.Health, float, float]:
+    host = jax.device_get({"health": health, "loss": m.loss, "loss_scale": m.loss_scale})
+    return divergence.Health.of(host["health"]), float(host["loss"]), float(host["loss_scale"])
 
 
 # ----------------------------------------------------------------------------- start
 
 
-def _check_identity(config: RunConfig, say) -> tuple[bool, dict | None]:
-    """``(resuming, the run's saved config)``; a resume with a changed config is an error
-    before anything is restored; a new run records its config."""
+def _check_identity(config: RunConfig, say, *, change_optim: bool):
+    """``(resuming, the run's saved config, the config to run, its ADJUSTABLE changes)``; a
+    resume with a changed config is an error before anything is restored, and keeps the
+    run's learning-rate schedule (`train.identity.keep_decay_end`); a new run records its
+    config."""
     resuming = ckpt.has_checkpoints(config.run_dir)
     saved = identity.saved_config(config.run_dir)
+    changes = {}
     if resuming and saved is not None:
-        identity.check_resume(saved, config.to_dict(), run_dir=config.run_dir, say=say)
+        changes = identity.check_resume(saved, config.to_dict(), run_dir=config.run_dir, say=say,
+                                        change_optim=change_optim)
+        config = identity.keep_decay_end(saved, config, say=say)
     elif not resuming and jax.process_index() == 0:
         identity.record(config.run_dir, config.to_dict())
-    return resuming, saved
+    return resuming, saved, config, changes
 
 
 def _start_report(built: Built, *, say, strict: bool) -> dict[str, float]:
@@ -171,6 +199,8 @@ def _resume(built: Built, checkpointer, train_iter, saved, say) -> tuple[mpx.Tra
     config = built.config
     restored = checkpointer.restore_latest(built.state, say=say, set_aside=True)
     if restored is None:
+        if jax.process_index() == 0:
+            drop_rows_after(config.run_dir, 0)  # rows of an earlier start that left no checkpoint
         return built.state, 0
     if saved is None:  # a run from before config.yaml: its checkpoint holds the config
         identity.check_resume(restored.config, config.to_dict(), run_dir=config.run_dir, say=say)
@@ -185,24 +215,24 @@ def _resume(built: Built, checkpointer, train_iter, saved, say) -> tuple[mpx.Tra
 # ----------------------------------------------------------------------------- steps
 
 
-def _make_step_fn(built: Built):
-    """The jitted step ``(state, skips, batch) -> (state, skips, metrics)``.
+def _make_step_fn(built: Built, ceiling: float):
+    """The jitted step ``(state, health, batch) -> (state, health, metrics)``.
 
-    ``skips`` holds the run's count of skipped steps and the current run of consecutive
-    ones (``{"total", "in_a_row"}``, i32[] on the device): the step updates both from its
-    own ``metrics.skipped``, so the loop never has to read a per-step value back
-    to the host; it fetches the count with the other metrics at log steps only.
+    ``health`` (`train.divergence.initial`, on the device) is updated by the step from its
+    own loss and ``metrics.skipped`` (``ceiling``: the loss of an exploded step), so the
+    loop never has to read a per-step value back to the host; it fetches it with the other
+    metrics at log steps, and before checkpoint saves.
     """
     config, task = built.config, built.task
 
     def loss_fn(params, meta, batch, rng):
         return task.loss(built.graphdef, params, meta, batch, rng, dropout=config.model.dropout > 0)
 
-    def step(state, skips, batch, *, fp8_bootstrap):
+    def step(state, health, batch, *, fp8_bootstrap):
+        done = state.step + 1
         state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
                                   accum_steps=config.optim.grad_accum, fp8_bootstrap=fp8_bootstrap)
-        skipped = m.skipped.astype(jnp.int32)
-        return state, {"total": skips["total"] + skipped, "in_a_row": (skips["in_a_row"] + 1) * skipped}, m
+        return state, divergence.update(health, step=done, loss=m.loss, skipped=m.skipped, ceiling=ceiling), m
 
     replicated = mesh_lib.replicated(built.mesh)
 
@@ -245,10 +275,10 @@ class _Meter:
     def tick(self) -> None:
         self.window_steps += 1
 
-    def read(self, done: int, m: mpx.StepMetrics, skips, state) -> tuple[dict[str, Any], int]:
-        """``(row, consecutive skipped steps)``; every value in one fetch from the device."""
+    def read(self, done: int, m: mpx.StepMetrics, health, state):
+        """``(row, (health, loss, loss scale))``; every value in one fetch from the device."""
         host = jax.device_get({"loss": m.loss, "loss_scale": m.loss_scale, "grad_norm": m.grad_norm,
-                               "skips": skips, "fp8_meta": state.fp8_meta})
+                               "health": health, "fp8_meta": state.fp8_meta})
         tps = self.window_steps * self.tokens_per_step / (time.perf_counter() - self.window_start)
         loss = float(host["loss"])
         stats = fp8_stats(host["fp8_meta"])
@@ -259,7 +289,7 @@ class _Meter:
             "mfu": mt.mfu(tps, self.flops_token, devices=jax.device_count(), peak=self.peak),
             "lr": float(self.schedule(done - 1)),  # the rate of this step's update
             "loss_scale": float(host["loss_scale"]),
-            "skipped": int(host["skips"]["total"]),
+            "skipped": int(host["health"]["total"]),
             "grad_norm": float(host["grad_norm"]),
             "fp8_min_scale": min((s.scale for s in stats), default=None),
             "fp8_max_saturated": max((s.saturated for s in stats), default=None),
@@ -268,33 +298,4 @@ class _Meter:
             "fp8_max_fanout": max((s.fanout for s in stats), default=None),
         }
         self.window_start, self.window_steps = time.perf_counter(), 0
-        return row, int(host["skips"]["in_a_row"])
-
-
-# ----------------------------------------------------------------------------- divergence
-
-
-class Diverged(ValueError):
-    """A run whose recent steps were all skipped, or whose loss exploded: it stops rather
-    than run on (and save what it learns from there)."""
-
-
-def _check_divergence(built: Built, step: int, in_a_row: int, row: dict, checkpointer) -> None:
-    t, task = built.config.train, built.task
-    saved = checkpointer.steps()
-    newest = f"step {saved[-1]}" if saved else "none yet"
-    if t.max_consecutive_skips and in_a_row >= t.max_consecutive_skips:
-        raise Diverged(
-            f"the run diverged: the last {in_a_row} steps (up to step {step}) were all skipped, their loss, "
-            f"gradients or FP8 amaxes not finite (loss {row['loss']:.4g}, loss scale {row['loss_scale']:.4g}); "
-            f"stopped (train.max_consecutive_skips={t.max_consecutive_skips}). Skipped steps change no parameter, "
-            f"so the newest checkpoint ({newest}) holds the last good state; lower optim.lr or raise "
-            "optim.warmup_steps, then resume")
-    ceiling = t.max_loss_ratio * task.uniform_loss()
-    if t.max_loss_ratio and math.isfinite(row["loss"]) and row["loss"] > ceiling:
-        raise Diverged(
-            f"the run exploded: its training loss at step {step} is {row['loss']:.4g}, above "
-            f"train.max_loss_ratio={t.max_loss_ratio:g} x the loss of uniform guessing ({task.uniform_loss():.4g}); "
-            f"stopped without saving this state. The checkpoints kept ({', '.join(map(str, saved)) or 'none yet'}) "
-            "were saved before this log step: resume from the newest whose logged loss was sane (move newer "
-            "ones out of checkpoints/), with a lower optim.lr or a tighter optim.grad_clip")
+        return row, (divergence.Health.of(host["health"]), loss, row["loss_scale"])

@@ -308,11 +308,12 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can).
     ``max_consecutive_skips``: a run whose last this many steps were all skipped (non-finite
-    loss, gradients or FP8 amaxes) has diverged and stops with an error (checked at log
-    steps); 0 never stops. ``max_loss_ratio``: a logged training loss above this multiple of
-    the loss of uniform guessing (ln of the vocabulary or class count, where an untrained
-    model starts) means the run exploded though its loss is finite; it stops with an error
-    (0: never). ``fp8_lean_min_steps``: a run with FP8 ops of at least this many steps
+    loss, gradients or FP8 amaxes) has diverged and stops with an error; 0 never stops.
+    ``max_loss_ratio``: a training loss (of any step) above this multiple of the loss of
+    uniform guessing (ln of the vocabulary or class count, where an untrained model starts)
+    means the run exploded though its loss is finite; it stops with an error (0: never). Both
+    are kept on the device and checked at log steps and before every checkpoint save
+    (`train.divergence`): no state from after the run went bad is saved or kept. ``fp8_lean_min_steps``: a run with FP8 ops of at least this many steps
     compiles a second, leaner step program (every FP8 tensor on its stored scale; see
     `mpx.BootstrappedStep`) and switches to it after the first applied step; a shorter run
     keeps the first step's program (one compile; its steps cost a pass per FP8 tensor more).
@@ -343,7 +344,8 @@ class TrainConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(_Section):
-    """Save every ``every`` steps (0: only at the end), keep the newest ``keep``."""
+    """Save every ``every`` steps (0: only at the end), keep the newest ``keep`` that a later
+    divergence check confirmed (with the newer ones it has not confirmed yet)."""
 
     _key: ClassVar[str] = "checkpoint"
 

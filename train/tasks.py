@@ -95,6 +95,13 @@ class Task(abc.ABC):
     def baseline_message(refs: dict[str, float]) -> str:
         """One line saying the references at the start of a run."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def below_baseline(final: dict[str, float], refs: dict[str, float]) -> str | None:
+        """What to say of a run whose final evaluation (``eval_*`` keys of ``final``, the
+        loop's last row) is no better than the data's baseline; None when it is better or
+        the run did not evaluate at its end."""
+
 
 class LanguageModelling(Task):
     """Next-token prediction on packed text; nats/token, bits/byte, a unigram baseline."""
@@ -148,6 +155,15 @@ class LanguageModelling(Task):
     def baseline_message(refs: dict[str, float]) -> str:
         return f"unigram baseline on the validation split: {refs['unigram_baseline']:.4f} nats/token"
 
+    @staticmethod
+    def below_baseline(final: dict[str, float], refs: dict[str, float]) -> str | None:
+        loss, baseline = final.get("eval_loss"), refs["unigram_baseline"]
+        if loss is None or loss < baseline:
+            return None
+        return (f"the run ended at a validation loss of {loss:.4f} nats/token, no better than the unigram baseline "
+                f"({baseline:.4f}): the model has learned less than the frequencies of tokens; train longer "
+                "(train.steps) or check optim.lr and the data")
+
 
 class Classification(Task):
     """Labelled text -> one class; accuracy and a majority-class baseline."""
@@ -192,6 +208,14 @@ class Classification(Task):
     @staticmethod
     def baseline_message(refs: dict[str, float]) -> str:
         return f"majority-class baseline on the validation split: accuracy {refs['majority_baseline']:.4f}"
+
+    @staticmethod
+    def below_baseline(final: dict[str, float], refs: dict[str, float]) -> str | None:
+        accuracy, baseline = final.get("eval_accuracy"), refs["majority_baseline"]
+        if accuracy is None or accuracy > baseline:
+            return None
+        return (f"the run ended at a validation accuracy of {accuracy:.4f}, no better than always answering the "
+                f"most frequent label ({baseline:.4f}); train longer (train.steps) or check optim.lr and the data")
 
 
 def majority_baseline(records: Any) -> float:

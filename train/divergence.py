@@ -1,0 +1,149 @@
+"""When a run has gone bad, and which of its checkpoints came from before.
+
+A step's loss is computed on the state the step before left; so when step ``s`` shows the
+run has gone bad, the state saved at step ``s - 1`` is already one it cannot be trained
+from, and so is every later one. Two signs, kept on the device by the step itself (no
+read of the device per step, `update`), read at log steps and at every checkpoint save
+(`Health.first_bad_step`):
+
+- a finite training loss above ``train.max_loss_ratio`` x the loss of uniform guessing
+  (the first step that showed one);
+- ``train.max_consecutive_skips`` skipped steps in a row (their loss, gradients or FP8
+  amaxes not finite): the run went bad at the step its streak began.
+
+The loop checks before each save, so nothing is saved once either has shown; the
+checkpointer deletes old checkpoints only among those a later check has confirmed, so
+the good ones are never rotated out by suspect ones (`train.checkpoint.Checkpointer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+
+NEVER = int(np.iinfo(np.int32).max)
+"""``exploded_at`` of a run whose loss never exploded."""
+
+
+class Diverged(ValueError):
+    """A run whose recent steps were all skipped, or whose loss exploded: it stops rather
+    than run on (and save what it learns from there)."""
+
+
+def initial(skipped: int) -> dict[str, np.ndarray]:
+    """The device-side record of a run that has skipped ``skipped`` steps so far."""
+    i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
+    return {"total": i32(skipped), "in_a_row": i32(0), "streak_from": i32(0), "exploded_at": i32(NEVER),
+            "exploded_loss": np.zeros((), np.float32)}
+
+
+def update(health: dict, *, step, loss, skipped, ceiling: float) -> dict:
+    """``health`` after step ``step`` (1-based) with ``loss`` and ``skipped``; traced inside
+    the jitted step. ``ceiling``: the loss above which a step has exploded (inf: never)."""
+    skipped = jnp.asarray(skipped, jnp.int32)
+    starts = (skipped == 1) & (health["in_a_row"] == 0)
+    exploded = jnp.isfinite(loss) & (loss > ceiling) & (health["exploded_at"] == NEVER)
+    return {
+        "total": health["total"] + skipped,
+        "in_a_row": (health["in_a_row"] + 1) * skipped,
+        "streak_from": jnp.where(starts, step, health["streak_from"]).astype(jnp.int32),
+        "exploded_at": jnp.where(exploded, step, health["exploded_at"]).astype(jnp.int32),
+        "exploded_loss": jnp.where(exploded, loss, health["exploded_loss"]).astype(jnp.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """The device record read back (`initial`'s keys as Python numbers)."""
+
+    total: int
+    in_a_row: int
+    streak_from: int
+    exploded_at: int
+    exploded_loss: float
+
+    @classmethod
+    def of(cls, host: dict) -> Health:
+        return cls(int(host["total"]), int(host["in_a_row"]), int(host["streak_from"]), int(host["exploded_at"]),
+                   float(host["exploded_loss"]))
+
+    def first_bad_step(self, max_consecutive_skips: int) -> int | None:
+        """The first step whose loss showed the run had gone bad (the state before it is
+        the first bad one), or None."""
+        bad = [self.exploded_at] if self.exploded_at != NEVER else []
+        if max_consecutive_skips and self.in_a_row >= max_consecutive_skips:
+            bad.append(self.streak_from)
+        return min(bad, default=None)
+
+    def confirmed_through(self, step: int) -> int:
+        """The newest step whose state this check (at ``step``, healthy) vouches for: each
+        state up to ``step - 1`` gave a later step a sane loss, except those of a streak of
+        skipped steps still going on, which may yet turn out to be a divergence."""
+        return step - 1 if self.in_a_row == 0 else self.streak_from - 2
+
+
+def reason(health: Health, *, step: int, loss: float, loss_scale: float, max_consecutive_skips: int,
+           max_loss_ratio: float, uniform_loss: float) -> str:
+    """What the check at ``step`` found, in words (``health.first_bad_step`` is not None)."""
+    if health.exploded_at != NEVER and health.exploded_at == health.first_bad_step(max_consecutive_skips):
+        return (f"the run exploded: its training loss at step {health.exploded_at} was {health.exploded_loss:.4g}, "
+                f"above train.max_loss_ratio={max_loss_ratio:g} x the loss of uniform guessing "
+                f"({uniform_loss:.4g})")
+    return (f"the run diverged: the last {health.in_a_row} steps (from step {health.streak_from} to {step}) were "
+            f"all skipped, their loss, gradients or FP8 amaxes not finite (loss {_num(loss)}, loss scale "
+            f"{_num(loss_scale)}; train.max_consecutive_skips={max_consecutive_skips})")
+
+
+def advice(*, bad_from: int, kept: list[int], set_aside: list[tuple[int, str]], lr: float) -> str:
+    """How to go on: which checkpoints were moved, the last good one and the command that
+    resumes from it with a lower learning rate."""
+    moved = ""
+    if set_aside:
+        steps = ", ".join(str(s) for s, _ in set_aside)
+        many = len(set_aside) > 1
+        moved = (f" The checkpoint{'s' * many} of step{'s' * many} {steps} came from step {bad_from - 1} or later "
+                 f"(the state step {bad_from} went bad from) and {'were' if many else 'was'} moved to "
+                 f"{pathlib.Path(set_aside[0][1]).parent}.")
+    if not kept:
+        return (f"stopped.{moved} No good checkpoint is left: start the run again with a lower learning rate, e.g. "
+                f"python -m train train CONFIG optim.lr={lr / 10:g} (or raise optim.warmup_steps)")
+    return (f"stopped without saving this state.{moved} The last good checkpoint is step {kept[-1]}: resume from "
+            f"it with a lower learning rate, e.g. python -m train train CONFIG optim.lr={lr / 10:g} --change-optim "
+            "(optim.warmup_steps and optim.grad_clip may change the same way)")
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+class Guard:
+    """The loop's checks: ``check`` at log steps and before each save, with the health read
+    back; a healthy run confirms its checkpoints, a bad one has its suspect checkpoints set
+    aside and stops with `Diverged`."""
+
+    def __init__(self, checkpointer, *, max_consecutive_skips: int, max_loss_ratio: float, uniform_loss: float,
+                 lr: float, say):
+        self.checkpointer, self.say, self.lr = checkpointer, say, lr
+        self.max_consecutive_skips, self.max_loss_ratio, self.uniform_loss = (
+            max_consecutive_skips, max_loss_ratio, uniform_loss)
+
+    @property
+    def ceiling(self) -> float:
+        """The loss above which a step has exploded (`update`'s ``ceiling``)."""
+        return self.max_loss_ratio * self.uniform_loss if self.max_loss_ratio else math.inf
+
+    def check(self, step: int, health: Health, *, loss: float, loss_scale: float) -> None:
+        bad_from = health.first_bad_step(self.max_consecutive_skips)
+        if bad_from is None:
+            self.checkpointer.confirm(health.confirmed_through(step))
+            return
+        why = reason(health, step=step, loss=loss, loss_scale=loss_scale,
+                     max_consecutive_skips=self.max_consecutive_skips, max_loss_ratio=self.max_loss_ratio,
+                     uniform_loss=self.uniform_loss)
+        moved = self.checkpointer.set_aside_from(bad_from - 1, self.say)
+        raise Diverged(f"{why}; " + advice(bad_from=bad_from, kept=self.checkpointer.steps(), set_aside=moved,
+                                           lr=self.lr))
