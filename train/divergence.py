@@ -105,9 +105,9 @@ def advice(*, bad_from: int, kept: list[int], set_aside: list[tuple[int, str]], 
     if set_aside:
         steps = ", ".join(str(s) for s, _ in set_aside)
         many = len(set_aside) > 1
-        moved = (f" The checkpoint{'s' * many} of step{'s' * many} {steps} came from step {bad_from - 1} or later "
-                 f"(the state step {bad_from} went bad from) and {'were' if many else 'was'} moved to "
-                 f"{pathlib.Path(set_aside[0][1]).parent}.")
+        moved = (f" The checkpoint{'s' * many} of step{'s' * many} {steps} {'hold' if many else 'holds'} the state "
+                 f"step {bad_from} went bad from{' or later ones' if many else ''} and {'were' if many else 'was'} "
+                 f"moved to {pathlib.Path(set_aside[0][1]).parent}.")
     if not kept:
         return (f"stopped.{moved} No good checkpoint is left: start the run again with a lower learning rate, e.g. "
                 f"python -m train train CONFIG optim.lr={lr / 10:g} (or raise optim.warmup_steps)")
@@ -128,6 +128,7 @@ class Guard:
     def __init__(self, checkpointer, *, max_consecutive_skips: int, max_loss_ratio: float, uniform_loss: float,
                  lr: float, say):
         self.checkpointer, self.say, self.lr = checkpointer, say, lr
+        self.last: Health | None = None  # what the latest check read
         self.max_consecutive_skips, self.max_loss_ratio, self.uniform_loss = (
             max_consecutive_skips, max_loss_ratio, uniform_loss)
 
@@ -137,6 +138,7 @@ class Guard:
         return self.max_loss_ratio * self.uniform_loss if self.max_loss_ratio else math.inf
 
     def check(self, step: int, health: Health, *, loss: float, loss_scale: float) -> None:
+        self.last = health
         bad_from = health.first_bad_step(self.max_consecutive_skips)
         if bad_from is None:
             self.checkpointer.confirm(health.confirmed_through(step))
@@ -147,3 +149,16 @@ class Guard:
         moved = self.checkpointer.set_aside_from(bad_from - 1, self.say)
         raise Diverged(f"{why}; " + advice(bad_from=bad_from, kept=self.checkpointer.steps(), set_aside=moved,
                                            lr=self.lr))
+
+    def finish(self, step: int) -> str | None:
+        """The run ended at ``step`` (its last check found it healthy): keep the newest ``keep``
+        checkpoints, unless its last steps were all skipped: then the states from before that
+        streak stay the confirmed ones, and what to say of it is returned."""
+        streak = self.last is not None and self.last.in_a_row > 0
+        self.checkpointer.confirm(self.last.confirmed_through(step) if streak else step)
+        if not streak:
+            return None
+        return (f"the run ended with its last {self.last.in_a_row} steps skipped (from step {self.last.streak_from} "
+                f"on; train.max_consecutive_skips={self.max_consecutive_skips} would have called it diverged): its "
+                f"final state may be one it cannot be trained from; the checkpoints before step "
+                f"{self.last.streak_from - 1} are kept beside it")

@@ -125,14 +125,14 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
                 on_step(done, state)
         checkpointer.save(int(state.step), state, data_state=data_state, config=config_dict, force=True,
                           counters=counters)
-        checkpointer.confirm(int(state.step))  # the run ended healthy: keep the newest `keep`
+        ended_skipping = guard.finish(int(state.step))
         checkpointer.wait()
     finally:
         logger.close()
     last["step"] = int(state.step)
-    remark = built.task.below_baseline(last, refs)
-    if remark:
-        say(f"warning: {remark}")
+    for remark in (ended_skipping, built.task.below_baseline(last, refs)):
+        if remark:
+            say(f"warning: {remark}")
     return last
 
 
