@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = command("train", "Train (or resume, if the run dir has checkpoints) the run a config describes.")
     t.add_argument("--strict", action="store_true", help="a policy rule that matches no op is an error, not a warning")
+    t.add_argument("--new-data", action="store_true",
+                   help="resume a run whose data files changed: keep its state, start the data position over")
     e = command("eval", "Evaluate a run's newest checkpoint on its validation split.")
     e.add_argument("--quantized", action="append", default=[], metavar="DIR",
                    help="also evaluate this quantized model (python -m train quantize), next to the float one; "
@@ -103,7 +105,7 @@ def _quiet_libraries() -> None:
 def _train(config, args) -> int:
     from train.loop import train
 
-    out = train(config, strict=args.strict)
+    out = train(config, strict=args.strict, new_data=args.new_data)
     print(f"finished at step {out['step']}: " + " ".join(
         f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
     return 0
@@ -173,7 +175,7 @@ def _data(config, args) -> int:
 
     task = make_task(config, tokenizer_of(config, print))  # the tokenizer a run of this config would use
     if args.inspect:
-        facts = data_lib.describe_dataset(task.prepared)
+        facts = data_lib.describe_dataset(task.prepared, tokenizer=task.tokenizer)
         print("\n".join(f"{k}: {v}" for k, v in facts.items()))
     else:
         print(f"prepared {config.data.task} data in {config.data.data_dir} (vocab {task.vocab_size})")
