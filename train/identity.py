@@ -156,7 +156,8 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
                            f"{b['sha256'][:12]})")
     if saved.get("tokenizer") != current.get("tokenizer"):
         a, b = saved.get("tokenizer") or {}, current["tokenizer"]
-        changes.append(f"the tokenizer changed ({a.get('kind')} {a.get('vocab_size')} -> {b['kind']} {b['vocab_size']})")
+        changes.append(f"the tokenizer changed ({a.get('kind')} {a.get('vocab_size')} -> "
+                       f"{b['kind']} {b['vocab_size']})")
     if not changes and saved.get("dataset") != current.get("dataset"):
         changes.append(f"the prepared dataset changed ({saved.get('dataset')} -> {current['dataset']})")
     return changes
