@@ -6,6 +6,7 @@ before anything is restored (a checkpoint's data position means nothing in other
 import ast
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,14 @@ def test_an_edited_data_file_stops_the_resume_and_new_data_starts_its_position_o
     assert not [line for line in said if "data position" in line or "new data" in line], said
     next(fresh)  # step 4's (step 3 read the first)
     np.testing.assert_array_equal(batches[0], next(fresh)["tokens"])
+
+    # Killed before a checkpoint on the new data was written: step 2's position is the old
+    # data's, so the resume starts the new data over again, without being told.
+    for step in (4, 5):
+        shutil.rmtree(run / "checkpoints" / str(step))
+    batches.clear()
+    loop.train(config_for(tmp_path, data_dir, text, "train.steps=3"), say=lambda _: None)
+    np.testing.assert_array_equal(batches[0], next(make_task(new, identity.run_tokenizer(run)).train_iter())["tokens"])
 
 
 def test_a_run_from_before_data_json_records_its_data_on_resume(tmp_path, data_dir):
