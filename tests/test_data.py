@@ -364,6 +364,48 @@ def test_failed_build_leaves_nothing_a_later_run_trusts(tmp_path, corpus, monkey
     assert spm.tokenizer.kind == "sentencepiece" and spm.tokenizer.decode(spm.tokenizer.encode(TRICKY[0])) == TRICKY[0]
 
 
+def test_a_killed_preparation_is_redone_and_its_leftovers_removed(tmp_path, corpus):
+    """A kill leaves TFDS's ``incomplete.*`` directory (and a tokenizer's ``.tmp-*``): the
+    next preparation builds the dataset anew and deletes what was written before this
+    process started; a directory written since (a live preparation elsewhere) stays."""
+    import os
+
+    reference = data.prepare_lm(tmp_path / "a", [corpus])
+    dataset = tmp_path / "d" / reference.directory.relative_to(tmp_path / "a").parent
+    killed, live = dataset / "incomplete.KILLED_1.0.0", dataset / "incomplete.LIVE00_1.0.0"
+    for leftover in (killed, live):
+        leftover.mkdir(parents=True)
+        (leftover / "lm_corpus-train.array_record-00000-of-00001").write_bytes(b"half a record")
+    before = prepare_mod._STARTED - 60  # written by a process that has gone since
+    for path in (killed / "lm_corpus-train.array_record-00000-of-00001", killed):
+        os.utime(path, (before, before))
+    prepared = data.prepare_lm(tmp_path / "d", [corpus])
+    assert completed(tmp_path / "d") == [prepared.directory] and texts(prepared.train) == texts(reference.train)
+    assert not killed.exists() and live.is_dir()
+
+    tokenizers = prepared.directory / "tokenizers"
+    half = tokenizers / ".tmp-sentencepiece_320-0badf00d"
+    half.mkdir()
+    (half / "tokenizer.json").write_text("{")
+    os.utime(half / "tokenizer.json", (before, before))
+    os.utime(half, (before, before))
+    spm = data.prepare_lm(tmp_path / "d", [corpus], tokenizer="sentencepiece", vocab_size=320)
+    assert spm.tokenizer.kind == "sentencepiece"
+    assert sorted(p.name for p in tokenizers.iterdir()) == ["byte", "sentencepiece_320"]
+
+
+def test_preparing_local_data_says_nothing_of_downloading(tmp_path, corpus, capfd, caplog):
+    """TFDS printed "Downloading and preparing dataset ..." for files already on disk."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger=prepare_mod.__name__):
+        prepared = data.prepare_lm(tmp_path / "fresh", [corpus])
+    printed = capfd.readouterr()
+    assert "ownload" not in printed.out + printed.err, printed
+    assert [r.getMessage() for r in caplog.records if r.name == prepare_mod.__name__] == [
+        f"preparing lm_corpus data in {prepared.directory}"]
+
+
 # ----------------------------------------------------------------------------- shipped corpora
 
 

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume with changed optimizer settings (optim.lr, warmup_steps, decay_steps, min_lr_ratio, "
                         "grad_clip, weight_decay, b1, b2, eps), e.g. a lower lr after a divergence; recorded in the "
                         "run's history.jsonl")
+    t.add_argument("--new-data", action="store_true",
+                   help="resume a run whose data files changed: keep its state, start the data position over")
     e = command("eval", "Evaluate a run's newest checkpoint on its validation split.")
     e.add_argument("--quantized", action="append", default=[], metavar="DIR",
                    help="also evaluate this quantized model (python -m train quantize), next to the float one; "
@@ -107,7 +109,7 @@ def _quiet_libraries() -> None:
 def _train(config, args) -> int:
     from train.loop import train
 
-    out = train(config, strict=args.strict, change_optim=args.change_optim)
+    out = train(config, strict=args.strict, change_optim=args.change_optim, new_data=args.new_data)
     print(f"finished at step {out['step']}: " + " ".join(
         f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
     return 0
@@ -177,7 +179,7 @@ def _data(config, args) -> int:
 
     task = make_task(config, tokenizer_of(config, print))  # the tokenizer a run of this config would use
     if args.inspect:
-        facts = data_lib.describe_dataset(task.prepared)
+        facts = data_lib.describe_dataset(task.prepared, tokenizer=task.tokenizer)
         print("\n".join(f"{k}: {v}" for k, v in facts.items()))
     else:
         print(f"prepared {config.data.task} data in {config.data.data_dir} (vocab {task.vocab_size})")

@@ -13,11 +13,17 @@ from the saved optimizer state (`ADJUSTABLE`: the learning rate and its schedule
 Adam's constants), e.g. to go on from the last good checkpoint of a diverged run with a
 lower learning rate. The run's ``config.yaml`` then becomes the new config and
 ``history.jsonl`` records the change and the step it took effect at.
+
+``<run_dir>/data.json`` is the run's data by content (`data_fingerprint`): a checkpoint's
+data position means something only for the data it was saved on, so a resume whose files
+changed under the same paths is an error too (`DataChanged`), unless the run is told to
+go on with the new data from its start (``--new-data``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -168,6 +174,72 @@ def keep_decay_end(saved: Mapping[str, Any], config, *, say: Callable[[str], Non
         f"(the run's train.steps) and stays there; to decay over the new {config.train.steps} steps instead, "
         f"resume with optim.decay_steps={config.train.steps} --change-optim (the rate of the next step changes)")
     return dataclasses.replace(config, optim=dataclasses.replace(o, decay_steps=max(run_steps, o.warmup_steps + 1)))
+
+
+DATA_FILE = "data.json"
+
+
+class DataChanged(ConfigError):
+    """A run resumed on data whose content differs from the data it was trained on."""
+
+
+def _file_identity(path: pathlib.Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def data_fingerprint(prepared, tokenizer) -> dict[str, Any]:
+    """What a run's data is: the prepared dataset (``<builder>/<source>_<digest>``, the
+    digest hashing the source files' bytes and the split), each source file's size and
+    sha256 (to name the one that changed), and the tokenizer the run encodes with."""
+    model = getattr(tokenizer, "model_proto", b"")
+    return {
+        "dataset": f"{prepared.directory.parent.parent.name}/{prepared.directory.parent.name}",
+        "files": {str(f): _file_identity(pathlib.Path(f)) for f in prepared.files},
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                      "sha256": hashlib.sha256(model).hexdigest()},
+    }
+
+
+def saved_data(run_dir: str | pathlib.Path) -> dict | None:
+    """The run's recorded data (`record_data`), or None for a run from before data.json."""
+    path = pathlib.Path(run_dir) / DATA_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def record_data(run_dir: str | pathlib.Path, fingerprint: Mapping[str, Any], *, since_step: int = 0) -> None:
+    """Write the run's data fingerprint (atomically). ``since_step``: the step the run
+    started on this data; checkpoints up to it hold a position in other data."""
+    directory = pathlib.Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (DATA_FILE + ".tmp")
+    tmp.write_text(json.dumps({"since_step": since_step, **fingerprint}, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(directory / DATA_FILE)
+
+
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two `data_fingerprint`s, one phrase each; empty: the same data."""
+    changes = []
+    old, new = saved.get("files", {}), current.get("files", {})
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path), new.get(path)
+        if a is None:
+            changes.append(f"{path} is new")
+        elif b is None:
+            changes.append(f"{path} is no longer read")
+        elif a != b:
+            changes.append(f"{path} changed (size {a['size']} -> {b['size']} bytes, sha256 {a['sha256'][:12]} -> "
+                           f"{b['sha256'][:12]})")
+    if saved.get("tokenizer") != current.get("tokenizer"):
+        a, b = saved.get("tokenizer") or {}, current["tokenizer"]
+        changes.append(f"the tokenizer changed ({a.get('kind')} {a.get('vocab_size')} -> "
+                       f"{b['kind']} {b['vocab_size']})")
+    if not changes and saved.get("dataset") != current.get("dataset"):
+        changes.append(f"the prepared dataset changed ({saved.get('dataset')} -> {current['dataset']})")
+    return changes
 
 
 LOCK_FILE = ".lock"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -36,6 +37,7 @@ def train(
     on_step: Callable[[int, mpx.TrainState], None] | None = None,
     strict: bool = False,
     change_optim: bool = False,
+    new_data: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the training run ``config`` describes; returns the final metrics.
 
@@ -53,6 +55,10 @@ def train(
     checkpoint saves read the state at their own intervals. A run that diverges stops
     (`Diverged`) at the first log step or due save after, before saving anything from then.
 
+    A resume whose data changed since the run started (`train.identity.data_fingerprint`)
+    is an error before anything is restored; ``new_data`` continues the run's state on the
+    new data instead, with a fresh data position.
+
     Process 0 holds the run directory's lock while it trains (`train.identity.locked`): a
     second run in the same directory is an error. A resume may change the run's optimizer
     settings (`train.identity.ADJUSTABLE`) only with ``change_optim``; the change is recorded.
@@ -62,11 +68,12 @@ def train(
     with lock:
         resuming, saved, config, changes = _check_identity(config, say, change_optim=change_optim)
         built = build(config, say=say, finetune=not resuming)
+        data = _check_data(built, resuming, new_data=new_data, say=say)
         refs = _start_report(built, say=say, strict=strict)
         checkpointer = built.checkpointer(training=True)
         try:
             train_iter = built.task.train_iter()
-            state, skipped = _resume(built, checkpointer, train_iter, saved, say)
+            state, skipped = _resume(built, checkpointer, train_iter, saved, data, say)
             if changes and jax.process_index() == 0:
                 identity.amend(config.run_dir, saved, changes, step=int(state.step))
             return _run(built, state, skipped, train_iter, checkpointer, refs, say, on_step)
@@ -161,6 +168,40 @@ def _check_identity(config: RunConfig, say, *, change_optim: bool):
     return resuming, saved, config, changes
 
 
+@dataclasses.dataclass(frozen=True)
+class _DataCheck:
+    """The data a run trains on now (``fingerprint``), what changed since the run's
+    checkpoints were saved (``changes``, only with ``new_data``), and ``since_step``: the
+    checkpoints up to that step hold a data position in other data."""
+
+    fingerprint: dict
+    changes: list[str]
+    since_step: int
+
+
+def _check_data(built: Built, resuming: bool, *, new_data: bool, say) -> _DataCheck:
+    """Compare the run's data with the one it recorded: changed data on resume is an error
+    (before anything is restored) unless ``new_data``; a new run, or one from before
+    data.json, records it."""
+    config = built.config
+    current = identity.data_fingerprint(built.task.prepared, built.task.tokenizer)
+    saved = identity.saved_data(config.run_dir) if resuming else None
+    if saved is None:
+        if jax.process_index() == 0:
+            identity.record_data(config.run_dir, current)
+        return _DataCheck(current, [], 0)
+    changes = identity.data_changes(saved, current)
+    if changes and not new_data:
+        where = "data.path" if config.data.task == "classification" else "data.files"
+        raise identity.DataChanged(
+            f"the data of run {config.run_dir} changed since its checkpoints were saved: {'; '.join(changes)}; "
+            f"their data position belongs to the old data. Resume with the original files ({where}), start a "
+            "new run (name=...), or pass --new-data to continue training this run on the new data from its start")
+    if new_data and not changes:
+        say("--new-data: the data is the one the run was trained on; resuming its data position")
+    return _DataCheck(current, changes, int(saved.get("since_step", 0)))
+
+
 def _start_report(built: Built, *, say, strict: bool) -> dict[str, float]:
     """Keep the run's tokenizer, say its precision and baseline, check the validation
     split gives a batch; returns the task's references."""
@@ -193,9 +234,9 @@ def precision_report(built: Built, *, say: Callable[[str], None], strict: bool) 
         say(f"warning: {message}")
 
 
-def _resume(built: Built, checkpointer, train_iter, saved, say) -> tuple[mpx.TrainState, int]:
-    """The newest readable checkpoint's state (and the data position and skip count it
-    saved), or the built step-0 state."""
+def _resume(built: Built, checkpointer, train_iter, saved, data: _DataCheck, say) -> tuple[mpx.TrainState, int]:
+    """The newest readable checkpoint's state (and the skip count it saved, and its data
+    position if saved on this data), or the built step-0 state."""
     config = built.config
     restored = checkpointer.restore_latest(built.state, say=say, set_aside=True)
     if restored is None:
@@ -205,7 +246,14 @@ def _resume(built: Built, checkpointer, train_iter, saved, say) -> tuple[mpx.Tra
     if saved is None:  # a run from before config.yaml: its checkpoint holds the config
         identity.check_resume(restored.config, config.to_dict(), run_dir=config.run_dir, say=say)
         identity.record(config.run_dir, restored.config)
-    train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
+    if data.changes:
+        # Recorded only now: the checkpoints up to this step keep a position in the old data.
+        if jax.process_index() == 0:
+            identity.record_data(config.run_dir, data.fingerprint, since_step=restored.step)
+        say(f"continuing on new data: {'; '.join(data.changes)}; the run's state is restored from step "
+            f"{restored.step}, the data position starts over")
+    elif restored.step > data.since_step:
+        train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
     if jax.process_index() == 0:
         drop_rows_after(config.run_dir, restored.step)
     say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")

@@ -14,8 +14,10 @@ Layout of a data dir::
 (columns, validation fraction, seed), so a different source or split gets its own
 directory and an edited file is never served from a stale one. TFDS writes into an
 ``incomplete.*`` sibling and renames it into place when everything is written (and
-deletes it on failure); tokenizers are saved the same way. A version directory that
-exists is therefore complete, and ``prepare_*`` reuses it.
+deletes it on failure); tokenizers are saved the same way (``.tmp-*``). A version
+directory that exists is therefore complete, and ``prepare_*`` reuses it. A killed
+preparation leaves its ``incomplete.*`` / ``.tmp-*`` directory behind; the next
+preparation of the same dataset deletes those older than its own process (`_sweep`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -42,6 +45,19 @@ from train.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokeniz
 VERSION = "1.0.0"
 _SPLITS = ("train", "validation")
 _log = logging.getLogger(__name__)
+_STARTED = time.time()  # about when this process started: what it left behind is newer
+
+
+class _LocalBuilder:
+    """TFDS builders over local files: nothing is downloaded, so TFDS's "Downloading and
+    preparing dataset ..." / "... downloaded and prepared" lines (printed to stdout) are
+    replaced by one true line on the module logger."""
+
+    def _log_download_bytes(self) -> None:
+        _log.info("preparing %s data in %s", self.name, self.data_path)
+
+    def _log_download_done(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- builders
@@ -67,7 +83,7 @@ class TextClassificationConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-class LMCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class LMCorpus(_LocalBuilder, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Text documents for language modelling: feature ``text``, splits train/validation.
 
     Examples are written in document order (grain shuffles at read time).
@@ -102,7 +118,7 @@ class LMCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield int(i), {"text": docs[i]}
 
 
-class TextClassification(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class TextClassification(_LocalBuilder, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Labelled texts: ``text`` and ``label`` (ClassLabel named by the data's labels)."""
 
     VERSION = tfds.core.Version(VERSION)
@@ -164,10 +180,12 @@ class Prepared:
     ``sources[split]`` is random access: ``len(s)``, ``s[i] -> {"text": bytes}`` (plus
     ``"label": int`` for classification), the input of ``lm_loader`` /
     ``classification_loader``. ``dropped`` counts source rows left out, per reason.
+    ``files``: the source files it was built from (what ``directory``'s digest hashes).
     """
 
     task: Literal["lm", "classification"]
     directory: pathlib.Path
+    files: tuple[pathlib.Path, ...]
     sources: Mapping[str, Any]
     tokenizer: Tokenizer
     label_names: tuple[str, ...]
@@ -192,10 +210,26 @@ def _version_dir(data_dir: pathlib.Path, builder_name: str, config_name: str) ->
     return data_dir / builder_name / config_name / VERSION
 
 
+def _sweep(parent: pathlib.Path, pattern: str) -> None:
+    """Delete the directories matching ``pattern`` in ``parent`` that were last written before
+    this process started: what a killed preparation left (a live one in another process
+    keeps writing into its own; one that started before us and has written nothing since
+    would lose its work and fail, and the next run redoes it)."""
+    for stale in parent.glob(pattern):
+        try:
+            newest = max([stale.stat().st_mtime] + [p.stat().st_mtime for p in stale.rglob("*")])
+        except FileNotFoundError:
+            continue  # removed meanwhile: finished or swept by another process
+        if stale.is_dir() and newest < _STARTED:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _build(builder_cls, config, data_dir: pathlib.Path) -> pathlib.Path:
     """Builds the dataset unless its version directory exists; returns that directory."""
     directory = _version_dir(data_dir, builder_cls.name, config.name)
     if not (directory / "dataset_info.json").is_file():
+        if directory.parent.is_dir():
+            _sweep(directory.parent, f"incomplete.*_{VERSION}")
         builder = builder_cls(config=config, data_dir=str(data_dir), file_format="array_record")
         if pathlib.Path(builder.data_path) != directory:
             raise RuntimeError(f"TFDS put {config.name} at {builder.data_path}, not {directory}; "
@@ -221,6 +255,8 @@ def _tokenizer(directory: pathlib.Path, kind: str, vocab_size: int, train_source
     final = directory / "tokenizers" / name
     if (final / "tokenizer.json").is_file():
         return load_tokenizer(final)
+    if final.parent.is_dir():
+        _sweep(final.parent, f".tmp-{name}-*")
     if kind == "byte":
         tokenizer = ByteTokenizer()
     else:
@@ -237,7 +273,8 @@ def _tokenizer(directory: pathlib.Path, kind: str, vocab_size: int, train_source
     return load_tokenizer(final)
 
 
-def _open(task, directory: pathlib.Path, tokenizer: str, vocab_size: int) -> Prepared:
+def _open(task, directory: pathlib.Path, files: Sequence[pathlib.Path], tokenizer: str,
+          vocab_size: int) -> Prepared:
     builder = tfds.builder_from_directory(str(directory))
     sources = builder.as_data_source()
     sources = {split: sources[split] for split in _SPLITS}
@@ -245,7 +282,7 @@ def _open(task, directory: pathlib.Path, tokenizer: str, vocab_size: int) -> Pre
     names = tuple(features["label"].names) if "label" in features else ()
     metadata = dict(builder.info.metadata or {})
     return Prepared(
-        task=task, directory=directory, sources=sources,
+        task=task, directory=directory, files=tuple(files), sources=sources,
         tokenizer=_tokenizer(directory, tokenizer, vocab_size, sources["train"]),
         label_names=names, num_examples={s: len(v) for s, v in sources.items()},
         dropped=dict(metadata.get("dropped", {})), metadata=metadata,
@@ -280,7 +317,7 @@ def prepare_lm(
     name = f"{label}_{corpora.digest(paths, 'lm', VERSION, validation_fraction, seed)}"
     config = LMCorpusConfig(name=name, files=tuple(str(p.resolve()) for p in paths) if files is not None else (),
                             validation_fraction=validation_fraction, seed=seed)
-    return _open("lm", _build(LMCorpus, config, data_dir), tokenizer, vocab_size)
+    return _open("lm", _build(LMCorpus, config, data_dir), paths, tokenizer, vocab_size)
 
 
 def prepare_classification(
@@ -308,7 +345,8 @@ def prepare_classification(
     name = f"{label}_{corpora.digest([path], 'cls', VERSION, text_column, label_column, validation_fraction, seed)}"
     config = TextClassificationConfig(name=name, path=str(path.resolve()), text_column=text_column,
                                       label_column=label_column, validation_fraction=validation_fraction, seed=seed)
-    prepared = _open("classification", _build(TextClassification, config, data_dir), tokenizer, vocab_size)
+    prepared = _open("classification", _build(TextClassification, config, data_dir), [path], tokenizer,
+                     vocab_size)
     if any(prepared.dropped.values()):
         kept = sum(prepared.num_examples.values())
         _log.warning("%s: dropped %d of %d rows (%s)", path, sum(prepared.dropped.values()),
@@ -316,16 +354,21 @@ def prepare_classification(
     return prepared
 
 
-def describe_dataset(prepared: Prepared, *, sample_chars: int = 200) -> dict[str, str]:
+def describe_dataset(prepared: Prepared, *, tokenizer: Tokenizer | None = None,
+                     sample_chars: int = 200) -> dict[str, str]:
     """A few human-readable facts for ``data inspect``: where, sizes, labels, tokenizer, a
-    sample and its first token ids. Print with ``for k, v in facts.items(): print(f"{k}: {v}")``."""
+    sample and its first token ids. Print with ``for k, v in facts.items(): print(f"{k}: {v}")``.
+
+    ``tokenizer``: the one the data is encoded with, when not the prepared one (a run's own,
+    see `train.tasks.Task`); the tokenizer line and every token count are its."""
     p = prepared
+    tokenizer = tokenizer or p.tokenizer
     facts = {
         "task": p.task,
         "directory": str(p.directory),
         "source": ", ".join(map(str, p.metadata.get("source", []))),
         "examples": ", ".join(f"{s} {n}" for s, n in p.num_examples.items()),
-        "tokenizer": f"{p.tokenizer.kind} (vocab {p.tokenizer.vocab_size})",
+        "tokenizer": f"{tokenizer.kind} (vocab {tokenizer.vocab_size})",
     }
     if p.task == "classification":
         counts = p.metadata["label_counts"]
@@ -333,11 +376,11 @@ def describe_dataset(prepared: Prepared, *, sample_chars: int = 200) -> dict[str
             f"{n} ({counts['train'][n]} train, {counts['validation'][n]} validation)" for n in p.label_names)
         facts["dropped rows"] = ", ".join(f"{k} {v}" for k, v in p.dropped.items()) or "none"
     else:
-        tokens = {split: sum(len(p.tokenizer.encode(t)) for t in source_texts(source))
+        tokens = {split: sum(len(tokenizer.encode(t)) for t in source_texts(source))
                   for split, source in p.sources.items()}
         facts["tokens"] = ", ".join(f"{split} {n}" for split, n in tokens.items())
     sample = next(source_texts(p.sources["train"], chunk=1))
-    ids = p.tokenizer.encode(sample)
+    ids = tokenizer.encode(sample)
     facts["sample"] = repr(sample[:sample_chars]) + (" ..." if len(sample) > sample_chars else "")
     facts["sample tokens"] = f"{len(ids)} tokens ({len(ids) / max(len(sample), 1):.2f} per char): {ids[:16]}"
     return facts
