@@ -57,6 +57,8 @@ def train(
         resuming, saved = _check_identity(config, say)
         built = build(config, say=say, finetune=not resuming)
         refs = _start_report(built, say=say, strict=strict)
+        if not resuming and jax.process_index() == 0:
+            identity.record(config.run_dir, config.to_dict())  # once the data and the model are built
         checkpointer = built.checkpointer(training=True)
         try:
             train_iter = built.task.train_iter()
@@ -123,13 +125,11 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
 
 def _check_identity(config: RunConfig, say) -> tuple[bool, dict | None]:
     """``(resuming, the run's saved config)``; a resume with a changed config is an error
-    before anything is restored; a new run records its config."""
+    before anything is restored. (A new run records its config once it has started.)"""
     resuming = ckpt.has_checkpoints(config.run_dir)
     saved = identity.saved_config(config.run_dir)
     if resuming and saved is not None:
         identity.check_resume(saved, config.to_dict(), run_dir=config.run_dir, say=say)
-    elif not resuming and jax.process_index() == 0:
-        identity.record(config.run_dir, config.to_dict())
     return resuming, saved
 
 
@@ -177,7 +177,7 @@ def _resume(built: Built, checkpointer, train_iter, saved, say) -> tuple[mpx.Tra
         identity.record(config.run_dir, restored.config)
     train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
     if jax.process_index() == 0:
-        drop_rows_after(config.run_dir, restored.step)
+        drop_rows_after(config.run_dir, restored.step, say=say)
     say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
     return restored.state, int(restored.data_state.get("counters", {}).get("skipped", 0))
 
