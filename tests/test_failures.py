@@ -137,6 +137,26 @@ def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoints(trained
     assert snapshot(run) == before  # the step-6 save comes after its log row: never reached
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_older_ones(trained, tmp_path, data_dir,
+                                                                                    capsys, monkeypatch):
+    """The disk fills while orbax writes step 6's JSON items (inside its own save machinery,
+    which may wrap the error): one line naming the file; steps 2 and 4 untouched."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    config, run = run_copy(trained, tmp_path, data_dir)
+    before = snapshot(run)
+
+    async def no_space(self, x, directory):
+        raise full_disk(directory / self._filename)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", no_space)
+    assert main(["train", str(config), f"run_dir={run}", "train.steps=6"]) == 2
+    err = one_line_error(capsys)
+    assert "No space left on device; free space" in err and str(run / "checkpoints") in err, err
+    after = snapshot(run)
+    assert {k: after[k] for k in before} == before
+
+
 def test_a_file_system_error_wrapped_by_a_library_is_found_through_its_cause():
     """orbax and TensorStore raise their own exceptions from the OSError."""
     from train.__main__ import _os_error
