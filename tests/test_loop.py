@@ -33,6 +33,7 @@ import pytest
 import train.loop as loop
 from train.tasks import LanguageModelling, make_task
 from train.config import RunConfig, load_config
+from train.logger import read_rows
 
 CONFIG = """
 name: loop
@@ -97,8 +98,7 @@ class Run:
         return pathlib.Path(self.config.run_dir)
 
     def rows(self, split: str) -> dict[int, dict]:
-        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}
+        return {r["step"]: r for r in read_rows(self.dir) if r["split"] == split}  # non-finite values as NaN
 
     def is_log(self, step: int) -> bool:
         return step % self.config.train.log_every == 0 or step == self.config.train.steps

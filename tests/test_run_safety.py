@@ -13,6 +13,7 @@ from train import evaluation
 from train.build import build
 from train.tasks import LanguageModelling, majority_baseline
 from train import identity
+from train import lock as run_lock
 from train.checkpoint import Checkpointer, RestoreError
 from train.config import load_config
 
@@ -164,16 +165,16 @@ def test_a_run_directory_is_locked_while_a_run_trains(tmp_path, data_dir):
 
     def on_step(step, state):
         if step == 1:
-            owner = json.loads((run / identity.LOCK_FILE).read_text())
+            owner = json.loads((run / run_lock.LOCK_FILE).read_text())
             seen.append(owner["pid"] == os.getpid())
-            with pytest.raises(identity.RunDirectoryInUse, match=rf"in use by pid {os.getpid()}.*delete"):
+            with pytest.raises(run_lock.RunDirectoryInUse, match=rf"in use by pid {os.getpid()}.*delete"):
                 loop.train(config, say=lambda _: None)
 
     loop.train(config, say=lambda _: None, on_step=on_step)
-    assert seen == [True] and not (run / identity.LOCK_FILE).exists()
+    assert seen == [True] and not (run / run_lock.LOCK_FILE).exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)  # a process that has exited
-    (run / identity.LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "-"}))
+    (run / run_lock.LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "-"}))
     said: list[str] = []
     loop.train(config_for(tmp_path, data_dir, "train.steps=6"), say=said.append)
     assert any("taking over the stale lock" in line and str(dead_pid) in line for line in said), said
@@ -335,7 +336,7 @@ def test_a_run_directory_that_cannot_be_written_is_a_clear_error(tmp_path, data_
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     config = config_for(tmp_path, data_dir, f"run_dir={blocker / 'run'}")
-    with pytest.raises(identity.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
+    with pytest.raises(run_lock.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
         loop.train(config, say=lambda _: None)
 
 

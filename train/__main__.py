@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 EPILOG = """Overrides are dotted keys of the config, e.g. train.steps=100 optim.lr=3e-4
@@ -74,8 +75,15 @@ TRAIN_EXTRA = {"yaml": "pyyaml", "tensorflow_datasets": "tensorflow-datasets", "
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error it can explain is one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "train":  # a held run directory is refused before jax & co. load (seconds)
+            from train.lock import refuse_if_held, run_dir_of
+
+            run_dir = run_dir_of(args.config, args.overrides)
+            if run_dir is not None:
+                refuse_if_held(run_dir)
         _quiet_libraries()
         from train.config import load_config
 
@@ -89,9 +97,47 @@ def main(argv: list[str] | None = None) -> int:
               "installed; install them with: pip install 'mpx[train]' (in a checkout: pip install -e '.[train]')",
               file=sys.stderr)
         return 2
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a file-system error or a ValueError
+        cause = _os_error(e)
+        if cause is not None:
+            print(f"error: {_explain(cause)}", file=sys.stderr)
+            return 2
+        if not isinstance(e, ValueError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The `OSError` that ``e`` is or was raised from (orbax and TensorStore wrap theirs),
+    the first that names a file if one does."""
+    chain: list[OSError] = []
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            chain.append(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return next((c for c in chain if c.filename), chain[0] if chain else None)
+
+
+# errno -> what to do about it
+_FIXES = {errno.ENOSPC: "free space on that disk or write elsewhere",
+          errno.EDQUOT: "free space within your quota or write elsewhere",
+          errno.EACCES: "make it writable (and readable) for you or choose another path",
+          errno.EPERM: "make it writable (and readable) for you or choose another path",
+          errno.EROFS: "the file system is read-only: choose a path on another one",
+          errno.ENOENT: "check the path (its directory must exist)",
+          errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+          errno.EEXIST: "it exists already: remove it or choose a new path"}
+
+
+def _explain(e: OSError) -> str:
+    """One line: the path, what went wrong, what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    what = e.strerror or str(e)
+    fix = _FIXES.get(e.errno, "check the path and the disk, then run again")
+    return f"cannot use{where}: {what}; {fix}"
 
 
 def _quiet_libraries() -> None:
@@ -110,8 +156,12 @@ def _train(config, args) -> int:
     from train.loop import train
 
     out = train(config, strict=args.strict, change_optim=args.change_optim, new_data=args.new_data)
-    print(f"finished at step {out['step']}: " + " ".join(
-        f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
+    numbers = {k: v for k, v in out.items() if isinstance(v, float)}
+    if not numbers:  # no step ran
+        print(f"run already at step {out['step']} (train.steps={config.train.steps}): nothing to do; raise "
+              "train.steps to train further")
+    else:
+        print(f"finished at step {out['step']}: " + " ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
     return 0
 
 
@@ -127,7 +177,7 @@ def _eval(config, args) -> int:
         quantize.compare(trained, models)
         return 0
     result = evaluate_trained(trained)
-    print(f"eval at step {trained.step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print(f"eval at step {trained.step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
     return 0
 
 

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 
 import jax
 from flax import nnx
@@ -122,18 +124,29 @@ def export_trained(trained: Trained, out_dir: str | pathlib.Path) -> pathlib.Pat
     ``config.yaml`` and ``tokenizer/`` beside it. ``out_dir`` must not exist yet."""
     import orbax.checkpoint as ocp
 
-    out = new_directory(out_dir, "export")
     tree = {"params": trained.state.params.to_pure_dict(), "fp8_meta": nnx.State(trained.state.fp8_meta).to_pure_dict()}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out / "state", jax.device_get(tree))
-    identity.copy_identity(trained.config.run_dir, out)
-    return out
+    with new_directory(out_dir, "export") as (out, final):
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(out / "state", jax.device_get(tree))
+        identity.copy_identity(trained.config.run_dir, out)
+    return final
 
 
-def new_directory(path: str | pathlib.Path, what: str) -> pathlib.Path:
-    """``path`` made (absolute); it must not exist yet: an output never overwrites."""
-    out = pathlib.Path(path).absolute()
-    if out.exists():
-        raise ValueError(f"{what} directory {out} exists; give a new one (an existing directory is never written over)")
-    out.mkdir(parents=True)
-    return out
+@contextlib.contextmanager
+def new_directory(path: str | pathlib.Path, what: str) -> Iterator[tuple[pathlib.Path, pathlib.Path]]:
+    """``(partial, final)``: write into ``partial``, a hidden sibling of ``path`` that is
+    renamed to ``path`` (absolute, ``final``) when the block ends; if it raises, nothing is
+    left at either. ``path`` must not exist yet: an output never overwrites."""
+    final = pathlib.Path(path).absolute()
+    if final.exists():
+        raise ValueError(f"{what} directory {final} exists; give a new one (an existing directory is never written over)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a process that was killed
+    partial.mkdir()
+    try:
+        yield partial, final
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

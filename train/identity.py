@@ -22,14 +22,11 @@ go on with the new data from its start (``--new-data``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import pathlib
-import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+import pathlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -240,75 +237,6 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     if not changes and saved.get("dataset") != current.get("dataset"):
         changes.append(f"the prepared dataset changed ({saved.get('dataset')} -> {current['dataset']})")
     return changes
-
-
-LOCK_FILE = ".lock"
-
-
-class RunDirectoryInUse(ValueError):
-    """The run directory cannot be used: another live run holds it, or it is not writable."""
-
-
-@contextlib.contextmanager
-def locked(run_dir: str | pathlib.Path, *, say: Callable[[str], None]) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` (pid, host, start time) while a run trains in the directory.
-
-    A lock left by a process that no longer exists on this host is stale: it is taken over,
-    and said so. A live owner (or one on another host, whose liveness cannot be checked
-    from here) is an error naming it and the file to delete if it is gone.
-    """
-    directory = pathlib.Path(run_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirectoryInUse(
-            f"cannot write to run directory {directory} ({e.strerror or e}): a run keeps its checkpoints, config "
-            "and metrics there; make it writable or choose another run_dir") from None
-    path = directory / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _read_lock(path)
-            if owner is not None and not _stale(owner):
-                raise RunDirectoryInUse(
-                    f"run directory {directory} is in use by pid {owner.get('pid')} on {owner.get('host')} "
-                    f"(since {owner.get('started')}): two runs in one directory would mix their checkpoints "
-                    f"and metrics; wait for it, use another name, or delete {path} if that run is gone") from None
-            say(f"taking over the stale lock of {directory} (pid {owner and owner.get('pid')} is gone)")
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield
-    finally:
-        if _read_lock(path) == me:
-            path.unlink(missing_ok=True)
-
-
-def _read_lock(path: pathlib.Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # gone, or half written by a crash: stale
-
-
-def _stale(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError, TypeError):
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
 
 
 TOKENIZER_DIR = "tokenizer"

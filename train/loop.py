@@ -19,6 +19,7 @@ from train import checkpoint as ckpt
 from train import data as data_lib
 from train import divergence
 from train import identity
+from train import lock as run_lock
 from train import mesh as mesh_lib
 from train import metrics as mt
 from train.build import Built, build, make_schedule
@@ -59,17 +60,20 @@ def train(
     is an error before anything is restored; ``new_data`` continues the run's state on the
     new data instead, with a fresh data position.
 
-    Process 0 holds the run directory's lock while it trains (`train.identity.locked`): a
+    Process 0 holds the run directory's lock while it trains (`train.lock.locked`): a
     second run in the same directory is an error. A resume may change the run's optimizer
     settings (`train.identity.ADJUSTABLE`) only with ``change_optim``; the change is recorded.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
-    lock = identity.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
+    lock = run_lock.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         resuming, saved, config, changes = _check_identity(config, say, change_optim=change_optim)
         built = build(config, say=say, finetune=not resuming)
         data = _check_data(built, resuming, new_data=new_data, say=say)
         refs = _start_report(built, say=say, strict=strict)
+        if not resuming and jax.process_index() == 0:  # once the data and the model are built
+            identity.record(config.run_dir, config.to_dict())
+            identity.record_data(config.run_dir, data.fingerprint)
         checkpointer = built.checkpointer(training=True)
         try:
             train_iter = built.task.train_iter()
@@ -154,8 +158,8 @@ def _read_health(m: mpx.StepMetrics, health) -> tuple[divergence.Health, float, 
 def _check_identity(config: RunConfig, say, *, change_optim: bool):
     """``(resuming, the run's saved config, the config to run, its ADJUSTABLE changes)``; a
     resume with a changed config is an error before anything is restored, and keeps the
-    run's learning-rate schedule (`train.identity.keep_decay_end`); a new run records its
-    config."""
+    run's learning-rate schedule (`train.identity.keep_decay_end`). (A new run records its
+    config once it has started.)"""
     resuming = ckpt.has_checkpoints(config.run_dir)
     saved = identity.saved_config(config.run_dir)
     changes = {}
@@ -163,8 +167,6 @@ def _check_identity(config: RunConfig, say, *, change_optim: bool):
         changes = identity.check_resume(saved, config.to_dict(), run_dir=config.run_dir, say=say,
                                         change_optim=change_optim)
         config = identity.keep_decay_end(saved, config, say=say)
-    elif not resuming and jax.process_index() == 0:
-        identity.record(config.run_dir, config.to_dict())
     return resuming, saved, config, changes
 
 
@@ -181,13 +183,13 @@ class _DataCheck:
 
 def _check_data(built: Built, resuming: bool, *, new_data: bool, say) -> _DataCheck:
     """Compare the run's data with the one it recorded: changed data on resume is an error
-    (before anything is restored) unless ``new_data``; a new run, or one from before
-    data.json, records it."""
+    (before anything is restored) unless ``new_data``; a run from before data.json records
+    it (a new run, once it has started)."""
     config = built.config
     current = identity.data_fingerprint(built.task.prepared, built.task.tokenizer)
     saved = identity.saved_data(config.run_dir) if resuming else None
     if saved is None:
-        if jax.process_index() == 0:
+        if resuming and jax.process_index() == 0:
             identity.record_data(config.run_dir, current)
         return _DataCheck(current, [], 0)
     changes = identity.data_changes(saved, current)
@@ -241,7 +243,7 @@ def _resume(built: Built, checkpointer, train_iter, saved, data: _DataCheck, say
     restored = checkpointer.restore_latest(built.state, say=say, set_aside=True)
     if restored is None:
         if jax.process_index() == 0:
-            drop_rows_after(config.run_dir, 0)  # rows of an earlier start that left no checkpoint
+            drop_rows_after(config.run_dir, 0, say=say)  # rows of an earlier start that left no checkpoint
         return built.state, 0
     if saved is None:  # a run from before config.yaml: its checkpoint holds the config
         identity.check_resume(restored.config, config.to_dict(), run_dir=config.run_dir, say=say)
@@ -255,7 +257,7 @@ def _resume(built: Built, checkpointer, train_iter, saved, data: _DataCheck, say
     elif restored.step > data.since_step:
         train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
     if jax.process_index() == 0:
-        drop_rows_after(config.run_dir, restored.step)
+        drop_rows_after(config.run_dir, restored.step, say=say)
     say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
     return restored.state, int(restored.data_state.get("counters", {}).get("skipped", 0))
 

@@ -112,24 +112,24 @@ def quantize(trained: Trained, settings: QuantizeSettings, out_dir, *, say: Call
         amaxes = _calibrate(reference, trained.state.params, settings)
         say(f"calibrated the inputs of {len(amaxes)} weight matmuls on {settings.batches} training batches "
             f"({settings.calibration})")
-    out = new_directory(out_dir, "quantize")
     import orbax.checkpoint as ocp
 
     quantized = sorted(ptq.quantized_paths(qparams))
     tree = jax.tree.map(lambda x: {"codes": x.codes, "scale": x.scale} if isinstance(x, ptq.QuantizedWeight) else x,
                         qparams, is_leaf=lambda x: isinstance(x, ptq.QuantizedWeight))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out / WEIGHTS_DIR, jax.device_get(tree))
-    identity.copy_identity(trained.config.run_dir, out)
-    info = {
-        **dataclasses.asdict(settings),
-        "quantized": quantized,
-        "activation_amax": amaxes,
-        "source": {"run_dir": str(pathlib.Path(trained.config.run_dir).absolute()), "step": trained.step},
-        "bytes": {"params_float32": ptq.nbytes(params), "params_quantized": ptq.nbytes(qparams),
-                  "weights_on_disk": _disk_bytes(out / WEIGHTS_DIR)},
-    }
-    (out / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    with new_directory(out_dir, "quantize") as (partial, out):
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(partial / WEIGHTS_DIR, jax.device_get(tree))
+        identity.copy_identity(trained.config.run_dir, partial)
+        info = {
+            **dataclasses.asdict(settings),
+            "quantized": quantized,
+            "activation_amax": amaxes,
+            "source": {"run_dir": str(pathlib.Path(trained.config.run_dir).absolute()), "step": trained.step},
+            "bytes": {"params_float32": ptq.nbytes(params), "params_quantized": ptq.nbytes(qparams),
+                      "weights_on_disk": _disk_bytes(partial / WEIGHTS_DIR)},
+        }
+        (partial / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     b = info["bytes"]
     say(f"wrote {out}: {settings.label}, {len(quantized)} weights quantized; params {_mb(b['params_quantized'])} "
         f"({b['params_float32'] / b['params_quantized']:.2f}x smaller than float32's {_mb(b['params_float32'])}), "
