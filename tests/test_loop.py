@@ -201,3 +201,31 @@ def test_a_checkpoint_that_is_not_due_reads_nothing(tmp_path, every):
             assert checkpointer.save(step, Untouchable(), data_state={}, config={}) is False
     finally:
         checkpointer.close()
+
+
+def test_the_progress_bar_counts_finished_steps_not_dispatched_ones(tmp_path):
+    """The loop dispatches steps ahead of the device; the bar moves when a step's output is
+    ready (asked without waiting), in order, and the rest count when the run closes."""
+    from train.config import config_from_dict
+    from train.logger import Logger
+
+    class Output:  # a step's device array, finished when the test says so
+        done = False
+
+        def is_ready(self):
+            return self.done
+
+    config = config_from_dict({"run_dir": str(tmp_path / "run"), "logging": {"progress": True, "tensorboard": False}})
+    logger = Logger(config, lambda _: None, 10, 2)
+    steps = [Output() for _ in range(4)]
+    logger.step(steps[0])
+    logger.step(steps[1])
+    assert logger.bar.n == 2  # resumed at step 2; two dispatched, none finished
+    steps[1].done = True  # a later step cannot have finished before an earlier one: not counted alone
+    logger.step(steps[2])
+    assert logger.bar.n == 2
+    steps[0].done = True
+    logger.step(steps[3])
+    assert logger.bar.n == 4  # steps 3 and 4 of the run
+    logger.close()
+    assert logger.bar.n == 6  # the loop waited for the last steps before closing

@@ -105,9 +105,9 @@ def advice(*, bad_from: int, kept: list[int], set_aside: list[tuple[int, str]], 
     if set_aside:
         steps = ", ".join(str(s) for s, _ in set_aside)
         many = len(set_aside) > 1
-        moved = (f" The checkpoint{'s' * many} of step{'s' * many} {steps} {'hold' if many else 'holds'} the state "
-                 f"step {bad_from} went bad from{' or later ones' if many else ''} and {'were' if many else 'was'} "
-                 f"moved to {pathlib.Path(set_aside[0][1]).parent}.")
+        moved = (f" The checkpoint{'s' * many} of step{'s' * many} {steps}, saved from step {bad_from - 1} on (step "
+                 f"{bad_from} went bad from the state of step {bad_from - 1}), {'were' if many else 'was'} moved to "
+                 f"{pathlib.Path(set_aside[0][1]).parent}.")
     if not kept:
         return (f"stopped.{moved} No good checkpoint is left: start the run again with a lower learning rate, e.g. "
                 f"python -m train train CONFIG optim.lr={lr / 10:g} (or raise optim.warmup_steps)")

@@ -71,9 +71,11 @@ def train(
         built = build(config, say=say, finetune=not resuming)
         data = _check_data(built, resuming, new_data=new_data, say=say)
         refs = _start_report(built, say=say, strict=strict)
-        if not resuming and jax.process_index() == 0:  # once the data and the model are built
-            identity.record(config.run_dir, config.to_dict())
-            identity.record_data(config.run_dir, data.fingerprint)
+        if jax.process_index() == 0:  # once the data and the model are built: a refused start leaves nothing
+            identity.keep_tokenizer(config.run_dir, built.task.tokenizer)
+            if not resuming:
+                identity.record(config.run_dir, config.to_dict())
+                identity.record_data(config.run_dir, data.fingerprint)
         checkpointer = built.checkpointer(training=True)
         try:
             train_iter = built.task.train_iter()
@@ -205,11 +207,9 @@ def _check_data(built: Built, resuming: bool, *, new_data: bool, say) -> _DataCh
 
 
 def _start_report(built: Built, *, say, strict: bool) -> dict[str, float]:
-    """Keep the run's tokenizer, say its precision and baseline, check the validation
-    split gives a batch; returns the task's references."""
+    """Say the run's precision and baseline, check the validation split gives a batch;
+    returns the task's references."""
     config, task = built.config, built.task
-    if jax.process_index() == 0:
-        identity.keep_tokenizer(config.run_dir, task.tokenizer)
     precision_report(built, say=say, strict=strict)
     if config.train.eval_every and next(iter(task.eval_iter()), None) is None:
         raise data_lib.DataError(
