@@ -96,8 +96,10 @@ def test_a_run_skipped_from_its_first_step_stops_and_keeps_no_checkpoint(tmp_pat
 
 def test_an_exploding_finite_loss_stops_the_run_before_saving(tmp_path, data_dir, monkeypatch):
     """A finite loss of 100 nats is far above 2 x ln(256) = 11.09, what guessing uniformly
-    over the byte vocabulary scores, from step 1 on: the run stops at its first check (the
-    log step and save of step 2) naming step 1, and the step-2 checkpoint is never written."""
+    over the byte vocabulary scores, from step 1 on: the running average, starting at
+    ln(256), is 0.9 x 5.545 + 0.1 x 100 = 14.99 after step 1, past the ceiling at once; the
+    run stops at its first check (the log step and save of step 2) naming step 1, and the
+    step-2 checkpoint is never written."""
     def exploding(*args, **kwargs):
         loss, aux = lm_loss(*args, **kwargs)
         return loss * 0 + 100.0, aux
@@ -105,9 +107,10 @@ def test_an_exploding_finite_loss_stops_the_run_before_saving(tmp_path, data_dir
     lm_loss = LanguageModelling.loss
     monkeypatch.setattr(LanguageModelling, "loss", staticmethod(exploding))
     config = config_for(tmp_path, data_dir, "train.steps=8")
-    with pytest.raises(loop.Diverged, match=r"exploded: its training loss at step 1 was 100, above "
-                                            r"train.max_loss_ratio=2 x the loss of uniform guessing \(5.545\); "
-                                            r"stopped. No good checkpoint is left"):
+    with pytest.raises(loop.Diverged, match=r"exploded: its training loss went above train.max_loss_ratio=2 x "
+                                            r"the loss of uniform guessing \(11.09\) at step 1 and stayed there, "
+                                            r"its running average reaching 14.99 at step 1; stopped. No good "
+                                            r"checkpoint is left"):
         loop.train(config, say=lambda _: None)
     assert not (pathlib.Path(config.run_dir) / "checkpoints" / "2").exists()
     # Turned off, the same run goes to its end.

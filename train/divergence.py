@@ -6,14 +6,18 @@ from, and so is every later one. Two signs, kept on the device by the step itsel
 read of the device per step, `update`), read at log steps and at every checkpoint save
 (`Health.first_bad_step`):
 
-- a finite training loss above ``train.max_loss_ratio`` x the loss of uniform guessing
-  (the first step that showed one);
+- the training loss exploded: its running average (`SMOOTHING`, about the last ten finite
+  losses) rose above ``train.max_loss_ratio`` x the loss of uniform guessing. The run went
+  bad where its losses went above that ceiling and stayed there. The average lets a
+  single spike pass (the first steps of a fine-tune with a fresh head may score above
+  twice uniform guessing), while a loss ten times the ceiling trips it at once;
 - ``train.max_consecutive_skips`` skipped steps in a row (their loss, gradients or FP8
   amaxes not finite): the run went bad at the step its streak began.
 
 The loop checks before each save, so nothing is saved once either has shown; the
-checkpointer deletes old checkpoints only among those a later check has confirmed, so
-the good ones are never rotated out by suspect ones (`train.checkpoint.Checkpointer`).
+checkpointer deletes old checkpoints only among those a later check has confirmed (none
+from inside a streak of skips or of losses above the ceiling), so the good ones are never
+rotated out by suspect ones (`train.checkpoint.Checkpointer`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 NEVER = int(np.iinfo(np.int32).max)
-"""``exploded_at`` of a run whose loss never exploded."""
+"""A step that has not happened: ``above_from`` of a run whose last loss was sane,
+``exploded_at`` of one that never exploded."""
+
+SMOOTHING = 0.9
+"""The running average of the loss: ``avg = SMOOTHING * avg + (1 - SMOOTHING) * loss``."""
 
 
 class Diverged(ValueError):
@@ -34,25 +42,37 @@ class Diverged(ValueError):
     than run on (and save what it learns from there)."""
 
 
-def initial(skipped: int) -> dict[str, np.ndarray]:
-    """The device-side record of a run that has skipped ``skipped`` steps so far."""
+def initial(skipped: int, *, start_loss: float) -> dict[str, np.ndarray]:
+    """The device-side record of a run that has skipped ``skipped`` steps so far; its loss
+    average starts at ``start_loss`` (the loss of uniform guessing: where a run starts)."""
     i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
-    return {"total": i32(skipped), "in_a_row": i32(0), "streak_from": i32(0), "exploded_at": i32(NEVER),
-            "exploded_loss": np.zeros((), np.float32)}
+    return {"total": i32(skipped), "in_a_row": i32(0), "streak_from": i32(0), "above_from": i32(NEVER),
+            "average": np.asarray(start_loss, np.float32), "exploded_at": i32(NEVER), "exploded_step": i32(NEVER),
+            "exploded_average": np.zeros((), np.float32)}
 
 
 def update(health: dict, *, step, loss, skipped, ceiling: float) -> dict:
     """``health`` after step ``step`` (1-based) with ``loss`` and ``skipped``; traced inside
-    the jitted step. ``ceiling``: the loss above which a step has exploded (inf: never)."""
+    the jitted step. ``ceiling``: the loss above which the run has exploded (inf: never)."""
     skipped = jnp.asarray(skipped, jnp.int32)
+    finite = jnp.isfinite(loss)
     starts = (skipped == 1) & (health["in_a_row"] == 0)
-    exploded = jnp.isfinite(loss) & (loss > ceiling) & (health["exploded_at"] == NEVER)
+    average = jnp.where(finite, SMOOTHING * health["average"] + (1 - SMOOTHING) * loss, health["average"])
+    above = finite & (loss > ceiling)
+    above_from = jnp.where(above, jnp.minimum(health["above_from"], step),
+                           jnp.where(finite, NEVER, health["above_from"]))  # a non-finite loss says nothing
+    # The average rises past the ceiling only on a loss above it: `above_from` is set then.
+    crossed = (average > ceiling) & (health["exploded_at"] == NEVER)
+    i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
     return {
         "total": health["total"] + skipped,
         "in_a_row": (health["in_a_row"] + 1) * skipped,
-        "streak_from": jnp.where(starts, step, health["streak_from"]).astype(jnp.int32),
-        "exploded_at": jnp.where(exploded, step, health["exploded_at"]).astype(jnp.int32),
-        "exploded_loss": jnp.where(exploded, loss, health["exploded_loss"]).astype(jnp.float32),
+        "streak_from": i32(jnp.where(starts, step, health["streak_from"])),
+        "above_from": i32(above_from),
+        "average": average.astype(jnp.float32),
+        "exploded_at": i32(jnp.where(crossed, above_from, health["exploded_at"])),
+        "exploded_step": i32(jnp.where(crossed, step, health["exploded_step"])),
+        "exploded_average": jnp.where(crossed, average, health["exploded_average"]).astype(jnp.float32),
     }
 
 
@@ -63,13 +83,16 @@ class Health:
     total: int
     in_a_row: int
     streak_from: int
+    above_from: int
+    average: float
     exploded_at: int
-    exploded_loss: float
+    exploded_step: int
+    exploded_average: float
 
     @classmethod
     def of(cls, host: dict) -> Health:
-        return cls(int(host["total"]), int(host["in_a_row"]), int(host["streak_from"]), int(host["exploded_at"]),
-                   float(host["exploded_loss"]))
+        cast = {"int": int, "float": float}  # the annotations, as strings
+        return cls(**{f.name: cast[f.type](host[f.name]) for f in dataclasses.fields(cls)})
 
     def first_bad_step(self, max_consecutive_skips: int) -> int | None:
         """The first step whose loss showed the run had gone bad (the state before it is
@@ -82,17 +105,24 @@ class Health:
     def confirmed_through(self, step: int) -> int:
         """The newest step whose state this check (at ``step``, healthy) vouches for: each
         state up to ``step - 1`` gave a later step a sane loss, except those of a streak of
-        skipped steps still going on, which may yet turn out to be a divergence."""
-        return step - 1 if self.in_a_row == 0 else self.streak_from - 2
+        skipped steps or of losses above the ceiling still going on, which may yet turn out
+        to be a divergence."""
+        through = step - 1
+        if self.in_a_row:
+            through = min(through, self.streak_from - 2)
+        if self.above_from != NEVER:
+            through = min(through, self.above_from - 2)
+        return through
 
 
 def reason(health: Health, *, step: int, loss: float, loss_scale: float, max_consecutive_skips: int,
            max_loss_ratio: float, uniform_loss: float) -> str:
     """What the check at ``step`` found, in words (``health.first_bad_step`` is not None)."""
     if health.exploded_at != NEVER and health.exploded_at == health.first_bad_step(max_consecutive_skips):
-        return (f"the run exploded: its training loss at step {health.exploded_at} was {health.exploded_loss:.4g}, "
-                f"above train.max_loss_ratio={max_loss_ratio:g} x the loss of uniform guessing "
-                f"({uniform_loss:.4g})")
+        return (f"the run exploded: its training loss went above train.max_loss_ratio={max_loss_ratio:g} x the "
+                f"loss of uniform guessing ({max_loss_ratio * uniform_loss:.4g}) at step {health.exploded_at} and "
+                f"stayed there, its running average reaching {health.exploded_average:.4g} at step "
+                f"{health.exploded_step}")
     return (f"the run diverged: the last {health.in_a_row} steps (from step {health.streak_from} to {step}) were "
             f"all skipped, their loss, gradients or FP8 amaxes not finite (loss {_num(loss)}, loss scale "
             f"{_num(loss_scale)}; train.max_consecutive_skips={max_consecutive_skips})")

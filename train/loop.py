@@ -102,7 +102,8 @@ def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say,
     logger = Logger(config, say, end, start)
     # The run's health (skipped steps: the total from the checkpoint on and the current streak;
     # the first exploded loss), kept on the device by the step itself.
-    health = jax.device_put(divergence.initial(skipped), mesh_lib.replicated(built.mesh))
+    health = jax.device_put(divergence.initial(skipped, start_loss=built.task.uniform_loss()),
+                            mesh_lib.replicated(built.mesh))
     counters = lambda: {"skipped": int(health["total"])}  # noqa: E731 - read at saves only
     # The data position after the batches of every step run so far: what a checkpoint
     # saves. The iterator itself runs one batch ahead (the prefetched one).

@@ -309,9 +309,10 @@ class TrainConfig(_Section):
     """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can).
     ``max_consecutive_skips``: a run whose last this many steps were all skipped (non-finite
     loss, gradients or FP8 amaxes) has diverged and stops with an error; 0 never stops.
-    ``max_loss_ratio``: a training loss (of any step) above this multiple of the loss of
-    uniform guessing (ln of the vocabulary or class count, where an untrained model starts)
-    means the run exploded though its loss is finite; it stops with an error (0: never). Both
+    ``max_loss_ratio``: a training loss whose running average (about ten steps) rises above
+    this multiple of the loss of uniform guessing (ln of the vocabulary or class count, where
+    an untrained model starts) means the run exploded though its loss is finite; it stops
+    with an error (0: never). Both
     are kept on the device and checked at log steps and before every checkpoint save
     (`train.divergence`): no state from after the run went bad is saved or kept. ``fp8_lean_min_steps``: a run with FP8 ops of at least this many steps
     compiles a second, leaner step program (every FP8 tensor on its stored scale; see
