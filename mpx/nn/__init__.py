@@ -1,6 +1,7 @@
 """Flax NNX layers that obey a precision policy, and `apply_policy` for any NNX model."""
 
-from mpx.nn.apply import FoundOp, apply_policy, find_ops, split
+from mpx.nn.apply import apply_policy, split
+from mpx.nn.discover import FoundOp, find_ops
 from mpx.nn.layers import Einsum, Embed, LayerNorm, Linear, RMSNorm
 from mpx.nn.op import CrossEntropy, DotGeneral, EinsumOp, Fp8MetaVariable, Op, Softmax
 from mpx.nn.transformer import (

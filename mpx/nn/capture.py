@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from flax import nnx
 
 from mpx import capture
+from mpx.nn.discover import find_ops
 from mpx.nn.op import Fp8MetaVariable, Op
 from mpx.policy import Policy
 
@@ -107,7 +108,7 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
         with capture.setting(_IN_CAPTURE, True), capture.setting(_COPY_NAMING, n):
             yield
 
-    layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in _find_ops(model, kinds)}
+    layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in find_ops(model, kinds)}
     hint = (f"{type(model).__name__} runs these matmuls outside Linear/Einsum layers and has no FP8 state for "
             f"them: pass example inputs to apply_policy, e.g. mpx.nn.apply_policy(model, policy, x), so that it "
             f"can trace the model and create it")
@@ -117,12 +118,6 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
 
 # The Naming of the capture trace running now (the model copy's calls are marked for it).
 _COPY_NAMING: contextvars.ContextVar[capture.Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
-
-
-def _find_ops(model, kinds):
-    from mpx.nn.apply import find_ops
-
-    return find_ops(model, kinds)
 
 
 def _original_call(cls: type):
