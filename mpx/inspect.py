@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from mpx import program
 from mpx.fp8 import Fp8Meta
+from mpx.naming import equations, op_paths
 from mpx.policy import Policy, Rule, key_name
 
 
@@ -212,9 +212,6 @@ def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
 
 # ----------------------------------------------------------------------------- FP8 GEMMs in the compiled program
 
-_SCOPE = re.compile(r"mpx\[([^\]]+)\]")
-
-
 @dataclasses.dataclass(frozen=True)
 class GemmRow:
     """The matmuls of one policy op in a program: ``dots`` dot_generals traced under its
@@ -262,21 +259,8 @@ class Fp8GemmReport:
 def dot_generals(fn, *args) -> list[tuple[str, tuple[str, ...]]]:
     """Every ``dot_general`` in the program ``fn(*args)`` traces (scan, remat and jit
     bodies included): ``(name stack, operand dtypes)``."""
-    found = []
-
-    def walk(jaxpr, stack: str) -> None:
-        for eqn in jaxpr.eqns:
-            where = f"{stack}/{eqn.source_info.name_stack}"
-            if eqn.primitive.name == "dot_general":
-                found.append((where, tuple(str(v.aval.dtype) for v in eqn.invars)))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                    if hasattr(inner, "eqns"):
-                        walk(inner, where)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, "")
-    return found
+    return [(where, tuple(str(v.aval.dtype) for v in eqn.invars))
+            for eqn, where in equations(jax.make_jaxpr(fn)(*args).jaxpr) if eqn.primitive.name == "dot_general"]
 
 
 def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
@@ -292,7 +276,7 @@ def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
     """
     traced: dict[str, list[int]] = {}
     for where, dtypes in dot_generals(functools.partial(fn, **kwargs), *args):
-        scopes = _SCOPE.findall(where)
+        scopes = op_paths(where)
         if scopes:
             row = traced.setdefault(scopes[-1], [0, 0])
             row[0] += 1

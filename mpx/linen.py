@@ -52,6 +52,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from mpx import capture, ops
 from mpx.fp8 import Fp8Meta
+from mpx.naming import Naming
 from mpx.policy import Policy, kind_overrides
 
 FP8_COLLECTION = "fp8_meta"
@@ -311,7 +312,7 @@ def _inner_mutable(outer):
 
 
 @contextlib.contextmanager
-def _naming_and_root(naming: capture.Naming) -> Iterator[None]:
+def _naming_and_root(naming: Naming) -> Iterator[None]:
     with capture.setting(_IN_ROOT, True), module_naming(naming):
         yield
 
@@ -335,7 +336,7 @@ def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | No
         yield
 
 
-def _naming_interceptor(naming: capture.Naming):
+def _naming_interceptor(naming: Naming):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         path = "/".join(str(p) for p in module.path)
@@ -346,7 +347,7 @@ def _naming_interceptor(naming: capture.Naming):
 
 
 @contextlib.contextmanager
-def module_naming(naming: capture.Naming) -> Iterator[None]:
+def module_naming(naming: Naming) -> Iterator[None]:
     """Mark every linen module method call for `mpx.capture.Captured` (its ``naming``)."""
     with nn.intercept_methods(_naming_interceptor(naming)):
         yield

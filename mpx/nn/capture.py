@@ -25,6 +25,7 @@ from flax import nnx
 from mpx import capture
 from mpx.nn.discover import find_ops
 from mpx.nn.op import Fp8MetaVariable, Op
+from mpx.naming import Naming
 from mpx.policy import Policy
 
 META_ATTR = "mpx_fp8"
@@ -48,7 +49,7 @@ def _own_methods(cls: type) -> tuple[tuple[type, str], ...]:
 
 
 @contextlib.contextmanager
-def module_naming(model: nnx.Module, naming: capture.Naming) -> Iterator[None]:
+def module_naming(model: nnx.Module, naming: Naming) -> Iterator[None]:
     """Mark every method call of ``model``'s modules (by their path in ``model``) for the
     trace; a module that is not in the graph (one rebuilt inside ``nnx.scan``) is named by
     the call around it."""
@@ -117,7 +118,7 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
 
 
 # The Naming of the capture trace running now (the model copy's calls are marked for it).
-_COPY_NAMING: contextvars.ContextVar[capture.Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
+_COPY_NAMING: contextvars.ContextVar[Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
 
 
 def _original_call(cls: type):

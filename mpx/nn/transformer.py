@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpx import ops, program
+from mpx import program
+from mpx.naming import op_scope
 from mpx.nn.apply import apply_policy
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
@@ -166,7 +167,7 @@ class Attention(nnx.Module):
                                    scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=True)
         # Named as the logits op: its matmuls are this layer's policy ops (mpx.capture and
         # fp8_gemms read the name), not matmuls left outside the policy.
-        with jax.named_scope(ops.scope_name(self.logits.precision.path)):
+        with jax.named_scope(op_scope(self.logits.precision.path)):
             if program.platform_of(q) == "gpu" and dtype != jnp.float32:
                 try:  # cuDNN flash attention; jax's default (None) is its XLA path
                     return attend(implementation="cudnn")
