@@ -1,4 +1,5 @@
-"""Flax NNX layers that obey a precision policy, and `apply_policy` for any NNX model."""
+"""Flax NNX layers that obey a precision policy. Any NNX model goes under a policy with
+`mpx.apply_policy`; ``apply_policy`` and ``split`` here are its old names."""
 
 from mpx.nn.apply import apply_policy, split
 from mpx.nn.discover import FoundOp, find_ops

@@ -1,4 +1,5 @@
-"""Put any Flax NNX model under a precision policy, in place."""
+"""Put any Flax NNX model under a precision policy, in place (what `mpx.apply_policy` does
+for an ``nnx.Module``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def promote_keep_kernel(args, /, *, dtype=None, inexact=True):
     return (inputs, kernel, *rest)
 
 
-def apply_policy(model: nnx.Module, policy: Policy, *example_args, kinds: Mapping[str, str] | None = None,
-                 **example_kwargs) -> nnx.Module:
-    """Make every op of ``model`` obey ``policy``, in place; returns ``model``.
+def apply_nnx(model: nnx.Module, policy: Policy, *example_args, kinds: Mapping[str, str] | None = None,
+              **example_kwargs) -> nnx.Module:
+    """Make every op of the NNX ``model`` obey ``policy``, in place; returns ``model``.
 
     Linear / LinearGeneral get a policy `DotGeneral` (with an `Fp8MetaVariable` where the
     policy says fp8) and compute in the op's dtype; Einsum gets an `EinsumOp`; Embed and
@@ -56,9 +57,20 @@ def apply_policy(model: nnx.Module, policy: Policy, *example_args, kinds: Mappin
     return model
 
 
-def split(model: nnx.Module):
+def split_nnx(model: nnx.Module):
     """``(graphdef, params, fp8_meta, rest)`` of any NNX model: the parameters (what the
     optimizer trains), the FP8 state (what `mpx.train_step` advances) and everything else
     (batch statistics, RNG state: ``model_state`` of ``train_step(..., has_state=True)``).
     ``nnx.merge(graphdef, params, fp8_meta, rest)`` rebuilds the model."""
     return nnx.split(model, nnx.Param, Fp8MetaVariable, ...)
+
+
+def apply_policy(model: nnx.Module, policy: Policy, *example_args, kinds: Mapping[str, str] | None = None,
+                 **example_kwargs) -> nnx.Module:
+    """Alias of `mpx.apply_policy` for an NNX model, kept for one release."""
+    return apply_nnx(model, policy, *example_args, kinds=kinds, **example_kwargs)
+
+
+def split(model: nnx.Module):
+    """Alias of `mpx.split` for an NNX model, kept for one release."""
+    return split_nnx(model)

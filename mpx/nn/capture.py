@@ -1,6 +1,6 @@
 """Every matmul of an NNX model under its policy, including those no layer hook reaches.
 
-`apply_policy` gives the model's class a ``__call__`` that runs the model's own call as
+`mpx.apply_policy` gives the model's class a ``__call__`` that runs the model's own call as
 a traced function through `mpx.capture.Captured`: matmuls written as ``lax.dot_general``,
 ``jnp.einsum``, ``@`` or an embedding's ``attend`` get the policy's precision, and an
 fp8 one keeps its `Fp8Meta` in the root module's `Fp8MetaVariable` ``mpx_fp8`` (a dict by
@@ -111,7 +111,7 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
 
     layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in find_ops(model, kinds)}
     hint = (f"{type(model).__name__} runs these matmuls outside Linear/Einsum layers and has no FP8 state for "
-            f"them: pass example inputs to apply_policy, e.g. mpx.nn.apply_policy(model, policy, x), so that it "
+            f"them: pass example inputs to apply_policy, e.g. mpx.apply_policy(model, policy, x), so that it "
             f"can trace the model and create it")
     captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get, missing_hint=hint)
     return captured, (params, rest, arrays)
@@ -186,6 +186,11 @@ def capture_matmuls(model: nnx.Module, policy: Policy, kinds: Mapping[str, str] 
     metas = captured.init(params, rest, arrays)
     if metas:
         setattr(model, META_ATTR, _CapturedMetas(metas))
+
+
+def policy_of(model: nnx.Module) -> tuple[Policy | None, tuple]:
+    """``(policy, kinds as pairs)`` that `capture_matmuls` put ``model`` under, or ``(None, ())``."""
+    return getattr(model, "_mpx_policy", (None, ()))
 
 
 def matmuls(model: nnx.Module, policy: Policy, kinds, args, kwargs) -> list[capture.Matmul]:

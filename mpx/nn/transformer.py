@@ -19,7 +19,7 @@ from flax import nnx
 
 from mpx import program
 from mpx.naming import op_scope
-from mpx.nn.apply import apply_policy
+from mpx.nn.apply import apply_nnx
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
 from mpx.policy import OpPrecision, Policy
@@ -288,7 +288,7 @@ class TransformerLM(Decoder):
         else:
             self.head = Linear(config.d_model, config.vocab_size, kind="head", use_bias=False,
                                param_dtype=policy.param_dtype, rngs=rngs)
-        apply_policy(self, policy)
+        apply_nnx(self, policy)
 
     def __call__(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
         x = self.features(tokens, mask, deterministic=deterministic, rngs=rngs)
@@ -308,7 +308,7 @@ class SequenceClassifier(Decoder):
     def __init__(self, config: TransformerConfig, num_classes: int, *, policy: Policy, rngs: nnx.Rngs):
         super().__init__(config, policy, rngs=rngs)
         self.classifier = Linear(config.d_model, num_classes, kind="head", param_dtype=policy.param_dtype, rngs=rngs)
-        apply_policy(self, policy)
+        apply_nnx(self, policy)
 
     def __call__(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
         if mask is None:
