@@ -497,6 +497,7 @@ def linen_matmuls(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, s
 
 
 def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
-    """Alias of ``(path, kind)`` of each op under the policy in `mpx.matmuls`, each once, kept for one release."""
+    """Alias of the ``(path, kind)`` pairs of `mpx.matmuls` (ops under the policy, each once), kept for one
+    release."""
     found = matmuls_linen(model, policy, *args, kinds=kinds, **kwargs)
     return list(dict.fromkeys((m.path, m.kind) for m in found if m.op is not None))
