@@ -16,6 +16,7 @@ from mpx.policy import OpPrecision, Policy, Rule, parse as parse_policy
 from mpx.step import BootstrappedStep, StepMetrics, TrainState, init_train_state, make_train_step, train_step
 from mpx import nn  # noqa: E402 - layers build on everything above
 from mpx import linen  # noqa: E402
+from mpx.models import apply_policy, matmuls, split  # noqa: E402 - any model under a policy: NNX, linen, hub objects
 
 __all__ = [
     "BootstrappedStep",
@@ -33,6 +34,7 @@ __all__ = [
     "StepMetrics",
     "TrainState",
     "all_finite",
+    "apply_policy",
     "dynamic_loss_scale",
     "fp8",
     "fp8_dot_general",
@@ -43,6 +45,7 @@ __all__ = [
     "linen",
     "loss_scale",
     "make_train_step",
+    "matmuls",
     "nn",
     "ops",
     "parse_policy",
@@ -50,5 +53,6 @@ __all__ = [
     "program",
     "ptq",
     "select_tree",
+    "split",
     "train_step",
 ]

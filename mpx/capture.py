@@ -10,7 +10,7 @@ with each such matmul replaced by `mpx.ops.dot_general` under the policy, FP8 me
 included. The model's code is not touched.
 
 Naming. While the function is traced, each module method call pushes a marker scope (see
-`Naming`; `mpx.linen` and `mpx.nn` install it). A matmul is named by the path of the
+`mpx.naming.Naming`; `mpx.linen` and `mpx.nn` install it). A matmul is named by the path of the
 module whose call ran it, when that call ran one matmul (a projection layer is its op),
 else ``<module path>/dot_general_<k>`` for the k-th; ``attend`` and other methods than
 ``__call__`` add ``/<method>`` to the module path. A module called twice gives the same
@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -48,10 +47,9 @@ from jax.extend import core as jcore
 from mpx import ops
 from mpx.fp8 import Fp8Meta
 from mpx.fp8.dot import retraced_under_differentiation
+from mpx.naming import Naming, equations, is_call_marker, op_paths, subjaxprs
 from mpx.policy import OpPrecision, Policy, kind_overrides
 
-_MARK = "mpx@"
-_LAYER_OP = re.compile(r"mpx\[([^\]]*)\]")
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 _OPAQUE = {"custom_jvp_call": "inside a custom_jvp function", "custom_vjp_call": "inside a custom_vjp function",
            "custom_vjp_call_jaxpr": "inside a custom_vjp function", "cond": "inside lax.cond",
@@ -82,33 +80,6 @@ def split_arrays(args: tuple, kwargs: dict) -> tuple[list, Callable[[list], tupl
         return jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
 
     return [x for x, d in zip(leaves, dynamic) if d], rebuild
-
-
-class Naming:
-    """The module-method calls of one trace: each gets a marker scope ``mpx@<n>``.
-
-    ``with naming.call(path, method):`` around a module method call; the matmuls traced
-    inside carry the marker in their name stack, the innermost marker names them.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self._active: list[str] = []
-
-    @contextlib.contextmanager
-    def call(self, path: str, method: str, *, name: str = "") -> Iterator[None]:
-        """Mark a call of ``method`` on the module at ``path``. A root module (empty path)
-        called inside another module's call (a nested ``apply``) is named after the
-        caller: ``<caller path>/<name>``."""
-        if not path and self._active:
-            path = "/".join(p for p in (self._active[-1], name) if p)
-        self.calls.append((path, method))
-        self._active.append(path)
-        try:
-            with jax.named_scope(f"{_MARK}{len(self.calls) - 1}"):
-                yield
-        finally:
-            self._active.pop()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,20 +125,8 @@ def _join(*flags: _Flags) -> _Flags:
     return _Flags(any(f.data for f in flags), any(f.soft for f in flags))
 
 
-def _subjaxprs(params) -> list:
-    out = []
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jcore.ClosedJaxpr):
-                out.append(item.jaxpr)
-            elif isinstance(item, jcore.Jaxpr):
-                out.append(item)
-    return out
-
-
 def _has_exp(jaxpr) -> bool:
-    return any(e.primitive.name in _EXP or any(_has_exp(j) for j in _subjaxprs(e.params))
-               for e in jaxpr.eqns)
+    return any(e.primitive.name in _EXP for e, _ in equations(jaxpr))
 
 
 def _open(j) -> tuple[Any, Sequence[Any]]:
@@ -199,11 +158,11 @@ class _Analysis:
         self._counters: dict[int | None, int] = {}
 
     def _module(self, stack: str) -> tuple[int | None, str]:
-        marks = [int(m) for m in re.findall(re.escape(_MARK) + r"(\d+)", stack)]
-        if not marks:
+        call = self.naming.innermost(stack)
+        if call is None:
             return None, ""
-        path, method = self.naming.calls[marks[-1]]
-        return marks[-1], (path if method == "__call__" else "/".join(p for p in (path, method) if p))
+        path, method = self.naming.calls[call]
+        return call, (path if method == "__call__" else "/".join(p for p in (path, method) if p))
 
     def run(self, jaxpr, flags: list[_Flags], pos: tuple, stack: str, scans: tuple, opaque: str = "") -> list[_Flags]:
         env: dict = {}
@@ -225,11 +184,11 @@ class _Analysis:
                 outs = self.run(sub, ins, here, full, scans, opaque)
             elif name == "scan":
                 outs = self._scan(eqn, ins, here, full, scans, opaque)
-            elif _subjaxprs(eqn.params):
+            elif subjaxprs(eqn.params):
                 why = opaque or _OPAQUE.get(name, f"inside {name}")
-                for k, sub in enumerate(_subjaxprs(eqn.params)):
+                for k, sub in enumerate(subjaxprs(eqn.params)):
                     self.run(sub, [_join(*ins)] * len(sub.invars), (*here, k), full, scans, why)
-                soft = any(f.soft for f in ins) or any(_has_exp(s) for s in _subjaxprs(eqn.params))
+                soft = any(f.soft for f in ins) or any(_has_exp(s) for s in subjaxprs(eqn.params))
                 outs = [_Flags(_join(*ins).data, soft)] * len(eqn.outvars)
             else:
                 f = _join(*ins)
@@ -255,7 +214,7 @@ class _Analysis:
 
     def _dot(self, eqn, ins, here, full, scans, opaque):
         lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
-        layer = _LAYER_OP.findall(full)
+        layer = op_paths(full)
         if layer:  # a layer's own policy op (mpx.ops.dot_general named it)
             self.found.append(_Found(here, None, "", 0, tuple(ins), lhs, rhs, scans, "", layer=layer[-1]))
             return
@@ -301,7 +260,7 @@ def _scope(eqn):
     """The equation's name scopes (module and op names), re-entered so that the evaluated
     program is named as the traced one (profiles, `mpx.inspect.fp8_gemms`); the capture's
     own markers left out."""
-    names = [n for n in str(eqn.source_info.name_stack).split("/") if n and not n.startswith(_MARK)]
+    names = [n for n in str(eqn.source_info.name_stack).split("/") if n and not is_call_marker(n)]
     return jax.named_scope("/".join(names)) if names else contextlib.nullcontext()
 
 

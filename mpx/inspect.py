@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from mpx import program
 from mpx.fp8 import Fp8Meta
+from mpx.naming import equations, op_paths
 from mpx.policy import Policy, Rule, key_name
 
 
@@ -118,40 +118,35 @@ def _table(policy: Policy, rows: list[OpRow], notes: Sequence[str] = ()) -> Prec
 def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs) -> PrecisionTable:
     """Every op of ``model`` with the precision ``policy`` gives it and the deciding rule.
 
-    ``model`` is an NNX module, a linen module, or an `mpx.linen.Wrapped` model, followed by
-    example inputs (``args``, ``kwargs``) to trace it with. From the trace every matmul is
-    listed, whatever wrote it (``nn.Dense``, ``lax.dot_general``, ``jnp.einsum``, ``@``),
-    those the policy cannot reach too, with the reason. An NNX module without inputs lists
-    its layers' ops only (and says so). ``kinds`` maps path patterns to op kinds, as in
-    `mpx.nn.apply_policy`. Path rules that match no op are listed as warnings.
+    ``model`` is an NNX module, a linen module, or what `mpx.apply_policy` returned (for a
+    model object: an `mpx.linen.Wrapped`), followed by example inputs (``args``,
+    ``kwargs``) to trace it with. From the trace every matmul is listed, whatever wrote it
+    (``nn.Dense``, ``lax.dot_general``, ``jnp.einsum``, ``@``), those the policy cannot
+    reach too, with the reason (`mpx.matmuls`). An NNX module without inputs lists its
+    layers' ops only (and says so). ``kinds`` maps path patterns to op kinds, as in
+    `mpx.apply_policy`, and defaults to those the model was put under the policy with.
+    Path rules that match no op are listed as warnings.
     """
     from flax import linen, nnx
 
-    from mpx import linen as mpx_linen
+    from mpx import models
+    from mpx.nn.discover import find_ops
 
-    if isinstance(model, mpx_linen.Wrapped):
-        return _table(policy, _matmul_rows(policy, model.matmuls(*args, **kwargs)))
-    if isinstance(model, linen.Module):
-        if not args and not kwargs:
-            raise TypeError("describe needs example inputs for a linen module (it traces the model): "
-                            "describe(model, policy, x)")
-        matmuls = mpx_linen.linen_matmuls(model, policy, *args, kinds=kinds, **kwargs)
-        return _table(policy, _matmul_rows(policy, matmuls))
     if isinstance(model, nnx.Module):
-        from mpx.nn.apply import find_ops
-        from mpx.nn.capture import matmuls as nnx_matmuls
-
+        kinds = models.kinds_of(model) if kinds is None else kinds
         layer_rows = [_row(policy, f.path, f.kind) for f in find_ops(model, kinds)]
         if not args and not kwargs:
             return _table(policy, layer_rows, [_NO_EXAMPLE])
-        traced = _matmul_rows(policy, nnx_matmuls(model, policy, kinds, args, kwargs))
+        traced = _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs))
         by_path = {r.path: r for r in traced}
         rows = [by_path.pop(r.path, r) for r in layer_rows] + list(by_path.values())
         return _table(policy, rows)
-    raise TypeError(
-        f"describe takes an NNX module, a linen module with example inputs, or an mpx.linen.Wrapped model; "
-        f"got {type(model).__name__}. For an object that holds a linen module and its params (a model hub's "
-        f"model class), wrap it: mpx.linen.Wrapped(obj, policy), then describe(wrapped, policy, inputs...)")
+    if not isinstance(model, (linen.Module, models.PolicyModule, models.Wrapped)):
+        raise TypeError(models.unreadable("describe", model))
+    if not args and not kwargs:
+        raise TypeError("describe needs example inputs for a linen module or a model object (it traces the model): "
+                        "describe(model, policy, x)")
+    return _table(policy, _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +207,6 @@ def format_fp8_stats(stats: Sequence[TensorStats]) -> str:
 
 # ----------------------------------------------------------------------------- FP8 GEMMs in the compiled program
 
-_SCOPE = re.compile(r"mpx\[([^\]]+)\]")
-
-
 @dataclasses.dataclass(frozen=True)
 class GemmRow:
     """The matmuls of one policy op in a program: ``dots`` dot_generals traced under its
@@ -262,21 +254,8 @@ class Fp8GemmReport:
 def dot_generals(fn, *args) -> list[tuple[str, tuple[str, ...]]]:
     """Every ``dot_general`` in the program ``fn(*args)`` traces (scan, remat and jit
     bodies included): ``(name stack, operand dtypes)``."""
-    found = []
-
-    def walk(jaxpr, stack: str) -> None:
-        for eqn in jaxpr.eqns:
-            where = f"{stack}/{eqn.source_info.name_stack}"
-            if eqn.primitive.name == "dot_general":
-                found.append((where, tuple(str(v.aval.dtype) for v in eqn.invars)))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                    if hasattr(inner, "eqns"):
-                        walk(inner, where)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, "")
-    return found
+    return [(where, tuple(str(v.aval.dtype) for v in eqn.invars))
+            for eqn, where in equations(jax.make_jaxpr(fn)(*args).jaxpr) if eqn.primitive.name == "dot_general"]
 
 
 def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
@@ -292,7 +271,7 @@ def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
     """
     traced: dict[str, list[int]] = {}
     for where, dtypes in dot_generals(functools.partial(fn, **kwargs), *args):
-        scopes = _SCOPE.findall(where)
+        scopes = op_paths(where)
         if scopes:
             row = traced.setdefault(scopes[-1], [0, 0])
             row[0] += 1

@@ -1,22 +1,21 @@
 """Put an existing Flax linen model under a precision policy.
 
-Run ``init`` and ``apply`` inside `policy_context`: every matmul of the model then
-computes as the policy says, whatever code wrote it. ``nn.Dense``, ``nn.DenseGeneral``
-and ``nn.Einsum`` go through a `PolicyDotGeneral` (their FP8 meta at
-``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``); every other ``dot_general`` the model
-runs (``lax.dot_general``, ``jnp.dot`` / ``matmul`` / ``einsum``, ``@``, an embedding's
-``attend``, a nested ``apply``) is captured at the root call (`mpx.capture`), its FP8 meta
-at ``fp8_meta/captured/<matmul path>``. The model's code is not touched and its
-parameter tree is the plain model's, so a plain checkpoint loads::
+`mpx.apply_policy` returns a `PolicyModule`: the model whose ``init`` and ``apply`` run
+inside `policy_context`, so that every matmul of the model computes as the policy says,
+whatever code wrote it. ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` go through a
+`PolicyDotGeneral` (their FP8 meta at ``fp8_meta/<layer path>/PolicyDotGeneral_0/meta``);
+every other ``dot_general`` the model runs (``lax.dot_general``, ``jnp.dot`` / ``matmul`` /
+``einsum``, ``@``, an embedding's ``attend``, a nested ``apply``) is captured at the root
+call (`mpx.capture`), its FP8 meta at ``fp8_meta/captured/<matmul path>``. The model's
+code is not touched and its parameter tree is the plain model's, so a plain checkpoint
+loads::
 
     policy = mpx.parse_policy("fp8")
-    kinds = {"head": "head"}                       # path pattern -> op kind
-    with mpx.linen.policy_context(policy, kinds=kinds):
-        params, fp8_meta = mpx.linen.split_variables(model.init(key, x))
+    model = mpx.apply_policy(MyModel(), policy, kinds={"head": "head"})  # path pattern -> op kind
+    params, fp8_meta = mpx.split(model.init(key, x))
 
     def loss_fn(params, fp8_meta, batch, rng):
-        with mpx.linen.policy_context(policy, kinds=kinds):   # inside: it acts at trace time
-            y = model.apply({"params": params, "fp8_meta": fp8_meta}, batch["x"])
+        y = model.apply({"params": params, "fp8_meta": fp8_meta}, batch["x"])
         return jnp.mean((y.astype(jnp.float32) - batch["y"]) ** 2)
 
     state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=fp8_meta)
@@ -30,7 +29,7 @@ captured matmuls inside a scan get one meta per iteration by themselves. Layers 
 write yourself can take the op directly (no context needed):
 ``nn.Dense(n, dot_general_cls=functools.partial(PolicyDotGeneral, policy=policy))``.
 An object that holds a linen module and its params and calls ``apply`` itself (a model
-hub's class) runs under `Wrapped`. `linen_matmuls` lists every matmul and its decision.
+hub's class) becomes a `Wrapped` under `mpx.apply_policy`.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from flax.linen import dtypes as linen_dtypes
 
 from mpx import capture, ops
 from mpx.fp8 import Fp8Meta
+from mpx.naming import Naming
 from mpx.policy import Policy, kind_overrides
 
 FP8_COLLECTION = "fp8_meta"
@@ -75,7 +75,7 @@ class _Supplied:
 class _Active:
     policy: Policy
     kinds_spec: Mapping[str, str] | None  # path pattern -> kind, as the user gave it
-    record: list | None  # every matmul of the traced root call, for `linen_matmuls`
+    record: list | None  # every matmul of the traced root call, for `matmuls_linen`
     layer_kinds: dict = dataclasses.field(default_factory=dict)  # path -> kind of the layer ops seen
     supplied: _Supplied | None = None  # a `Wrapped` model's FP8 state, passed by its caller
 
@@ -122,7 +122,8 @@ class PolicyDotGeneral(nn.Module):
                 raise ValueError(
                     f"op {path!r} ({self.kind}) runs in fp8 but the variables have no "
                     f"{FP8_COLLECTION}/{'/'.join(self.path)}/meta; init the model under the same policy "
-                    f"(inside mpx.linen.policy_context) and pass {{'params': ..., {FP8_COLLECTION!r}: ...}} to apply"
+                    f"(mpx.apply_policy(model, policy).init, which runs inside mpx.linen.policy_context) and "
+                    f"pass {{'params': ..., {FP8_COLLECTION!r}: ...}} to apply"
                 )
             meta = self.variable(FP8_COLLECTION, "meta", Fp8Meta.init, op.fp8)
         except flax_errors.ScopeCollectionNotFound:
@@ -311,7 +312,7 @@ def _inner_mutable(outer):
 
 
 @contextlib.contextmanager
-def _naming_and_root(naming: capture.Naming) -> Iterator[None]:
+def _naming_and_root(naming: Naming) -> Iterator[None]:
     with capture.setting(_IN_ROOT, True), module_naming(naming):
         yield
 
@@ -335,7 +336,7 @@ def _activate(policy: Policy, kinds: Mapping[str, str] | None, record: list | No
         yield
 
 
-def _naming_interceptor(naming: capture.Naming):
+def _naming_interceptor(naming: Naming):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         path = "/".join(str(p) for p in module.path)
@@ -346,7 +347,7 @@ def _naming_interceptor(naming: capture.Naming):
 
 
 @contextlib.contextmanager
-def module_naming(naming: capture.Naming) -> Iterator[None]:
+def module_naming(naming: Naming) -> Iterator[None]:
     """Mark every linen module method call for `mpx.capture.Captured` (its ``naming``)."""
     with nn.intercept_methods(_naming_interceptor(naming)):
         yield
@@ -362,11 +363,12 @@ def policy_context(policy: Policy, *, kinds: Mapping[str, str] | None = None):
     syntax: ``*`` one segment, ``**`` any) to another kind, e.g. ``{"head": "head"}``.
     A layer given its own ``dot_general_cls`` / ``dot_general`` keeps it. The innermost
     context wins. It acts when the model is traced: enter it inside the jitted function.
+    `mpx.apply_policy` wraps a module's ``init`` and ``apply`` in it (`PolicyModule`).
     """
     return _activate(policy, kinds, None)
 
 
-def linen_matmuls(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None,
+def matmuls_linen(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None,
                   **kwargs) -> list[capture.Matmul]:
     """Every matmul ``model`` runs on ``args``/``kwargs`` under ``policy`` (see
     `mpx.capture.Matmul`), in trace order: layer ops, captured matmuls and those left
@@ -383,22 +385,55 @@ def linen_matmuls(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, s
     return found
 
 
-def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
-    """The matmuls under ``policy`` that ``model`` runs on ``args``/``kwargs``, as
-    ``[(path, kind)]`` in call order; an op that runs several times is listed once."""
-    found = linen_matmuls(model, policy, *args, kinds=kinds, **kwargs)
-    return list(dict.fromkeys((m.path, m.kind) for m in found if m.op is not None))
+class PolicyModule:
+    """A linen module under ``policy``: what `mpx.apply_policy` returns for one. Its
+    ``init`` and ``apply`` are the module's, run inside `policy_context` (so inside the
+    jitted function that calls them, where the context acts); the variables are the plain
+    module's plus the FP8 collection::
+
+        model = mpx.apply_policy(MyModel(), policy, kinds={"head": "head"})
+        params, fp8_meta = mpx.split(model.init(key, x))
+        y = model.apply({"params": params, "fp8_meta": fp8_meta}, x)   # in loss_fn
+
+    ``module``, ``policy`` and ``kinds`` are what it was made with. A module used inside
+    a bigger one is under the policy when the bigger one is.
+    """
+
+    def __init__(self, module: nn.Module, policy: Policy, *, kinds: Mapping[str, str] | None = None):
+        self.module, self.policy, self.kinds = module, policy, dict(kinds or {})
+
+    def __repr__(self) -> str:
+        return f"PolicyModule({type(self.module).__name__}, kinds={self.kinds})"
+
+    def init(self, rngs, *args, **kwargs):
+        """``module.init(rngs, *args, **kwargs)`` under the policy: params and FP8 state."""
+        with policy_context(self.policy, kinds=self.kinds):
+            return self.module.init(rngs, *args, **kwargs)
+
+    def init_with_output(self, rngs, *args, **kwargs):
+        """``module.init_with_output(rngs, *args, **kwargs)`` under the policy."""
+        with policy_context(self.policy, kinds=self.kinds):
+            return self.module.init_with_output(rngs, *args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        """``module.apply(variables, *args, **kwargs)`` under the policy."""
+        with policy_context(self.policy, kinds=self.kinds):
+            return self.module.apply(variables, *args, **kwargs)
+
+    def matmuls(self, *args, **kwargs) -> list[capture.Matmul]:
+        """Every matmul of a call on these inputs (see `mpx.capture.Matmul`)."""
+        return matmuls_linen(self.module, self.policy, *args, kinds=self.kinds, **kwargs)
 
 
 class Wrapped:
     """An object that holds a linen module and calls its ``apply`` itself (a model hub's
     model class, called as ``obj(input_ids, params=params)``), under ``policy``.
 
-    The object is used as it is; every matmul of the module's ``apply`` is captured (see
-    `mpx.capture`), and the FP8 state, which the object's own variables cannot hold, is
-    passed in by the caller::
+    `mpx.apply_policy` returns one for such an object. The object is used as it is; every
+    matmul of the module's ``apply`` is captured (see `mpx.capture`), and the FP8 state,
+    which the object's own variables cannot hold, is passed in by the caller::
 
-        model = mpx.linen.Wrapped(hub_model, policy, kinds={"lm_head": "head"})
+        model = mpx.apply_policy(hub_model, policy, kinds={"lm_head": "head"})
         fp8_meta = model.init_fp8(input_ids, params=params)   # a dict by matmul path
         logits = model(fp8_meta, input_ids, params=params).logits   # in loss_fn
 
@@ -408,7 +443,8 @@ class Wrapped:
     def __init__(self, obj, policy: Policy, *, kinds: Mapping[str, str] | None = None):
         if isinstance(obj, nn.Module):
             raise TypeError("Wrapped is for objects that call a linen module's apply themselves; a linen module "
-                            "itself runs under mpx.linen.policy_context (its FP8 state in its variables)")
+                            "itself goes under the policy with mpx.apply_policy(module, policy), whose init and "
+                            "apply run under mpx.linen.policy_context (its FP8 state in its variables)")
         if not callable(obj):
             raise TypeError(f"Wrapped needs a callable model object, got {type(obj).__name__}")
         self.obj, self.policy, self.kinds = obj, policy, dict(kinds or {})
@@ -436,7 +472,7 @@ class Wrapped:
             return self.obj(*args, **kwargs)
 
 
-def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
+def split_linen(variables: Mapping[str, Any]) -> tuple[Any, Any]:
     """``(params, fp8_meta)`` of linen ``variables``: what `mpx.init_train_state` and the
     ``loss_fn`` of `mpx.train_step` take. ``fp8_meta`` is ``{}`` when no op runs in fp8."""
     other = sorted(set(variables) - {"params", FP8_COLLECTION})
@@ -447,3 +483,21 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
             f"pass the variables without them"
         )
     return variables["params"], variables.get(FP8_COLLECTION, {})
+
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Alias of `mpx.split` for linen variables, kept for one release."""
+    return split_linen(variables)
+
+
+def linen_matmuls(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None,
+                  **kwargs) -> list[capture.Matmul]:
+    """Alias of `mpx.matmuls` for a linen module, kept for one release."""
+    return matmuls_linen(model, policy, *args, kinds=kinds, **kwargs)
+
+
+def linen_ops(model: nn.Module, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs):
+    """Alias of the ``(path, kind)`` pairs of `mpx.matmuls` (ops under the policy, each once), kept for one
+    release."""
+    found = matmuls_linen(model, policy, *args, kinds=kinds, **kwargs)
+    return list(dict.fromkeys((m.path, m.kind) for m in found if m.op is not None))

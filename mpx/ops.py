@@ -11,6 +11,7 @@ from jax import lax
 from mpx.fp8 import Fp8Meta, fp8_dot_general
 from mpx.int8 import int8_dot_general
 from mpx import ptq
+from mpx.naming import op_scope
 from mpx.policy import WEIGHT_RHS_KINDS, OpPrecision
 
 
@@ -33,19 +34,14 @@ def dot_general(
     there; ``meta`` is passed through untouched (an op that never runs in FP8 never
     advances its meta).
 
-    The computation is named ``mpx[<op path>]`` (a ``jax.named_scope``), forward and
+    The computation is named ``mpx[<op path>]`` (`mpx.naming.op_scope`), forward and
     backward: profiles show the op's path, and `mpx.inspect.fp8_gemms` maps compiled
     GEMMs back to it.
     """
     if not op.path:
         return _dot_general(lhs, rhs, dimension_numbers, op, meta)
-    with jax.named_scope(scope_name(op.path)):
+    with jax.named_scope(op_scope(op.path)):
         return _dot_general(lhs, rhs, dimension_numbers, op, meta)
-
-
-def scope_name(path: str) -> str:
-    """The ``jax.named_scope`` of the op at ``path``."""
-    return f"mpx[{path}]"
 
 
 def gemm_dims(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, int]:

@@ -234,6 +234,6 @@ def calibrate(fn: Callable[[Any], Any], batches: Iterable[Any]) -> ActivationSta
     jax.effects_barrier()  # every callback delivered
     if not result.amax:
         raise ValueError("calibration saw no weight matmul: the function runs none through mpx ops "
-                         "(an mpx.nn model, or one under mpx.nn.apply_policy / mpx.linen.policy_context), "
+                         "(an mpx.nn model, or one under mpx.apply_policy), "
                          "or no batch was given")
     return result

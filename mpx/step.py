@@ -62,7 +62,7 @@ def init_train_state(
     ``policy``: its loss scale (``policy.loss_scale``: dynamic under the fp16 preset) is
     created here; ``loss_scale`` gives one explicitly instead (not both). Without either,
     no loss scaling. ``model_state``: state the model updates as it runs (batch
-    statistics, RNG counts: the ``rest`` of `mpx.nn.split`), for ``train_step(...,
+    statistics, RNG counts: the ``rest`` of `mpx.split`), for ``train_step(...,
     has_state=True)``.
     """
     if policy is not None and loss_scale is not None:

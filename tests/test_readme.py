@@ -78,6 +78,18 @@ def test_own_model_example_puts_every_matmul_under_the_policy():
     assert float(captured.lhs.amax_history[0]) == 1.0  # x is all ones
 
 
+def test_linen_example_is_under_the_policy_as_its_comment_says():
+    """The README's linen block: the ``@`` is captured in fp8 (its FP8 state in the
+    ``fp8_meta`` collection), the head is bf16, as the printed list says."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "nn.Module" in b and "mpx.apply_policy" in b)
+    scope = run_block(example)
+    listed = [(m.path, m.precision) for m in scope["mpx"].matmuls(scope["model"], scope["policy"], scope["x"])]
+    assert f"# {listed}" in example and listed == [("dot_general_0", "fp8"), ("out", "bf16")]
+    assert list(scope["fp8_meta"]["captured"]) == ["dot_general_0"]
+    assert scope["y"].dtype.name == "bfloat16" and scope["y"].shape == (8, 4)
+
+
 def test_post_training_quantization_example_quantizes_weights_and_inputs():
     """The README's PTQ example runs as written: its int8 model stays close to the float
     one and is not the float model. Each of its 9 quantized matmuls rounds both operands to

@@ -1,6 +1,6 @@
 """Every matmul of an NNX model under its policy, including those no layer hook reaches.
 
-`apply_policy` gives the model's class a ``__call__`` that runs the model's own call as
+`mpx.apply_policy` gives the model's class a ``__call__`` that runs the model's own call as
 a traced function through `mpx.capture.Captured`: matmuls written as ``lax.dot_general``,
 ``jnp.einsum``, ``@`` or an embedding's ``attend`` get the policy's precision, and an
 fp8 one keeps its `Fp8Meta` in the root module's `Fp8MetaVariable` ``mpx_fp8`` (a dict by
@@ -23,7 +23,9 @@ from collections.abc import Iterator, Mapping
 from flax import nnx
 
 from mpx import capture
+from mpx.nn.discover import find_ops
 from mpx.nn.op import Fp8MetaVariable, Op
+from mpx.naming import Naming
 from mpx.policy import Policy
 
 META_ATTR = "mpx_fp8"
@@ -47,7 +49,7 @@ def _own_methods(cls: type) -> tuple[tuple[type, str], ...]:
 
 
 @contextlib.contextmanager
-def module_naming(model: nnx.Module, naming: capture.Naming) -> Iterator[None]:
+def module_naming(model: nnx.Module, naming: Naming) -> Iterator[None]:
     """Mark every method call of ``model``'s modules (by their path in ``model``) for the
     trace; a module that is not in the graph (one rebuilt inside ``nnx.scan``) is named by
     the call around it."""
@@ -107,22 +109,16 @@ def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
         with capture.setting(_IN_CAPTURE, True), capture.setting(_COPY_NAMING, n):
             yield
 
-    layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in _find_ops(model, kinds)}
+    layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in find_ops(model, kinds)}
     hint = (f"{type(model).__name__} runs these matmuls outside Linear/Einsum layers and has no FP8 state for "
-            f"them: pass example inputs to apply_policy, e.g. mpx.nn.apply_policy(model, policy, x), so that it "
+            f"them: pass example inputs to apply_policy, e.g. mpx.apply_policy(model, policy, x), so that it "
             f"can trace the model and create it")
     captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get, missing_hint=hint)
     return captured, (params, rest, arrays)
 
 
 # The Naming of the capture trace running now (the model copy's calls are marked for it).
-_COPY_NAMING: contextvars.ContextVar[capture.Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
-
-
-def _find_ops(model, kinds):
-    from mpx.nn.apply import find_ops
-
-    return find_ops(model, kinds)
+_COPY_NAMING: contextvars.ContextVar[Naming | None] = contextvars.ContextVar("mpx_copy_naming", default=None)
 
 
 def _original_call(cls: type):
@@ -190,6 +186,11 @@ def capture_matmuls(model: nnx.Module, policy: Policy, kinds: Mapping[str, str] 
     metas = captured.init(params, rest, arrays)
     if metas:
         setattr(model, META_ATTR, _CapturedMetas(metas))
+
+
+def policy_of(model: nnx.Module) -> tuple[Policy | None, tuple]:
+    """``(policy, kinds as pairs)`` that `capture_matmuls` put ``model`` under, or ``(None, ())``."""
+    return getattr(model, "_mpx_policy", (None, ()))
 
 
 def matmuls(model: nnx.Module, policy: Policy, kinds, args, kwargs) -> list[capture.Matmul]:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpx import ops, program
-from mpx.nn.apply import apply_policy
+from mpx import program
+from mpx.naming import op_scope
+from mpx.nn.apply import apply_nnx
 from mpx.nn.layers import Linear
 from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
 from mpx.policy import OpPrecision, Policy
@@ -166,7 +167,7 @@ class Attention(nnx.Module):
                                    scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=True)
         # Named as the logits op: its matmuls are this layer's policy ops (mpx.capture and
         # fp8_gemms read the name), not matmuls left outside the policy.
-        with jax.named_scope(ops.scope_name(self.logits.precision.path)):
+        with jax.named_scope(op_scope(self.logits.precision.path)):
             if program.platform_of(q) == "gpu" and dtype != jnp.float32:
                 try:  # cuDNN flash attention; jax's default (None) is its XLA path
                     return attend(implementation="cudnn")
@@ -287,7 +288,7 @@ class TransformerLM(Decoder):
         else:
             self.head = Linear(config.d_model, config.vocab_size, kind="head", use_bias=False,
                                param_dtype=policy.param_dtype, rngs=rngs)
-        apply_policy(self, policy)
+        apply_nnx(self, policy)
 
     def __call__(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
         x = self.features(tokens, mask, deterministic=deterministic, rngs=rngs)
@@ -307,7 +308,7 @@ class SequenceClassifier(Decoder):
     def __init__(self, config: TransformerConfig, num_classes: int, *, policy: Policy, rngs: nnx.Rngs):
         super().__init__(config, policy, rngs=rngs)
         self.classifier = Linear(config.d_model, num_classes, kind="head", param_dtype=policy.param_dtype, rngs=rngs)
-        apply_policy(self, policy)
+        apply_nnx(self, policy)
 
     def __call__(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
         if mask is None:

@@ -15,6 +15,8 @@ import dataclasses
 import math
 import re
 
+from mpx.naming import op_paths
+
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
           "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e8m0fnu": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -28,7 +30,6 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "whil
          "send-done", "recv-done", "iota"}
 _COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast"
                          r"|ragged-all-to-all)(-start)?$")
-_SCOPE = re.compile(r"mpx\[([^\]]+)\]")
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \((.*)\) -> (.*) \{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?|[\w]+\[\]|token\[\]|\S+) "
@@ -130,7 +131,7 @@ def _trip_count(instr: _Instr) -> int:
 
 def _op_path(instr: _Instr) -> str | None:
     m = re.search(r'op_name="([^"]*)"', instr.attrs)
-    scopes = _SCOPE.findall(m.group(1)) if m else []
+    scopes = op_paths(m.group(1)) if m else []
     return scopes[-1] if scopes else None
 
 
