@@ -91,7 +91,7 @@ def quantize_weight(w: jax.Array, format: Format, channel_axis: int) -> Quantize
     x = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     limit = _CODE_MAX["fp8"]
-    scale = jnp.maximum(amax * np.float32(1.0 / limit), np.float32(int8_numerics.MIN_SCALE))  # see int8's compute_scale
+    scale = jnp.maximum(amax * np.float32(1.0 / limit), np.float32(int8_numerics.MIN_SCALE))  # see int8's absmax_scale
     return QuantizedWeight(jnp.clip(x / scale, -limit, limit).astype(E4M3), scale, "fp8")
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from mpx.nn.capture import capture_matmuls
-from mpx.nn.op import DotGeneral, EinsumOp, Fp8MetaVariable, Op
+from mpx.nn.op_modules import DotGeneral, EinsumOp, Fp8MetaVariable, Op
 from mpx.policy import KINDS, Policy, kind_overrides
 
 

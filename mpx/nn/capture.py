@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from flax import nnx
 
 from mpx import capture
-from mpx.nn.op import Fp8MetaVariable, Op
+from mpx.nn.op_modules import Fp8MetaVariable, Op
 from mpx.policy import Policy
 
 META_ATTR = "mpx_fp8"
