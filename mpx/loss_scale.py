@@ -30,6 +30,17 @@ from flax import struct
 
 from mpx._checks import check_choice, check_int, is_number
 
+__all__ = [
+    "DynamicLossScale",
+    "LossScale",
+    "LossScaleConfig",
+    "NoOpLossScale",
+    "StaticLossScale",
+    "all_finite",
+    "dynamic_loss_scale",
+    "select_tree",
+]
+
 
 def _scale_tree(tree, factor: jax.Array):
     """Multiply every floating leaf by ``factor`` (computed in f32, cast back)."""

@@ -43,6 +43,14 @@ FACES = {
         "DTYPES", "KINDS", "MATMUL_KINDS", "OpPrecision", "PRECISIONS", "PRESETS", "Policy", "Rule", "StaticInputs",
         "TOP_KEYS", "WEIGHT_RHS_KINDS", "key_name", "kind_overrides", "parse",
     ],
+    "mpx.loss_scale": [
+        "DynamicLossScale", "LossScale", "LossScaleConfig", "NoOpLossScale", "StaticLossScale", "all_finite",
+        "dynamic_loss_scale", "select_tree",
+    ],
+    "mpx.ptq": [
+        "FORMATS", "ActivationStats", "QuantizedWeight", "calibrate", "dequantize_params", "nbytes", "quantize_params",
+        "quantize_weight", "quantized_paths",
+    ],
     "mpx.program": [
         "CUBLAS_ONLY", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "compile_for", "ensure_compiler",
         "get_target", "kernels", "make_mesh", "platform_of", "read", "report", "shape_bytes", "topology", "use_plugin",
