@@ -293,3 +293,18 @@ def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
     paths = sorted(set(traced) | set(gemms))
     rows = tuple(GemmRow(p, *traced.get(p, (0, 0)), *gemms.get(p, (0, 0))) for p in paths)
     return Fp8GemmReport(backend, rows, unattributed)
+
+
+__all__ = [
+    "NOT_UNDER_POLICY",
+    "Fp8GemmReport",
+    "GemmRow",
+    "OpRow",
+    "PrecisionTable",
+    "TensorStats",
+    "describe",
+    "dot_generals",
+    "format_fp8_stats",
+    "fp8_gemms",
+    "fp8_stats",
+]

@@ -28,6 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mpx._checks import check_choice, check_int, is_number
+
+__all__ = [
+    "DynamicLossScale",
+    "LossScale",
+    "LossScaleConfig",
+    "NoOpLossScale",
+    "StaticLossScale",
+    "all_finite",
+    "dynamic_loss_scale",
+    "select_tree",
+]
+
 
 def _scale_tree(tree, factor: jax.Array):
     """Multiply every floating leaf by ``factor`` (computed in f32, cast back)."""
@@ -170,16 +183,14 @@ class LossScaleConfig:
     min: float = 1.0
 
     def __post_init__(self):
-        if self.kind not in _KINDS:
-            raise ValueError(f"loss_scale kind {self.kind!r} is not supported; expected one of {', '.join(_KINDS)}")
+        check_choice("loss_scale kind", self.kind, _KINDS)
         for name in ("initial", "factor", "min"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"loss_scale {name} must be a positive number, got {value!r}")
             if not value <= float(np.finfo(np.float32).max):  # the scale lives in f32
                 raise ValueError(f"loss_scale {name} must be a finite float32 (<= 3.4e38), got {value!r}")
-        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
-            raise ValueError(f"loss_scale period must be an integer >= 1, got {self.period!r}")
+        check_int("loss_scale period", self.period, low=1)
         if self.kind == "dynamic" and self.factor <= 1:
             raise ValueError(f"loss_scale factor must be > 1 for a dynamic scale, got {self.factor!r}")
 

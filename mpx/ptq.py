@@ -49,6 +49,19 @@ from mpx.fp8.numerics import E4M3, fp8_max
 from mpx.int8 import numerics as int8_numerics
 from mpx.policy import StaticInputs, key_name
 
+# `record` and `fake_quantize_input` are the hooks `mpx.ops.dot_general` calls, not a user's.
+__all__ = [
+    "FORMATS",
+    "ActivationStats",
+    "QuantizedWeight",
+    "calibrate",
+    "dequantize_params",
+    "nbytes",
+    "quantize_params",
+    "quantize_weight",
+    "quantized_paths",
+]
+
 Format = Literal["int8", "fp8"]
 FORMATS = ("int8", "fp8")
 _CODE_MAX = {"int8": float(int8_numerics.INT8_MAX), "fp8": fp8_max(E4M3)}
@@ -91,7 +104,7 @@ def quantize_weight(w: jax.Array, format: Format, channel_axis: int) -> Quantize
     x = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     limit = _CODE_MAX["fp8"]
-    scale = jnp.maximum(amax * np.float32(1.0 / limit), np.float32(int8_numerics.MIN_SCALE))  # see int8's compute_scale
+    scale = jnp.maximum(amax * np.float32(1.0 / limit), np.float32(int8_numerics.MIN_SCALE))  # see int8's absmax_scale
     return QuantizedWeight(jnp.clip(x / scale, -limit, limit).astype(E4M3), scale, "fp8")
 
 

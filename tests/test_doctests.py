@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["mpx.policy", "mpx.naming", "mpx.fp8.numerics", "mpx.fp8.meta", "mpx.int8.numerics", "mpx.loss_scale"]
+MODULES = ["mpx.policy.core", "mpx.policy.parsing", "mpx.policy.paths", "mpx._checks", "mpx.naming", "mpx.fp8.numerics",
+           "mpx.fp8.meta", "mpx.int8.numerics", "mpx.loss_scale"]
 
 
 @pytest.mark.parametrize("name", MODULES)

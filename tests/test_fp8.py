@@ -12,8 +12,9 @@ from jax import lax
 
 import mpx
 from helpers import fp8_gpu
-from mpx.fp8 import (E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, advance, advance_tree, compute_scale,
-                     dequantize, fp8_dot_general, observation, observe, quantization_stats, quantize, scale_for_use)
+from mpx.fp8 import E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, dequantize, fp8_dot_general, quantization_stats, quantize
+from mpx.fp8.meta import advance, advance_tree, combine_metas, observation, scale_for_use
+from mpx.fp8.numerics import observe, scale_from_amax
 
 NP_E4M3, NP_E5M2 = (ml_dtypes.float8_e4m3fn, 3), (ml_dtypes.float8_e5m2, 2)  # (ml_dtypes type, mantissa bits)
 FORMATS = [(E4M3, *NP_E4M3), (E5M2, *NP_E5M2)]
@@ -161,30 +162,30 @@ def test_scaled_quantization_relative_error_bound(dtype, np_dtype, mantissa):
 
 @pytest.mark.parametrize("margin", [0, 1, 2])
 @pytest.mark.parametrize("limit", [448.0, 57344.0])
-def test_compute_scale_formula(limit, margin):
+def test_scale_from_amax_formula(limit, margin):
     """fp8_max / (amax * 2**margin) vs float64: f32 rounds the quotient once (dividing by a
     power of two is exact), so the relative error is <= 2**-24."""
     for amax in (0.5, 3.0, 1000.0, 1e-30):
         a32 = np.float32(amax)
         expected = limit / (float(a32) * 2.0**margin)
-        got = float(compute_scale(jnp.float32(a32), jnp.float32(7.0), limit, margin=margin))
+        got = float(scale_from_amax(jnp.float32(a32), jnp.float32(7.0), limit, margin=margin))
         assert abs(got - expected) <= 2.0**-24 * expected
 
 
 @pytest.mark.parametrize("amax", [0.0, -1.0, np.inf, -np.inf, np.nan, 1e-45])
-def test_compute_scale_keeps_previous_scale_when_amax_is_unusable(amax):
+def test_scale_from_amax_keeps_previous_scale_when_amax_is_unusable(amax):
     """Zero, negative, ±inf, NaN, and 1e-45 (448/1e-45 overflows f32): the quotient is not a
     finite positive number, so the previous scale is kept."""
-    assert float(compute_scale(jnp.float32(amax), jnp.float32(7.0), 448.0)) == 7.0
+    assert float(scale_from_amax(jnp.float32(amax), jnp.float32(7.0), 448.0)) == 7.0
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_compute_scale_never_returns_zero():
+def test_scale_from_amax_never_returns_zero():
     """prev_scale when the quotient is not a finite *positive* number: a margin of 200 makes
     2**margin inf in f32, and a huge amax with a margin underflows the quotient to 0.
-    (Fp8Config caps the margin at 32; compute_scale itself must still hold.)"""
-    assert float(compute_scale(jnp.float32(1.0), jnp.float32(7.0), 448.0, margin=200)) == 7.0
-    assert float(compute_scale(jnp.float32(1e38), jnp.float32(7.0), 448.0, margin=10)) == 7.0
+    (Fp8Config caps the margin at 32; scale_from_amax itself must still hold.)"""
+    assert float(scale_from_amax(jnp.float32(1.0), jnp.float32(7.0), 448.0, margin=200)) == 7.0
+    assert float(scale_from_amax(jnp.float32(1e38), jnp.float32(7.0), 448.0, margin=10)) == 7.0
 
 
 AMAXES = [1.0, 3.0, 2.0, 0.5, 0.25, 0.1]
@@ -552,7 +553,7 @@ def test_combine_then_advance(amax_compute):
         return Fp8Meta(o(old.lhs), o(old.rhs), o(old.grad), config=config)
 
     a, b = seen(0.2), seen(8.0)
-    both = mpx.fp8.combine_metas(a, b)
+    both = combine_metas(a, b)
     merged = old.advance(both)
     for s, limit in ((merged.lhs, 448.0), (merged.rhs, 448.0), (merged.grad, 57344.0)):
         np.testing.assert_array_equal(np.asarray(s.amax_history), [8.0, *OLD_HISTORY[:3]])
@@ -563,7 +564,7 @@ def test_combine_then_advance(amax_compute):
         np.float32(448.0) / np.float32(0.5) if amax_compute == "max" else np.float32(448.0) / np.float32(0.2)
     )
     zeros = jax.tree.map(jnp.zeros_like, a)
-    assert tree_equal(mpx.fp8.combine_metas(a, zeros), a)
+    assert tree_equal(combine_metas(a, zeros), a)
     assert tree_equal(old.advance(zeros), old)
 
 

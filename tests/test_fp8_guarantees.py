@@ -24,6 +24,7 @@ import mpx
 import mpx.linen as ml
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
+from mpx.fp8.meta import bootstrap, needs_bootstrap, observations_finite
 
 from helpers import settled
 
@@ -160,7 +161,7 @@ def test_an_inf_weight_is_skipped_through_the_loss():
     seen = Fp8Meta.init(POLICY.fp8)
     for name, finite in (("rhs", True), ("lhs", False), ("grad", False)):
         bad = seen.replace(**{name: getattr(seen, name).replace(amax=jnp.float32(np.inf))})
-        assert bool(mpx.fp8.observations_finite({"a": seen, "b": bad})) is finite
+        assert bool(observations_finite({"a": seen, "b": bad})) is finite
 
 
 def test_one_overflowing_micro_batch_skips_the_accumulated_step():
@@ -185,7 +186,7 @@ def test_an_inf_activation_gives_nan_in_the_forward_not_a_clipped_value():
     meta = Fp8Meta.init(Fp8Config(amax_history=4))
     meta = meta.replace(lhs=meta.lhs.replace(amax_history=jnp.float32([1.0, 0, 0, 0])))  # delayed scale 1
     for lean in (False, True):  # the first step's program and the steps' after
-        with mpx.fp8.bootstrap(not lean):
+        with bootstrap(not lean):
             out, _ = jax.jit(lambda x: fp8_dot_general(x, w, MATMUL, meta, out_dtype=jnp.float32))(x)
         out = np.asarray(out)
         assert np.isnan(out[1]).all()
@@ -393,8 +394,8 @@ def test_make_train_step_bootstraps_until_a_step_is_applied():
     trained = tree_equal(s1.replace(rng=None), s2.replace(rng=None)) and tree_equal(m1, m2)  # keys: not arrays
     from_fresh = tree_equal(*(programs[f](fresh, batch(seed=2))[0].fp8_meta for f in (True, False)))
     assert trained and not from_fresh
-    assert not mpx.fp8.needs_bootstrap(state.fp8_meta) and mpx.fp8.needs_bootstrap(fresh.fp8_meta)
-    assert not mpx.fp8.needs_bootstrap({})  # nothing in fp8: nothing to bootstrap
+    assert not needs_bootstrap(state.fp8_meta) and needs_bootstrap(fresh.fp8_meta)
+    assert not needs_bootstrap({})  # nothing in fp8: nothing to bootstrap
 
 
 # ----------------------------------------------------------------------------- fp16 compute with fp8 matmuls

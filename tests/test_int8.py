@@ -18,17 +18,9 @@ import mpx
 import mpx.linen as ml
 import mpx.nn as mn
 from mpx.fp8 import Fp8Meta
-from mpx.int8 import (
-    MIN_SCALE,
-    Int8Config,
-    compute_scale,
-    dequantize,
-    int8_dot_general,
-    int_dot,
-    quantize,
-    quantize_with_scale,
-)
-from mpx.int8.dot import MAX_EXACT_K
+from mpx.int8 import Int8Config, absmax_scale, dequantize, int8_dot_general, quantize, quantize_with_scale
+from mpx.int8.dot import MAX_EXACT_K, int_dot
+from mpx.int8.numerics import MIN_SCALE
 from mpx.policy import Policy, Rule, parse
 
 from helpers import settled
@@ -134,11 +126,11 @@ def test_per_channel_and_per_token_scales_are_the_hand_computed_ones():
     """A weight (K=3, N=4) gets one scale per output channel (over K); an activation
     (B=2, T=2, K=3) one per token (over K)."""
     w = np.float32([[1, -254, 0, 0.5], [-127, 2, 0, -0.25], [63.5, 100, 0, 0.125]])
-    assert compute_scale(jnp.asarray(w), 0).shape == (1, 4)
-    np.testing.assert_array_equal(np.asarray(compute_scale(jnp.asarray(w), 0))[0],
+    assert absmax_scale(jnp.asarray(w), 0).shape == (1, 4)
+    np.testing.assert_array_equal(np.asarray(absmax_scale(jnp.asarray(w), 0))[0],
                                   np.float32([1.0, 2.0, MIN_SCALE, np.float32(0.5) * INV127]))
     x = np.float32([[[-3, 1.5, 0.3], [0, 0, 0]], [[12.7, -127, 1], [0.25, 0, -0.5]]])
-    s = np.asarray(compute_scale(jnp.asarray(x), -1))
+    s = np.asarray(absmax_scale(jnp.asarray(x), -1))
     assert s.shape == (2, 2, 1)
     np.testing.assert_array_equal(s[..., 0], np.float32([[3 * INV127, MIN_SCALE], [1.0, 0.5 * INV127]]))
 

@@ -12,7 +12,10 @@ from flax import nnx
 
 import mpx
 import mpx.nn as mn
-from mpx.fp8 import advance_tree, fp8_max
+from mpx.fp8 import fp8_max
+from mpx.fp8.meta import advance_tree
+from mpx.nn.op_modules import EinsumOp
+from mpx.nn.transformer import Block
 
 from helpers import settled
 
@@ -79,7 +82,7 @@ def test_too_long_sequence_is_a_clear_error():
 def block_and_meta(name):
     """A Block under the named policy (same init for every policy) with calibrated FP8 scales."""
     pol = policy(name)
-    block = mn.Block(TINY, pol, rngs=nnx.Rngs(3))
+    block = Block(TINY, pol, rngs=nnx.Rngs(3))
     mn.apply_policy(block, pol)
     return block
 
@@ -338,7 +341,7 @@ def test_apply_policy_on_nnx_einsum_matches_the_plain_einsum():
     x = jnp.asarray(np.random.default_rng(0).integers(-3, 4, (2, 5, 4)), jnp.float32)
     plain = layer(x)
     mn.apply_policy(layer, mpx.parse_policy("fp32; @einsum->fp8; fp8.amax_history=4"))
-    assert isinstance(layer.einsum_op, mn.EinsumOp) and layer.einsum_op.fp8_meta is not None
+    assert isinstance(layer.einsum_op, EinsumOp) and layer.einsum_op.fp8_meta is not None
     fresh = layer.einsum_op.fp8_meta.get_value()
     seen_once = fresh.lhs.replace(amax_history=fresh.lhs.amax_history.at[0].set(1.0))  # scale 1 in use
     layer.einsum_op.fp8_meta.set_value(fresh.replace(lhs=seen_once, rhs=seen_once, grad=seen_once))

@@ -121,7 +121,7 @@ def test_fp16_dynamic_scale_is_in_use(trained):
     """Under fp16 the loss scale is the dynamic one and reported; no step was skipped here
     (the gradients of this problem times 2**15 stay far below the fp16 maximum)."""
     _, skipped, state = trained["fp16"]
-    assert isinstance(state.loss_scale, mpx.DynamicLossScale)
+    assert isinstance(state.loss_scale, mpx.loss_scale.DynamicLossScale)
     assert skipped == 0
     # 300 finite steps with period 2000: the scale has not grown yet, the run counter has.
     assert float(state.loss_scale.loss_scale) == 2.0**15

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mpx.fp8.numerics import E4M3, E5M2, compute_scale, fp8_max
+from mpx._checks import check_choice, check_int
+from mpx.fp8.numerics import E4M3, E5M2, fp8_max, scale_from_amax
 
 Recipe = Literal["delayed", "current"]
 Format = Literal["hybrid", "e4m3"]
@@ -70,15 +71,12 @@ class Fp8Config:
     min_size: int = 0
 
     def __post_init__(self):
-        _check_choice("recipe", self.recipe, _RECIPES)
-        _check_choice("format", self.format, _FORMATS)
-        _check_choice("amax_compute", self.amax_compute, _AMAX_COMPUTE)
-        if not isinstance(self.amax_history, int) or isinstance(self.amax_history, bool) or self.amax_history < 1:
-            raise ValueError(f"fp8 amax_history must be an integer >= 1, got {self.amax_history!r}")
-        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or not 0 <= self.margin <= 32:
-            raise ValueError(f"fp8 margin must be an integer in [0, 32], got {self.margin!r}")
-        if not isinstance(self.min_size, int) or isinstance(self.min_size, bool) or self.min_size < 0:
-            raise ValueError(f"fp8 min_size must be an integer >= 0, got {self.min_size!r}")
+        check_choice("fp8 recipe", self.recipe, _RECIPES)
+        check_choice("fp8 format", self.format, _FORMATS)
+        check_choice("fp8 amax_compute", self.amax_compute, _AMAX_COMPUTE)
+        check_int("fp8 amax_history", self.amax_history, low=1)
+        check_int("fp8 margin", self.margin, low=0, high=32)
+        check_int("fp8 min_size", self.min_size, low=0)
 
     @property
     def forward_dtype(self):
@@ -89,11 +87,6 @@ class Fp8Config:
     def grad_dtype(self):
         """FP8 dtype of the output gradient in the backward pass."""
         return E5M2 if self.format == "hybrid" else E4M3
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"fp8 {name} {value!r} is not supported; expected one of {', '.join(choices)}")
 
 
 def _zero():
@@ -213,7 +206,7 @@ def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, 
     """
     if config.recipe == "delayed" and not bootstrap:
         return state.scale
-    current = compute_scale(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
+    current = scale_from_amax(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
     if config.recipe == "current":
         return current
     return jnp.where(history_is_empty(state), current, state.scale)
@@ -279,7 +272,7 @@ def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config, *, ap
         reduced = history[..., 0]
     fanout = jnp.maximum(observed.fanout, 1.0)
     new = Fp8Scale(
-        scale=compute_scale(reduced, state.scale, fp8_max(dtype), margin=config.margin),
+        scale=scale_from_amax(reduced, state.scale, fp8_max(dtype), margin=config.margin),
         amax_history=history, amax=observed.amax, calls=observed.calls, fanout=observed.fanout,
         saturated=observed.saturated / fanout, flushed=observed.flushed / fanout,
     )

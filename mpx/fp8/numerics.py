@@ -138,18 +138,18 @@ def amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
-def compute_scale(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
+def scale_from_amax(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
     """``fp8_max / (amax * 2**margin)``; ``prev_scale`` when that is not a finite positive number.
 
     Keeping the previous scale covers an all-zero tensor (amax 0), a non-finite amax and
     an amax so small that the quotient overflows f32. Elementwise: ``amax`` and
     ``prev_scale`` may carry leading (layer) axes.
 
-    >>> float(compute_scale(jnp.float32(2.0), 1.0, fp8_max(E4M3)))    # 2.0 lands on 448
+    >>> float(scale_from_amax(jnp.float32(2.0), 1.0, fp8_max(E4M3)))    # 2.0 lands on 448
     224.0
-    >>> float(compute_scale(jnp.float32(2.0), 1.0, 448.0, margin=1))  # one bit of headroom
+    >>> float(scale_from_amax(jnp.float32(2.0), 1.0, 448.0, margin=1))  # one bit of headroom
     112.0
-    >>> float(compute_scale(jnp.float32(0.0), 5.0, 448.0))            # an all-zero tensor keeps its scale
+    >>> float(scale_from_amax(jnp.float32(0.0), 5.0, 448.0))            # an all-zero tensor keeps its scale
     5.0
     """
     amax = jnp.asarray(amax, jnp.float32)

@@ -10,18 +10,16 @@ quantized.
 """
 
 from mpx.int8.config import Int8Config
-from mpx.int8.dot import int8_dot_general, int_dot, scaled_int_dot, ste_fake_quantize
-from mpx.int8.numerics import (
-    INT8_MAX,
-    MIN_SCALE,
-    compute_scale,
-    dequantize,
-    fake_quantize,
-    quantize,
-    quantize_with_scale,
-)
+from mpx.int8.dot import int8_dot_general
+from mpx.int8.numerics import INT8_MAX, absmax_scale, dequantize, fake_quantize, quantize, quantize_with_scale
 
 __all__ = [
-    "INT8_MAX", "MIN_SCALE", "Int8Config", "compute_scale", "dequantize", "fake_quantize", "int8_dot_general",
-    "int_dot", "quantize", "quantize_with_scale", "scaled_int_dot", "ste_fake_quantize",
+    "INT8_MAX",
+    "Int8Config",
+    "absmax_scale",
+    "dequantize",
+    "fake_quantize",
+    "int8_dot_general",
+    "quantize",
+    "quantize_with_scale",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from mpx._checks import check_choice, check_int
+
 Recipe = Literal["int8", "qat"]
 Backward = Literal["compute", "int8"]
 
@@ -47,12 +49,11 @@ class Int8Config:
     min_size: int = 0
 
     def __post_init__(self):
-        _check_choice("recipe", self.recipe, RECIPES)
-        _check_choice("backward", self.backward, BACKWARDS)
-        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
-        _check_choice("activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
-        if not isinstance(self.min_size, int) or isinstance(self.min_size, bool) or self.min_size < 0:
-            raise ValueError(f"int8 min_size must be an integer >= 0, got {self.min_size!r}")
+        check_choice("int8 recipe", self.recipe, RECIPES)
+        check_choice("int8 backward", self.backward, BACKWARDS)
+        check_choice("int8 weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        check_choice("int8 activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
+        check_int("int8 min_size", self.min_size, low=0)
         if self.recipe == "qat" and self.backward == "int8":
             raise ValueError(
                 "int8 backward='int8' needs recipe='int8' (int8 GEMMs); the qat recipe fake-quantizes the "
@@ -66,8 +67,3 @@ class Int8Config:
         if self.recipe == "qat":
             return "int8 (qat)"
         return "int8 (int8 bwd)" if self.backward == "int8" else "int8"
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"int8 {name} {value!r} is not supported; expected one of {', '.join(choices)}")

@@ -3,7 +3,7 @@
 Convention (the opposite direction of `mpx.fp8`'s, as int8 libraries write it): ``scale``
 is the size of one int8 step.
 
-    scale = amax / 127               over the axes that share a scale (see `compute_scale`)
+    scale = amax / 127               over the axes that share a scale (see `absmax_scale`)
     q = clip(round(x / scale), -127, 127)          quantize
     x ~= q * scale                   dequantize
 
@@ -43,7 +43,7 @@ def _axes(x: jax.Array, axes: int | Sequence[int] | None) -> tuple[int, ...]:
     return tuple(a % x.ndim for a in axes) if x.ndim else ()
 
 
-def compute_scale(x: jax.Array, axes: int | Sequence[int] | None = None) -> jax.Array:
+def absmax_scale(x: jax.Array, axes: int | Sequence[int] | None = None) -> jax.Array:
     """``max(amax * (1 / 127), MIN_SCALE)`` as f32, the amax taken over ``axes`` (``None``: all).
 
     Kept dims: the result broadcasts against ``x``. A product with the f32 reciprocal of
@@ -63,7 +63,7 @@ def compute_scale(x: jax.Array, axes: int | Sequence[int] | None = None) -> jax.
 def quantize_with_scale(x: jax.Array, scale: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     """int8 codes of ``x / scale``: rounded to nearest (ties to even), or stochastically
     with ``key``; clipped to [-127, 127]. A non-finite ``x / scale`` gives code 0 (the
-    non-finite value lives on in the scale; see `compute_scale`).
+    non-finite value lives on in the scale; see `absmax_scale`).
 
     Stochastic rounding, ``floor(x / scale + u)`` with ``u ~ U[0, 1)``, rounds up with a
     probability equal to the fractional part, so the codes are unbiased: ``E[q] = x /
@@ -102,7 +102,7 @@ def quantize(
     >>> np.asarray(dequantize(q, scale), np.float64).round(3).tolist()
     [[1.27, -0.02], [0.5, 0.005]]
     """
-    scale = compute_scale(x, axes)
+    scale = absmax_scale(x, axes)
     return quantize_with_scale(x, scale, key=key), scale
 
 

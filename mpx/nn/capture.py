@@ -24,7 +24,7 @@ from flax import nnx
 
 from mpx import capture
 from mpx.nn.discover import find_ops
-from mpx.nn.op import Fp8MetaVariable, Op
+from mpx.nn.op_modules import Fp8MetaVariable, Op
 from mpx.naming import Naming
 from mpx.policy import Policy
 

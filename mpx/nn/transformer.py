@@ -20,8 +20,9 @@ from flax import nnx
 from mpx import program
 from mpx.naming import op_scope
 from mpx.nn.apply import apply_nnx
+from mpx._checks import is_int
 from mpx.nn.layers import Linear
-from mpx.nn.op import CrossEntropy, DotGeneral, Softmax
+from mpx.nn.op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.policy import OpPrecision, Policy
 
 
@@ -48,7 +49,7 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.num_heads:
             raise ValueError(

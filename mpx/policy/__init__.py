@@ -1,0 +1,63 @@
+"""Precision policies: which precision each op of a model runs in.
+
+A `Policy` has three dtypes (parameter storage, compute, output), an ordered tuple of
+`Rule`s, the `Fp8Config` that fp8 ops use, the `Int8Config` that int8 ops use and the
+`LossScaleConfig` of the run. An op is named by its module path (``"blocks/0/mlp/fc1"``)
+and its kind (`KINDS`); the first rule that matches decides, and an op no rule matches
+runs in the compute dtype.
+
+Rule paths are matched against the whole path: ``*`` is one path segment, ``**`` any
+number of segments, and the rest is a regular expression (``(qkv|out)``). Kinds are a
+``|``-separated list. A rule that says ``fp8`` or ``int8`` applies only to matmul kinds
+(`MATMUL_KINDS`); other ops pass over it to the next rule.
+
+Presets (`PRESETS`): ``fp32``; ``bf16`` and ``fp16`` (softmax, norms and the loss in fp32;
+fp16 with a dynamic loss scale); ``fp8`` and ``int8`` (bf16 compute, dense and einsum
+matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32).
+
+``inputs`` (`StaticInputs`, dict key ``inputs``) puts the input of each listed weight
+matmul (kinds `WEIGHT_RHS_KINDS`) on the int8 or E4M3 grid of a calibrated static clip
+value: post-training quantization of activations (`mpx.ptq`). Being part of the policy,
+the grids are part of every model built and every program traced under it.
+
+Build a policy from a preset name, a compact string or a dict (YAML-ready) with
+`parse`::
+
+    parse("fp8")
+    parse("bf16; blocks/*/mlp/*->fp8; fp8.amax_history=16")
+    parse("fp8; blocks/*/mlp/*->int8; int8.recipe=qat")
+    parse({"preset": "fp16", "rules": [{"kind": "head", "use": "fp32"}]})
+
+Rules given next to a preset come before the preset's own, so they take precedence.
+
+Where each part lives:
+
+* `mpx.policy.vocabulary`: precisions, dtypes and op kinds;
+* `mpx.policy.paths`: op paths and the patterns that match them;
+* `mpx.policy.core`: `Policy`, `Rule`, `StaticInputs` and the decision for one op, `OpPrecision`;
+* `mpx.policy.presets`: the named policies;
+* `mpx.policy.parsing`: `parse` (compact strings and dicts).
+"""
+
+from mpx.policy.core import OpPrecision, Policy, Rule, StaticInputs
+from mpx.policy.parsing import TOP_KEYS, parse
+from mpx.policy.paths import key_name, kind_overrides
+from mpx.policy.presets import PRESETS
+from mpx.policy.vocabulary import DTYPES, KINDS, MATMUL_KINDS, PRECISIONS, WEIGHT_RHS_KINDS
+
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "MATMUL_KINDS",
+    "OpPrecision",
+    "PRECISIONS",
+    "PRESETS",
+    "Policy",
+    "Rule",
+    "StaticInputs",
+    "TOP_KEYS",
+    "WEIGHT_RHS_KINDS",
+    "key_name",
+    "kind_overrides",
+    "parse",
+]
