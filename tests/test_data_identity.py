@@ -16,7 +16,8 @@ from train import data as data_lib
 from train import identity
 from train.__main__ import main
 from train.config import load_config
-from train.tasks import make_task
+from train.build import task_for
+from train import rundir
 from helpers import paragraph
 
 CONFIG = """
@@ -58,7 +59,7 @@ def test_an_edited_data_file_stops_the_resume_and_new_data_starts_its_position_o
     config = config_for(tmp_path, data_dir, text)
     loop.train(config, say=lambda _: None)
     run = pathlib.Path(config.run_dir)
-    recorded = (run / identity.DATA_FILE).read_text()
+    recorded = (run / rundir.DATA_FILE).read_text()
     assert json.loads(recorded)["files"][str(text.resolve())]["size"] == text.stat().st_size
 
     text.write_text("\n".join(paragraph(i).upper() for i in range(60, 120)))  # same path, other records
@@ -68,7 +69,7 @@ def test_an_edited_data_file_stops_the_resume_and_new_data_starts_its_position_o
     message = str(err.value)
     assert f"{text.resolve()} changed (size" in message and "data.files" in message and "--new-data" in message
     assert "\n" not in message  # one line
-    assert snapshot(run) == before and (run / identity.DATA_FILE).read_text() == recorded
+    assert snapshot(run) == before and (run / rundir.DATA_FILE).read_text() == recorded
 
     # --new-data (through the command line): the step-2 state, the new data from its first batch.
     batches = []
@@ -85,9 +86,9 @@ def test_an_edited_data_file_stops_the_resume_and_new_data_starts_its_position_o
     assert "continuing on new data: " in printed and "from step 2, the data position starts over" in printed
     assert "finished at step 4" in printed
     new = config_for(tmp_path, data_dir, text, "train.steps=4")
-    fresh = make_task(new, identity.run_tokenizer(run)).train_iter()
+    fresh = task_for(new, rundir.run_tokenizer(run)).train_iter()
     np.testing.assert_array_equal(batches[0], next(fresh)["tokens"])
-    assert json.loads((run / identity.DATA_FILE).read_text())["since_step"] == 2
+    assert json.loads((run / rundir.DATA_FILE).read_text())["since_step"] == 2
 
     # The same data again: resumes silently about data, from step 4's saved data position.
     said: list[str] = []
@@ -104,7 +105,7 @@ def test_an_edited_data_file_stops_the_resume_and_new_data_starts_its_position_o
         shutil.rmtree(run / "checkpoints" / str(step))
     batches.clear()
     loop.train(config_for(tmp_path, data_dir, text, "train.steps=3"), say=lambda _: None)
-    np.testing.assert_array_equal(batches[0], next(make_task(new, identity.run_tokenizer(run)).train_iter())["tokens"])
+    np.testing.assert_array_equal(batches[0], next(task_for(new, rundir.run_tokenizer(run)).train_iter())["tokens"])
 
 
 def test_a_run_from_before_data_json_records_its_data_on_resume(tmp_path, data_dir):
@@ -113,11 +114,11 @@ def test_a_run_from_before_data_json_records_its_data_on_resume(tmp_path, data_d
     config = config_for(tmp_path, data_dir, text)
     loop.train(config, say=lambda _: None)
     run = pathlib.Path(config.run_dir)
-    recorded = json.loads((run / identity.DATA_FILE).read_text())
-    (run / identity.DATA_FILE).unlink()
+    recorded = json.loads((run / rundir.DATA_FILE).read_text())
+    (run / rundir.DATA_FILE).unlink()
     said: list[str] = []
     out = loop.train(config_for(tmp_path, data_dir, text, "train.steps=3"), say=said.append)
-    assert out["step"] == 3 and json.loads((run / identity.DATA_FILE).read_text()) == recorded
+    assert out["step"] == 3 and json.loads((run / rundir.DATA_FILE).read_text()) == recorded
     assert any(line.startswith("resumed from checkpoint at step 2") for line in said), said
 
 
@@ -163,7 +164,7 @@ def inspect(tmp_path, data_dir, capsys, *overrides) -> dict[str, str]:
 def test_inspect_describes_the_runs_own_sentencepiece_tokenizer(tmp_path, data_dir, spm_tokenizer, capsys):
     """A run of a sentencepiece config that already has its tokenizer: its data is prepared
     with the byte tokenizer and encoded with the run's, which the description must show."""
-    spm_tokenizer.save(tmp_path / "run" / identity.TOKENIZER_DIR)
+    spm_tokenizer.save(tmp_path / "run" / rundir.TOKENIZER_DIR)
     facts = inspect(tmp_path, data_dir, capsys, f"run_dir={tmp_path / 'run'}", "data.tokenizer=sentencepiece",
                     "data.vocab_size=2048")
     assert facts["tokenizer"] == "sentencepiece (vocab 300)", facts
@@ -175,7 +176,7 @@ def test_inspect_describes_the_runs_own_sentencepiece_tokenizer(tmp_path, data_d
 
 def test_inspect_of_a_fine_tuning_config_describes_its_pre_training_runs_tokenizer(
         tmp_path, data_dir, spm_tokenizer, capsys):
-    spm_tokenizer.save(tmp_path / "pre" / identity.TOKENIZER_DIR)
+    spm_tokenizer.save(tmp_path / "pre" / rundir.TOKENIZER_DIR)
     rows = "text,sentiment\n" + "".join(f"{w} day,{'positive' if i % 2 else 'negative'}\n"
                                          for i, w in enumerate(["good", "bad", "fine", "awful"] * 10))
     (tmp_path / "tweets.csv").write_text(rows)

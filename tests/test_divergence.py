@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 import train.loop as loop
-from train import divergence, evaluation, identity
+from train import divergence, evaluation
 from train.__main__ import main
 from train.config import load_config
 from train.divergence import NEVER, Health
 from train.tasks import Classification, LanguageModelling
+from train import rundir
 
 CONFIG = """
 name: diverge
@@ -193,8 +194,8 @@ def test_the_advised_resume_works_and_is_recorded(tmp_path, data_dir, capsys):
     out = capsys.readouterr().out
     assert f"resumed from checkpoint at step {good}" in out and "resuming with optim.lr = 0.003 (the run had 10.0)" in out
     assert re.search(r"finished at step 12: loss (\d|\.)+", out)
-    assert identity.saved_config(run)["optim"]["lr"] == 3e-3
-    history = [json.loads(line) for line in (run / identity.HISTORY_FILE).read_text().splitlines()]
+    assert rundir.saved_config(run)["optim"]["lr"] == 3e-3
+    history = [json.loads(line) for line in (run / rundir.HISTORY_FILE).read_text().splitlines()]
     assert history == [{"step": good, "time": history[0]["time"], "changed": {"optim.lr": {"from": 10.0, "to": 3e-3}}}]
     # The run's config is now the amended one: the same command without the flag resumes
     # (nothing left to do), and the old learning rate is refused, pointing at the flag.
@@ -209,14 +210,14 @@ def test_change_optim_allows_optimizer_keys_only(tmp_path, data_dir, capsys):
     path = write_config(tmp_path, data_dir, "fp32", "3e-3")
     run = tmp_path / "run"
     assert main(["train", str(path), f"run_dir={run}", "train.steps=2"]) == 0
-    before = (run / identity.CONFIG_FILE).read_text()
+    before = (run / rundir.CONFIG_FILE).read_text()
     capsys.readouterr()
     assert main(["train", str(path), f"run_dir={run}", "train.steps=4", "model.d_model=64", "--change-optim"]) == 2
     assert "model.d_model: 32 (the run) -> 64 (now)" in capsys.readouterr().err
     # Clipping on or off changes the optimizer state's structure: refused even with the flag.
     assert main(["train", str(path), f"run_dir={run}", "train.steps=4", "optim.grad_clip=null", "--change-optim"]) == 2
     assert "adds or removes the clipping stage" in capsys.readouterr().err
-    assert (run / identity.CONFIG_FILE).read_text() == before and not (run / identity.HISTORY_FILE).exists()
+    assert (run / rundir.CONFIG_FILE).read_text() == before and not (run / rundir.HISTORY_FILE).exists()
 
 
 def test_more_steps_keep_the_runs_decay_end_and_the_same_policy_spelled_out_is_no_change(tmp_path, data_dir):

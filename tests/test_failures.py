@@ -14,9 +14,9 @@ import sys
 import pytest
 
 import train.loop as loop
-from train import evaluation, identity, logger
-from train import lock as run_lock
+from train import evaluation, logger
 from train.__main__ import main
+from train import rundir
 
 CONFIG = """
 name: fail
@@ -91,9 +91,9 @@ def test_export_that_cannot_be_written_is_one_line_and_leaves_nothing(trained, t
         parent.chmod(0o500)
     else:  # the params are written, then the disk fills while the run's config is copied beside them
         def no_space(run_dir, out):
-            raise full_disk(out / identity.CONFIG_FILE)
+            raise full_disk(out / rundir.CONFIG_FILE)
 
-        monkeypatch.setattr(identity, "copy_identity", no_space)
+        monkeypatch.setattr(rundir, "copy_record", no_space)
     try:
         assert main(["export", str(config), f"run_dir={run}", "--out", str(parent / "x")]) == 2
         err = one_line_error(capsys)
@@ -225,7 +225,7 @@ def test_metrics_are_strict_json_with_non_finite_values_flagged(tmp_path, data_d
 def test_eval_prints_four_significant_digits_whatever_the_size(tmp_path, data_dir, capsys, monkeypatch):
     """A perplexity of e^50 used to print with 22 digits (:.4f)."""
     fake = type("Trained", (), {"step": 4})()
-    monkeypatch.setattr(evaluation, "load_trained", lambda config: fake)
+    monkeypatch.setattr(evaluation, "load_model", lambda config: fake)
     monkeypatch.setattr(evaluation, "evaluate_trained",
                         lambda trained: {"loss": 50.0, "perplexity": math.exp(50.0), "bits_per_byte": 0.000123456})
     assert main(["eval", str(write_config(tmp_path, data_dir))]) == 0
@@ -247,8 +247,8 @@ def test_a_held_run_directory_is_refused_before_jax_loads(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / run_lock.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                       "started": "-"}))
+    (run / rundir.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                     "started": "-"}))
     config = write_config(tmp_path, tmp_path / "data")
     code = ("import sys, train.__main__ as m; "
             f"rc = m.main(['train', {str(config)!r}, 'run_dir={run}']); print(rc, 'jax' in sys.modules)")

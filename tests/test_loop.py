@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 import train.loop as loop
-from train.tasks import LanguageModelling, make_task
+from train.build import task_for
+from train.tasks import LanguageModelling
 from train.config import RunConfig, load_config
 from train.logger import read_rows
 
@@ -162,7 +163,7 @@ def test_metrics_are_fetched_at_log_steps(run):
 
 
 def test_skipped_steps_are_counted_on_the_device(run):
-    batches = make_task(run.config).train_iter()
+    batches = task_for(run.config).train_iter()
     expected = np.cumsum([poisoned(next(batches)["tokens"]) for _ in range(run.config.train.steps)])
     assert 0 < expected[-1] < len(expected), "the data no longer gives a mix of skipped and applied steps"
     assert {s: r["skipped"] for s, r in run.rows("train").items()} == {4: expected[3], 8: expected[7]}
@@ -176,7 +177,7 @@ def test_checkpoints_save_the_data_position_before_the_prefetched_batch(run):
 
     directory = run.dir / "checkpoints"
     assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [4, 8]
-    batches = make_task(run.config).train_iter()
+    batches = task_for(run.config).train_iter()
     for step in range(1, 9):
         next(batches)
         if step in (4, 8):
@@ -216,7 +217,7 @@ def test_the_progress_bar_counts_finished_steps_not_dispatched_ones(tmp_path):
             return self.done
 
     config = config_from_dict({"run_dir": str(tmp_path / "run"), "logging": {"progress": True, "tensorboard": False}})
-    logger = Logger(config, lambda _: None, 10, 2)
+    logger = Logger(config.logging, config.run_dir, lambda _: None, 10, 2)
     steps = [Output() for _ in range(4)]
     logger.step(steps[0])
     logger.step(steps[1])

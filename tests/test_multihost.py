@@ -252,7 +252,7 @@ def test_mesh_distributed_config_key():
 
 
 def test_global_batch_with_one_process_is_device_put():
-    mesh = mesh_lib.make_mesh(jax.device_count(), 1)
+    mesh = mesh_lib.device_mesh(jax.device_count(), 1)
     assert mesh.devices.tolist() == [[d] for d in jax.devices()]  # one process: jax.devices() order, as before
     for accumulated, shape in ((False, (8, 5)), (True, (2, 8, 5))):
         sharding = mesh_lib.batch_sharding(mesh, accumulated=accumulated)
@@ -277,12 +277,12 @@ from jax.experimental import multihost_utils
 
 index, count = mesh_lib.process_shard()
 out = {"started": started, "shard": [index, count], "devices": jax.device_count(),
-       "layout": [[d.process_index for d in row] for row in mesh_lib.make_mesh(2, 2).devices]}
+       "layout": [[d.process_index for d in row] for row in mesh_lib.device_mesh(2, 2).devices]}
 try:
-    mesh_lib.make_mesh(1, 2)
+    mesh_lib.device_mesh(1, 2)
 except ConfigError as e:
     out["partial_mesh"] = str(e)
-mesh = mesh_lib.make_mesh(4, 1)
+mesh = mesh_lib.device_mesh(4, 1)
 source = [{"text": f"{i:03d}\n".encode(), "label": i % 3} for i in range(41)]
 it = data.classification_loader(source, data.ByteTokenizer(), seq_len=4, batch_size=mesh_lib.local_batch_size(8, count),
                                 seed=0, shard_index=index, shard_count=count)

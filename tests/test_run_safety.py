@@ -13,9 +13,9 @@ from train import evaluation
 from train.build import build
 from train.tasks import LanguageModelling, majority_baseline
 from train import identity
-from train import lock as run_lock
 from train.checkpoint import Checkpointer, RestoreError
 from train.config import load_config
+from train import rundir
 
 CONFIG = """
 name: safety
@@ -49,15 +49,15 @@ def test_resuming_with_a_changed_model_is_an_error_that_touches_nothing(tmp_path
     config = config_for(tmp_path, data_dir)
     loop.train(config, say=lambda _: None)
     run = pathlib.Path(config.run_dir)
-    before, recorded = snapshot(run), (run / identity.CONFIG_FILE).read_text()
-    assert identity.saved_config(run) == config.to_dict()
+    before, recorded = snapshot(run), (run / rundir.CONFIG_FILE).read_text()
+    assert rundir.saved_config(run) == config.to_dict()
     for changed in (["model.d_model=64"], ["precision=bf16"]):
         with pytest.raises(identity.ConfigMismatch) as err:
             loop.train(config_for(tmp_path, data_dir, *changed, "train.steps=6"), say=lambda _: None)
         key = changed[0].split("=")[0]
         assert f"{key}: " in str(err.value) and "new name" in str(err.value)
         assert "train.steps: " not in str(err.value)  # a harmless key is not listed as a difference
-        assert snapshot(run) == before and (run / identity.CONFIG_FILE).read_text() == recorded
+        assert snapshot(run) == before and (run / rundir.CONFIG_FILE).read_text() == recorded
 
 
 def test_resuming_with_harmless_changes_continues_and_says_so(tmp_path, data_dir):
@@ -147,7 +147,7 @@ def test_checkpoints_that_cannot_be_restored_are_an_error_not_a_fresh_start(tmp_
     config = config_for(tmp_path, data_dir)
     loop.train(config, say=lambda _: None)
     run = pathlib.Path(config.run_dir)
-    (run / identity.CONFIG_FILE).unlink()
+    (run / rundir.CONFIG_FILE).unlink()
     before = snapshot(run)
     with pytest.raises(RestoreError, match=r"(?s)step 4: incompatible.*step 2: incompatible"):
         loop.train(config_for(tmp_path, data_dir, "model.d_model=64"), say=lambda _: None)
@@ -169,16 +169,16 @@ def test_a_run_directory_is_locked_while_a_run_trains(tmp_path, data_dir):
 
     def on_step(step, state):
         if step == 1:
-            owner = json.loads((run / run_lock.LOCK_FILE).read_text())
+            owner = json.loads((run / rundir.LOCK_FILE).read_text())
             seen.append(owner["pid"] == os.getpid())
-            with pytest.raises(run_lock.RunDirectoryInUse, match=rf"in use by pid {os.getpid()}.*delete"):
+            with pytest.raises(rundir.RunDirectoryInUse, match=rf"in use by pid {os.getpid()}.*delete"):
                 loop.train(config, say=lambda _: None)
 
     loop.train(config, say=lambda _: None, on_step=on_step)
-    assert seen == [True] and not (run / run_lock.LOCK_FILE).exists()
+    assert seen == [True] and not (run / rundir.LOCK_FILE).exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)  # a process that has exited
-    (run / run_lock.LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "-"}))
+    (run / rundir.LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "-"}))
     said: list[str] = []
     loop.train(config_for(tmp_path, data_dir, "train.steps=6"), say=said.append)
     assert any("taking over the stale lock" in line and str(dead_pid) in line for line in said), said
@@ -206,7 +206,7 @@ def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_di
     sp = ["data.tokenizer=sentencepiece", "data.vocab_size=400", "train.steps=2", "checkpoint.every=0"]
     config = config_for(tmp_path, data_dir, *sp)
     loop.train(config, say=lambda _: None)
-    own = identity.run_tokenizer(config.run_dir)
+    own = rundir.run_tokenizer(config.run_dir)
     assert own is not None and own.vocab_size == 400
     other = tmp_path / "other.txt"
     other.write_text("\n".join(f"Line {i}: to be, or not to be, that is the question." for i in range(400)))
@@ -340,7 +340,7 @@ def test_a_run_directory_that_cannot_be_written_is_a_clear_error(tmp_path, data_
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     config = config_for(tmp_path, data_dir, f"run_dir={blocker / 'run'}")
-    with pytest.raises(run_lock.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
+    with pytest.raises(rundir.RunDirectoryInUse, match="cannot write to run directory .*not-a-directory/run"):
         loop.train(config, say=lambda _: None)
 
 
@@ -369,9 +369,33 @@ def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data
     got, want = by_path(tree), by_path(expected)
     assert got.keys() == want.keys() and len(got) > 0
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert (out / identity.CONFIG_FILE).is_file() and (out / identity.TOKENIZER_DIR).is_dir()
+    assert (out / rundir.CONFIG_FILE).is_file() and (out / rundir.TOKENIZER_DIR).is_dir()
     with pytest.raises(ValueError, match="exists; give a new one"):
         evaluation.export_trained(trained, out)
+
+
+def test_the_model_only_load_reads_the_same_params_meta_and_numbers_as_the_whole_state(tmp_path, data_dir):
+    """eval, export, generate and quantize read only params and FP8 meta (`load_model`, no
+    optimizer built); they are bit for bit the whole restore's, and so are the eval numbers
+    and the exported files."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    config = config_for(tmp_path, data_dir, "train.steps=3", "checkpoint.every=2")
+    loop.train(config, say=lambda _: None)
+    whole = evaluation.load_trained(config, say=lambda _: None)
+    light = evaluation.load_model(config, say=lambda _: None)
+    assert light.step == whole.step == 3 and not hasattr(light.state, "opt_state")
+    for part in ("params", "fp8_meta"):
+        a, b = (jax.tree_util.tree_flatten_with_path(getattr(t.state, part)) for t in (whole, light))
+        assert a[1] == b[1] and len(a[0]) > 0, part  # the same structure, Variables included
+        assert all(x.dtype == y.dtype and np.array_equal(x, y) for (_, x), (_, y) in zip(a[0], b[0])), part
+    assert evaluation.evaluate_trained(light) == evaluation.evaluate_trained(whole)
+    outs = [evaluation.export_trained(t, tmp_path / name) for t, name in ((whole, "whole"), (light, "light"))]
+    with ocp.StandardCheckpointer() as checkpointer:
+        trees = [checkpointer.restore(out / "state") for out in outs]
+    assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])))
 
 
 def test_a_failed_restore_drops_only_the_closed_event_loop_reports(monkeypatch):
@@ -427,5 +451,5 @@ def test_a_new_fine_tuning_run_encodes_with_its_pre_training_runs_tokenizer(tmp_
     loop.train(ft, say=said.append)
     assert any(line.startswith(f"encoding with the tokenizer of {pre.run_dir} (sentencepiece, 300 ids)")
                for line in said), said
-    own = identity.run_tokenizer(ft.run_dir)
+    own = rundir.run_tokenizer(ft.run_dir)
     assert own.kind == "sentencepiece" and own.vocab_size == 300

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":  # a held run directory is refused before jax & co. load (seconds)
-            from train.lock import refuse_if_held, run_dir_of
+            from train.rundir import refuse_if_held, run_dir_of
 
             run_dir = run_dir_of(args.config, args.overrides)
             if run_dir is not None:
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from train.config import load_config
 
         config = load_config(args.config, args.overrides)
+        if args.command != "bench":  # bench times this process's devices alone
+            from train.mesh import initialize_distributed
+
+            initialize_distributed(config.mesh.distributed)  # before any command touches a device
         return _COMMANDS[args.command](config, args)
     except ModuleNotFoundError as e:
         package = TRAIN_EXTRA.get((e.name or "").split(".")[0])
@@ -166,9 +170,9 @@ def _train(config, args) -> int:
 
 
 def _eval(config, args) -> int:
-    from train.evaluation import evaluate_trained, load_trained
+    from train.evaluation import evaluate_trained, load_model
 
-    trained = load_trained(config)
+    trained = load_model(config)
     if args.quantized:
         from train import quantize
 
@@ -185,11 +189,11 @@ def _quantize(config, args) -> int:
     import json
 
     from train import quantize
-    from train.evaluation import load_trained
+    from train.evaluation import load_model
 
     settings = quantize.QuantizeSettings(format=args.format, mode=args.mode, calibration=args.calibration,
                                          percentile=args.percentile, batches=args.batches)
-    trained = load_trained(config)
+    trained = load_model(config)
     out = quantize.quantize(trained, settings, args.out)
     print(f"at step {trained.step}, under the fp32 policy:")
     rows = quantize.compare(trained, [quantize.load_quantized(out, trained.state.params)])
@@ -198,14 +202,14 @@ def _quantize(config, args) -> int:
 
 
 def _generate(config, args) -> int:
-    from train.evaluation import load_trained
+    from train.evaluation import load_model
     from train.generate import check_sampling, generate
     from train.tasks import task_class
 
-    if not task_class(config).generates:
+    if not task_class(config.data).generates:
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
     check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, vocab_size=None)
-    trained = load_trained(config)
+    trained = load_model(config)
     tokenizer = trained.task.tokenizer
     check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
                    vocab_size=tokenizer.vocab_size)
@@ -214,8 +218,8 @@ def _generate(config, args) -> int:
         from train import quantize
 
         model = quantize.load_quantized(args.quantized, params)
-        built = quantize.float_reference(trained, say=print, precision=model.precision)
-        graphdef, params, meta = built.graphdef, model.params, built.state.fp8_meta
+        reference = quantize.float_reference(trained, precision=model.precision)
+        graphdef, params, meta = reference.graphdef, model.params, reference.fp8_meta
     out = generate(graphdef, params, meta, tokenizer.encode(args.prompt), max_len=trained.config.model.max_len,
                    new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(out))
@@ -224,10 +228,10 @@ def _generate(config, args) -> int:
 
 def _data(config, args) -> int:
     from train import data as data_lib
-    from train.build import tokenizer_of
-    from train.tasks import make_task
+    from train.build import task_for, tokenizer_of
 
-    task = make_task(config, tokenizer_of(config, print))  # the tokenizer a run of this config would use
+    # the tokenizer a run of this config would use
+    task = task_for(config, tokenizer_of(config.run_dir, config.finetune.init_from, print))
     if args.inspect:
         facts = data_lib.describe_dataset(task.prepared, tokenizer=task.tokenizer)
         print("\n".join(f"{k}: {v}" for k, v in facts.items()))
@@ -275,9 +279,9 @@ def _bench(config, args) -> int:
 
 
 def _export(config, args) -> int:
-    from train.evaluation import export_trained, load_trained
+    from train.evaluation import export_trained, load_model
 
-    trained = load_trained(config)
+    trained = load_model(config)
     out = export_trained(trained, args.out)
     print(f"exported step {trained.step} of {config.run_dir} to {out}")
     return 0

@@ -1,6 +1,6 @@
 """Checkpoints of a run: exact train state, data position and config, via orbax.
 
-Layout: ``<run_dir>/checkpoints/<step>/{state,data,config}``. Saves are asynchronous
+Layout: ``<run_dir>/checkpoints/<step>/{state,data,config}`` (`train.rundir`). Saves are asynchronous
 (orbax writes into a temporary directory and renames it on success, so a crash mid-save
 never touches the last good checkpoint). ``keep`` checkpoints are kept among those a later
 divergence check has confirmed (`confirm`): the checkpoints saved since, which a divergence
@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from mpx.loss_scale import all_finite
 from mpx.step import TrainState
 from train.mesh import all_process_states
+from train.rundir import CHECKPOINTS_DIR, checkpoint_dir
+from train.schema import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,6 @@ def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(run_dir).absolute() / "checkpoints"
-
-
-def has_checkpoints(run_dir: str | pathlib.Path) -> bool:
-    """Whether the run has saved any step (readable or not)."""
-    directory = checkpoint_dir(run_dir)
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 class Checkpointer:
     """Saves every ``every`` steps, keeps ``keep`` confirmed ones, restores the newest
     readable one."""
@@ -75,6 +67,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._confirmed_through = max(self.steps(), default=-1)  # what an earlier run kept, it had checked
+
+    @classmethod
+    def of(cls, checkpoint: CheckpointConfig, run_dir: str | pathlib.Path, *, training: bool) -> Checkpointer:
+        """The checkpoints of the run in ``run_dir``; only a training run saves (asynchronously
+        if ``checkpoint.async_save``), every other command only reads."""
+        return cls(run_dir, every=checkpoint.every if training else 0, keep=checkpoint.keep,
+                   async_save=checkpoint.async_save and training)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -151,10 +150,28 @@ class Checkpointer:
         that the run saves those steps again and its newest checkpoint is the one it
         continues from.
         """
+        return self._newest(lambda step: self.restore(step, like), say=say, set_aside=set_aside)
+
+    def restore_model_latest(self, params, fp8_meta, *, say=log.warning) -> tuple[int, Any, Any] | None:
+        """``(step, params, fp8_meta)`` of the newest checkpoint that reads back, or None if
+        there is none: only those two parts of the saved state are read (no optimizer state),
+        laid out like ``params`` and ``fp8_meta`` (arrays or shape/dtype/sharding structs).
+        Unreadable checkpoints are handled as by `restore_latest` (never set aside)."""
+        tree = {"params": params, "fp8_meta": fp8_meta} if jax.tree.leaves(fp8_meta) else {"params": params}
+
+        def read(step):
+            item = ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+                                          partial_restore=True)
+            out = self._manager.restore(step, args=ocp.args.Composite(state=item)).state
+            return step, out["params"], out.get("fp8_meta", fp8_meta)
+
+        return self._newest(read, say=say, set_aside=False)
+
+    def _newest(self, read: Callable[[int], Any], *, say, set_aside: bool):
         failures = []
         for step in reversed(self.steps()):
             try:
-                restored = self.restore(step, like)
+                restored = read(step)
                 if set_aside and failures:
                     self._set_aside([failed for failed, _ in failures], say, folder="damaged",
                                     why="unreadable; the run saves that step again")
@@ -236,8 +253,8 @@ def restore_params(run_dir: str | pathlib.Path, like_params) -> tuple[Any, int]:
     Returns ``(params, step)``.
     """
     directory = pathlib.Path(run_dir).absolute()
-    if directory.name != "checkpoints":
-        directory = directory / "checkpoints"
+    if directory.name != CHECKPOINTS_DIR:
+        directory = checkpoint_dir(directory)
     if not directory.is_dir():
         raise ValueError(f"no checkpoints found at {directory}; finetune.init_from must name a pre-training run dir")
     with ocp.CheckpointManager(directory) as manager:

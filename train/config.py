@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 import mpx
-from train.schema import ConfigError, RunConfig, _checked_precision, config_from_dict
+from train.schema import ConfigError, RunConfig, config_from_dict
+from train.schema.sections import checked_precision
 
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "config_from_dict", "load_config"]
 
@@ -62,7 +63,7 @@ def _as_section(key: str, value) -> dict:
     """``precision: fp8`` as a mapping, so that ``precision.fp8.margin=1`` can go under it."""
     if key != "precision" or not isinstance(value, str):
         return value
-    spec = _checked_precision(value)
+    spec = checked_precision(value)
     return {"preset": spec} if spec in mpx.policy.PRESETS else mpx.parse_policy(spec).to_dict()
 
 

@@ -1,8 +1,13 @@
 """Evaluating a run: on its validation split during training, or restored afterwards.
 
-    trained = load_trained(config)          # the run's model, tokenizer and newest checkpoint
+    trained = load_model(config)            # the run's model, tokenizer, newest params + FP8 meta
     evaluate_trained(trained)               # {"loss", "perplexity", ..., "unigram_baseline"}
     export_trained(trained, "export/")      # params + FP8 meta for use outside train/
+    load_trained(config).state              # the whole train state a resume would continue from
+
+Evaluation, export, generation and quantization read only the params and the FP8 meta of a
+checkpoint (`load_model`: no optimizer is built and its state is not read); `load_trained`
+restores everything, for what needs the state a resume would continue from.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from collections.abc import Callable, Iterator
 import jax
 from flax import nnx
 
+import mpx
+from train import checkpoint as ckpt
 from train import identity
 from train import mesh as mesh_lib
-from train.build import Built, build
+from train import rundir
+from train.build import build, build_model, task_for, tokenizer_of
 from train.schema import RunConfig
 from train.tasks import Task
 
@@ -68,52 +76,91 @@ def with_references(result: dict[str, float], refs: dict[str, float]) -> dict[st
 
 @dataclasses.dataclass
 class Trained:
-    """A run rebuilt (``built``) with its newest readable checkpoint restored (``state``)."""
+    """A run's model restored from its newest readable checkpoint.
 
-    built: Built
+    ``config``: the run's own, with the data and devices of the command that loaded it
+    (`train.identity.for_evaluation`). ``state``: the restored params and FP8 meta
+    (``state.params``, ``state.fp8_meta``); from `load_trained`, the whole `mpx.TrainState`.
+    """
+
+    config: RunConfig
+    task: Task
+    policy: mpx.Policy
+    graphdef: object
+    mesh: jax.sharding.Mesh
     state: object
     step: int
 
-    @property
-    def config(self) -> RunConfig:
-        return self.built.config
+    def batch_sharding(self):
+        return mesh_lib.batch_sharding(self.mesh, accumulated=False)
 
-    @property
-    def task(self) -> Task:
-        return self.built.task
 
-    @property
-    def graphdef(self):
-        return self.built.graphdef
+@dataclasses.dataclass
+class Weights:
+    """What `load_model` restores of a train state."""
+
+    params: nnx.State
+    fp8_meta: nnx.State
+
+
+def _run_config(config: RunConfig, say: Callable[[str], None]) -> RunConfig:
+    """The model, precision and tokenizer are the run's own (its ``config.yaml``), whatever
+    ``config`` says of them; the data to evaluate on and the devices come from ``config``."""
+    mesh_lib.initialize_distributed(config.mesh.distributed)  # a no-op once started (the CLI does)
+    run_config = rundir.saved_config(config.run_dir)
+    return config if run_config is None else identity.for_evaluation(run_config, config, say=say)
+
+
+def _no_checkpoint(checkpointer) -> ValueError:
+    return ValueError(f"no checkpoint in {checkpointer.directory}; train first: python -m train train CONFIG")
+
+
+def load_model(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
+    """The run's model with the params and FP8 meta of its newest checkpoint (for eval,
+    export, generate and quantize): no optimizer, and nothing else of the state read.
+
+    The model, precision and tokenizer are the run's own (its ``config.yaml`` and
+    ``tokenizer/``); the data to evaluate on and the devices come from this config, so a
+    run can be evaluated on other text with the tokenizer it was trained with.
+    """
+    config = _run_config(config, say)
+    task = task_for(config, tokenizer_of(config.run_dir, config.finetune.init_from, say))
+    model = build_model(task, config.model, config.policy(), seed=config.train.seed)
+    mesh = mesh_lib.make_mesh(config.mesh, batch_size=config.data.batch_size)
+    params = jax.device_put(model.params, mesh_lib.split_shardings(model.params, mesh))
+    meta = jax.device_put(model.fp8_meta, mesh_lib.replicated_shardings(model.fp8_meta, mesh))
+    checkpointer = ckpt.Checkpointer.of(config.checkpoint, config.run_dir, training=False)
+    try:
+        restored = checkpointer.restore_model_latest(params, meta, say=say)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise _no_checkpoint(checkpointer)
+    step, params, meta = restored
+    return Trained(config, task, model.policy, model.graphdef, mesh, Weights(params, meta), step)
 
 
 def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Trained:
-    """Rebuild the run's model and restore its newest checkpoint (for eval / generate).
-
-    The model, precision and tokenizer are the run's own (its ``config.yaml`` and
-    ``tokenizer/``), whatever this config says of them; the data to evaluate on and the
-    devices come from this config (`train.identity.for_evaluation`), so a run can be
-    evaluated on other text with the tokenizer it was trained with.
-    """
-    run_config = identity.saved_config(config.run_dir)
-    if run_config is not None:
-        config = identity.for_evaluation(run_config, config, say=say)
+    """The run rebuilt for training with its newest checkpoint's whole state restored
+    (optimizer state, loss scale, step and RNG key too): the state a resume would continue
+    from. The config is taken as by `load_model`."""
+    config = _run_config(config, say)
     built = build(config, say=say)
-    checkpointer = built.checkpointer(training=False)
+    checkpointer = ckpt.Checkpointer.of(config.checkpoint, config.run_dir, training=False)
     try:
         restored = checkpointer.restore_latest(built.state, say=say)
     finally:
         checkpointer.close()
     if restored is None:
-        raise ValueError(f"no checkpoint in {checkpointer.directory}; train first: python -m train train CONFIG")
-    return Trained(built, restored.state, restored.step)
+        raise _no_checkpoint(checkpointer)
+    return Trained(config, built.task, built.policy, built.graphdef, built.mesh, restored.state, restored.step)
 
 
 def evaluate_trained(trained: Trained) -> dict[str, float]:
     """The restored run on its (or this command's) validation split, with references."""
     c = trained.config
     out = evaluate(eval_step(trained.task, trained.graphdef), trained.state, trained.task.eval_iter(),
-                   c.train.eval_batches, trained.built.batch_sharding())
+                   c.train.eval_batches, trained.batch_sharding())
     return with_references(out, trained.task.references())
 
 
@@ -128,7 +175,7 @@ def export_trained(trained: Trained, out_dir: str | pathlib.Path) -> pathlib.Pat
     with new_directory(out_dir, "export") as (out, final):
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(out / "state", jax.device_get(tree))
-        identity.copy_identity(trained.config.run_dir, out)
+        rundir.copy_record(trained.config.run_dir, out)
     return final
 
 

@@ -1,5 +1,6 @@
-"""A run's identity and its directory: the config it was created with, and a lock.
+"""A run's identity: when a resume, an evaluation or a change of data is the same run.
 
+The files are `train.rundir`'s; this module holds the rules that compare them.
 ``<run_dir>/config.yaml`` is written when a run starts from scratch. Resuming compares the
 current config with it: keys that only say how long to run, how often to log or save
 and on which devices (`HARMLESS`) may change (each change is reported); any other
@@ -22,18 +23,16 @@ go on with the new data from its start (``--new-data``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import time
 import pathlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import yaml
-
-from train.schema import ConfigError
-
-CONFIG_FILE = "config.yaml"
+from train import rundir
+from train.schema import ConfigError, OptimConfig
 
 HARMLESS = (
     "name", "run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -47,9 +46,6 @@ ADJUSTABLE = ("optim.lr", "optim.warmup_steps", "optim.decay_steps", "optim.min_
               "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps")
 """Optimizer keys a resume may change with ``--change-optim``: they change how the next
 updates are computed, not what the saved optimizer state holds."""
-
-HISTORY_FILE = "history.jsonl"
-
 
 class ConfigMismatch(ConfigError):
     """A run resumed with a config whose state-changing keys differ from its own."""
@@ -87,23 +83,6 @@ def _same_policy(a, b) -> bool:
         return False
 
 
-def saved_config(run_dir: str | pathlib.Path) -> dict | None:
-    """The config a run was created with, or None for a run directory without one."""
-    path = pathlib.Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def record(run_dir: str | pathlib.Path, config: Mapping[str, Any]) -> None:
-    """Write the run's config (atomically: a crash leaves the old file or none)."""
-    directory = pathlib.Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(directory / CONFIG_FILE)
-
-
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, run_dir: str,
                  say: Callable[[str], None], change_optim: bool = False) -> dict[str, tuple[Any, Any]]:
     """Raise `ConfigMismatch` when ``current`` differs from ``saved`` beyond `HARMLESS`
@@ -117,7 +96,7 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, run_di
         optim_only = all(k in ADJUSTABLE for k in harmful)
         raise ConfigMismatch(
             f"run {run_dir} was created with a different config; these keys change what its checkpoints hold "
-            f"or mean:\n{lines}\nto keep training this run, use its config ({pathlib.Path(run_dir) / CONFIG_FILE})"
+            f"or mean:\n{lines}\nto keep training this run, use its config ({pathlib.Path(run_dir) / rundir.CONFIG_FILE})"
             + ("; to resume it with these optimizer settings (e.g. a lower lr after a divergence), add "
                "--change-optim" if optim_only else "")
             + f"; for a new run give it a new name (name=...) or run_dir; only {', '.join(HARMLESS[2:])} may "
@@ -145,35 +124,27 @@ def amend(run_dir: str | pathlib.Path, saved: Mapping[str, Any], changes: Mappin
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    record(run_dir, config)
-    entry = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-    with open(pathlib.Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    rundir.record_config(run_dir, config)
+    rundir.append_history(run_dir, {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                    "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
 
 
-def keep_decay_end(saved: Mapping[str, Any], config, *, say: Callable[[str], None]):
-    """``config`` with the learning rate decaying where the run's own schedule ends.
+def keep_decay_end(saved: Mapping[str, Any], optim: OptimConfig, steps: int, *,
+                   say: Callable[[str], None]) -> OptimConfig:
+    """``optim`` with the learning rate decaying where the run's own schedule ends.
 
-    The cosine ends at ``optim.decay_steps``, or at ``train.steps`` when that is unset. A
-    resume that changes ``train.steps`` would move that end, and the learning rate of the
-    very next step with it (up, for a longer run); instead the schedule keeps the run's
-    end (from there on the rate stays at its floor), and this is said."""
-    import dataclasses
-
-    run_steps = flatten(saved).get("train.steps")
-    if config.optim.decay_steps is not None or run_steps in (None, config.train.steps):
-        return config
-    if flatten(saved).get("optim.decay_steps") is not None:
-        return config
-    o = config.optim
-    say(f"the learning rate keeps the run's schedule: it decays to {o.lr * o.min_lr_ratio:g} at step {run_steps} "
-        f"(the run's train.steps) and stays there; to decay over the new {config.train.steps} steps instead, "
-        f"resume with optim.decay_steps={config.train.steps} --change-optim (the rate of the next step changes)")
-    return dataclasses.replace(config, optim=dataclasses.replace(o, decay_steps=max(run_steps, o.warmup_steps + 1)))
-
-
-DATA_FILE = "data.json"
+    The cosine ends at ``optim.decay_steps``, or at ``train.steps`` (``steps``) when that is
+    unset. A resume that changes ``train.steps`` would move that end, and the learning rate
+    of the very next step with it (up, for a longer run); instead the schedule keeps the
+    run's end (from there on the rate stays at its floor), and this is said."""
+    run = flatten(saved)
+    run_steps = run.get("train.steps")
+    if optim.decay_steps is not None or run_steps in (None, steps) or run.get("optim.decay_steps") is not None:
+        return optim
+    say(f"the learning rate keeps the run's schedule: it decays to {optim.lr * optim.min_lr_ratio:g} at step "
+        f"{run_steps} (the run's train.steps) and stays there; to decay over the new {steps} steps instead, "
+        f"resume with optim.decay_steps={steps} --change-optim (the rate of the next step changes)")
+    return dataclasses.replace(optim, decay_steps=max(run_steps, optim.warmup_steps + 1))
 
 
 class DataChanged(ConfigError):
@@ -201,22 +172,6 @@ def data_fingerprint(prepared, tokenizer) -> dict[str, Any]:
     }
 
 
-def saved_data(run_dir: str | pathlib.Path) -> dict | None:
-    """The run's recorded data (`record_data`), or None for a run from before data.json."""
-    path = pathlib.Path(run_dir) / DATA_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def record_data(run_dir: str | pathlib.Path, fingerprint: Mapping[str, Any], *, since_step: int = 0) -> None:
-    """Write the run's data fingerprint (atomically). ``since_step``: the step the run
-    started on this data; checkpoints up to it hold a position in other data."""
-    directory = pathlib.Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (DATA_FILE + ".tmp")
-    tmp.write_text(json.dumps({"since_step": since_step, **fingerprint}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(directory / DATA_FILE)
-
-
 def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What differs between two `data_fingerprint`s, one phrase each; empty: the same data."""
     changes = []
@@ -239,31 +194,10 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     return changes
 
 
-TOKENIZER_DIR = "tokenizer"
-
 EVALUATION_KEYS = ("name", "run_dir", "data.files", "data.data_dir", "data.path", "data.text_column",
                    "data.label_column", "data.validation_fraction", "data.batch_size", "train.eval_batches",
                    "mesh.data", "mesh.fsdp", "mesh.distributed", "logging.tensorboard", "logging.progress")
 """Keys an evaluation takes from its own command: which data, how much of it, which devices."""
-
-
-def run_tokenizer(run_dir: str | pathlib.Path):
-    """The tokenizer a run was created with, or None before it has one."""
-    from train.data.tokenizers import load_tokenizer
-
-    directory = pathlib.Path(run_dir) / TOKENIZER_DIR
-    return load_tokenizer(directory) if directory.is_dir() else None
-
-
-def keep_tokenizer(run_dir: str | pathlib.Path, tokenizer) -> None:
-    """Save ``tokenizer`` as the run's own, once (a run's tokenizer never changes)."""
-    directory = pathlib.Path(run_dir) / TOKENIZER_DIR
-    if directory.is_dir():
-        return
-    tmp = pathlib.Path(run_dir) / (TOKENIZER_DIR + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(tmp)
-    tmp.replace(directory)
 
 
 def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str], None]):
@@ -277,7 +211,7 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
     ignored = sorted(k for k in set(theirs) | set(mine)
                      if k not in EVALUATION_KEYS and k not in HARMLESS and theirs.get(k) != mine.get(k))
     if ignored:
-        say(f"using the run's own {', '.join(ignored)} (from {pathlib.Path(command.run_dir) / CONFIG_FILE})")
+        say(f"using the run's own {', '.join(ignored)} (from {pathlib.Path(command.run_dir) / rundir.CONFIG_FILE})")
     nested: dict[str, Any] = {}
     for key, value in merged.items():
         *parents, last = key.split(".")
@@ -286,14 +220,3 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
             node = node.setdefault(part, {})
         node[last] = value
     return config_from_dict(nested)
-
-
-def copy_identity(run_dir: str | pathlib.Path, out: pathlib.Path) -> None:
-    """The run's ``config.yaml`` and ``tokenizer/`` into ``out`` (an export carries them)."""
-    import shutil
-
-    run = pathlib.Path(run_dir)
-    if (run / CONFIG_FILE).is_file():
-        shutil.copy2(run / CONFIG_FILE, out / CONFIG_FILE)
-    if (run / TOKENIZER_DIR).is_dir():
-        shutil.copytree(run / TOKENIZER_DIR, out / TOKENIZER_DIR)

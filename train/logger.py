@@ -16,26 +16,31 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from train.schema import RunConfig
+from train import rundir
+from train.schema import LoggingConfig
 
 
 class Logger:
-    def __init__(self, config: RunConfig, say: Callable[[str], None], total: int, start: int):
+    """The log of the run in ``run_dir`` from step ``start`` of ``total``: rows to
+    ``metrics.jsonl`` (and TensorBoard, and the console) as `logging` says."""
+
+    def __init__(self, logging: LoggingConfig, run_dir: str | pathlib.Path, say: Callable[[str], None], total: int,
+                 start: int):
         self.say = say
-        self.jsonl = pathlib.Path(config.run_dir) / "metrics.jsonl"
+        self.jsonl = rundir.metrics_file(run_dir)
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         _read_lines(self.jsonl, say)  # a torn last line would run into the first new row
         self.bar = None
         self._running = collections.deque()  # an output of each step dispatched and not seen finished
-        if config.logging.progress:
+        if logging.progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
         self.writer = None
-        if config.logging.tensorboard:
+        if logging.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(pathlib.Path(config.run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(rundir.tensorboard_dir(run_dir)))
 
     def step(self, output) -> None:
         """A step was dispatched; ``output`` (one of its device arrays) says when it has run.
@@ -91,14 +96,14 @@ def row_from_json(line: str) -> dict[str, Any]:
 
 def read_rows(run_dir) -> list[dict[str, Any]]:
     """Every row of the run's ``metrics.jsonl`` (none before the first log step)."""
-    return [row_from_json(line) for line in _read_lines(pathlib.Path(run_dir) / "metrics.jsonl", None)]
+    return [row_from_json(line) for line in _read_lines(rundir.metrics_file(run_dir), None)]
 
 
 def drop_rows_after(run_dir, step: int, *, say: Callable[[str], None] = print) -> None:
     """Rows of ``metrics.jsonl`` past ``step`` (logged by the run before it was stopped,
     after its last checkpoint) are dropped on resume: the steps run again and log again.
     A torn last line is dropped too (``say`` warns of it)."""
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    path = rundir.metrics_file(run_dir)
     if not path.is_file():
         return
     lines = path.read_text().splitlines()

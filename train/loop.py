@@ -1,4 +1,12 @@
-"""The training loop: a built run -> jitted mpx steps -> logs, evals, checkpoints."""
+"""The training loop: a built run -> jitted mpx steps -> logs, evals, checkpoints.
+
+`train` and `_run` are where the run config is taken apart for the loop: the checkpointer
+gets the ``checkpoint`` section and the run directory, the logger ``logging`` and the run
+directory, the step its numbers (``optim.grad_accum``, ``model.dropout``), the divergence
+guard the ``train`` limits; `train.build.build` hands out the rest. Nothing they call is
+given the whole run, except the run's identity checks (`train.identity`), whose subject
+it is.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +23,15 @@ import numpy as np
 
 import mpx
 from mpx.inspect import describe, fp8_stats
+from mpx.nn import TransformerConfig
 from train import checkpoint as ckpt
 from train import data as data_lib
 from train import divergence
 from train import identity
-from train import lock as run_lock
 from train import mesh as mesh_lib
 from train import metrics as mt
-from train.build import Built, build, make_schedule
+from train import rundir
+from train.build import Built, build
 from train.evaluation import eval_step, evaluate, with_references
 from train.divergence import Diverged
 from train.logger import Logger, drop_rows_after
@@ -60,46 +69,54 @@ def train(
     is an error before anything is restored; ``new_data`` continues the run's state on the
     new data instead, with a fresh data position.
 
-    Process 0 holds the run directory's lock while it trains (`train.lock.locked`): a
+    Process 0 holds the run directory's lock while it trains (`train.rundir.locked`): a
     second run in the same directory is an error. A resume may change the run's optimizer
     settings (`train.identity.ADJUSTABLE`) only with ``change_optim``; the change is recorded.
+
+    The JAX distributed system is started here if the CLI has not done it already
+    (`train.mesh.initialize_distributed`), so that this function can be called from Python.
     """
-    mesh_lib.initialize_distributed(config.mesh.distributed)  # before anything else touches JAX
-    lock = run_lock.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
+    mesh_lib.initialize_distributed(config.mesh.distributed)  # a no-op once started
+    lock = rundir.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         resuming, saved, config, changes = _check_identity(config, say, change_optim=change_optim)
         built = build(config, say=say, finetune=not resuming)
-        data = _check_data(built, resuming, new_data=new_data, say=say)
-        refs = _start_report(built, say=say, strict=strict)
+        data = _check_data(built, config, resuming, new_data=new_data, say=say)
+        refs = _start_report(built, config, say=say, strict=strict)
         if jax.process_index() == 0:  # once the data and the model are built: a refused start leaves nothing
-            identity.keep_tokenizer(config.run_dir, built.task.tokenizer)
+            rundir.keep_tokenizer(config.run_dir, built.task.tokenizer)
             if not resuming:
-                identity.record(config.run_dir, config.to_dict())
-                identity.record_data(config.run_dir, data.fingerprint)
-        checkpointer = built.checkpointer(training=True)
+                rundir.record_config(config.run_dir, config.to_dict())
+                rundir.record_data(config.run_dir, data.fingerprint)
+        checkpointer = ckpt.Checkpointer.of(config.checkpoint, config.run_dir, training=True)
         try:
             train_iter = built.task.train_iter()
-            state, skipped = _resume(built, checkpointer, train_iter, saved, data, say)
+            state, skipped = _resume(built, config.run_dir, checkpointer, train_iter, data, say)
             if changes and jax.process_index() == 0:
                 identity.amend(config.run_dir, saved, changes, step=int(state.step))
-            return _run(built, state, skipped, train_iter, checkpointer, refs, say, on_step)
+            return _run(built, config, state, skipped, train_iter, checkpointer, refs, say, on_step)
         finally:
             checkpointer.close()
 
 
-def _run(built: Built, state, skipped: int, train_iter, checkpointer, refs, say, on_step) -> dict[str, Any]:
+def _run(built: Built, config: RunConfig, state, skipped: int, train_iter, checkpointer, refs, say,
+         on_step) -> dict[str, Any]:
     """Steps from ``state.step`` to ``train.steps``: log, evaluate and save on the way."""
-    config, t = built.config, built.config.train
+    t, accum = config.train, config.optim.grad_accum
     config_dict = config.to_dict()
     guard = divergence.Guard(checkpointer, max_consecutive_skips=t.max_consecutive_skips,
                              max_loss_ratio=t.max_loss_ratio, uniform_loss=built.task.uniform_loss(),
                              lr=config.optim.lr, say=say)
-    step_fn, eval_fn = _make_step_fn(built, guard.ceiling), eval_step(built.task, built.graphdef)
-    accum = config.optim.grad_accum
+    step_fn = _make_step_fn(built, guard.ceiling, accum=accum, dropout=config.model.dropout > 0,
+                            lean=t.steps >= t.fp8_lean_min_steps)
+    eval_fn = eval_step(built.task, built.graphdef)
     batch_sharding = built.batch_sharding(accumulated=accum > 1)
-    meter = _Meter(built)
+    shape = config.model.to_transformer(built.task.vocab_size)
+    meter = _Meter(built.state.params, shape, seq_len=config.data.seq_len,
+                   tokens_per_step=config.data.batch_size * config.data.seq_len * accum,
+                   schedule=built.schedule)
     start, end = int(state.step), t.steps
-    logger = Logger(config, say, end, start)
+    logger = Logger(config.logging, config.run_dir, say, end, start)
     # The run's health (skipped steps: the total from the checkpoint on and the current streak;
     # the first exploded loss), kept on the device by the step itself.
     health = jax.device_put(divergence.initial(skipped, start_loss=built.task.uniform_loss()),
@@ -163,13 +180,14 @@ def _check_identity(config: RunConfig, say, *, change_optim: bool):
     resume with a changed config is an error before anything is restored, and keeps the
     run's learning-rate schedule (`train.identity.keep_decay_end`). (A new run records its
     config once it has started.)"""
-    resuming = ckpt.has_checkpoints(config.run_dir)
-    saved = identity.saved_config(config.run_dir)
+    resuming = rundir.has_checkpoints(config.run_dir)
+    saved = rundir.saved_config(config.run_dir)
     changes = {}
     if resuming and saved is not None:
         changes = identity.check_resume(saved, config.to_dict(), run_dir=config.run_dir, say=say,
                                         change_optim=change_optim)
-        config = identity.keep_decay_end(saved, config, say=say)
+        optim = identity.keep_decay_end(saved, config.optim, config.train.steps, say=say)
+        config = dataclasses.replace(config, optim=optim)
     return resuming, saved, config, changes
 
 
@@ -184,16 +202,15 @@ class _DataCheck:
     since_step: int
 
 
-def _check_data(built: Built, resuming: bool, *, new_data: bool, say) -> _DataCheck:
+def _check_data(built: Built, config: RunConfig, resuming: bool, *, new_data: bool, say) -> _DataCheck:
     """Compare the run's data with the one it recorded: changed data on resume is an error
     (before anything is restored) unless ``new_data``; a run from before data.json records
     it (a new run, once it has started)."""
-    config = built.config
     current = identity.data_fingerprint(built.task.prepared, built.task.tokenizer)
-    saved = identity.saved_data(config.run_dir) if resuming else None
+    saved = rundir.saved_data(config.run_dir) if resuming else None
     if saved is None:
         if resuming and jax.process_index() == 0:
-            identity.record_data(config.run_dir, current)
+            rundir.record_data(config.run_dir, current)
         return _DataCheck(current, [], 0)
     changes = identity.data_changes(saved, current)
     if changes and not new_data:
@@ -207,11 +224,11 @@ def _check_data(built: Built, resuming: bool, *, new_data: bool, say) -> _DataCh
     return _DataCheck(current, changes, int(saved.get("since_step", 0)))
 
 
-def _start_report(built: Built, *, say, strict: bool) -> dict[str, float]:
+def _start_report(built: Built, config: RunConfig, *, say, strict: bool) -> dict[str, float]:
     """Say the run's precision and baseline, check the validation split gives a batch;
     returns the task's references."""
-    config, task = built.config, built.task
-    precision_report(built, say=say, strict=strict)
+    task = built.task
+    precision_report(built.model(), built.policy, config.precision, say=say, strict=strict)
     if config.train.eval_every and next(iter(task.eval_iter()), None) is None:
         raise data_lib.DataError(
             f"the validation split gives no batch of data.batch_size={config.data.batch_size} rows of "
@@ -223,12 +240,12 @@ def _start_report(built: Built, *, say, strict: bool) -> dict[str, float]:
     return refs
 
 
-def precision_report(built: Built, *, say: Callable[[str], None], strict: bool) -> None:
-    """Say how many ops of the run's model run in each precision; unmatched path rules are
-    warnings, or with ``strict`` a `ConfigError`."""
-    table = describe(built.model(), built.policy)
+def precision_report(model, policy: mpx.Policy, precision, *, say: Callable[[str], None], strict: bool) -> None:
+    """Say how many ops of ``model`` run in each precision under ``policy`` (the config's
+    ``precision``, as written); unmatched path rules are warnings, or with ``strict`` a
+    `ConfigError`."""
+    table = describe(model, policy)
     counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(table.by_precision().items()))
-    precision = built.config.precision
     say(f"precision {precision if isinstance(precision, str) else 'policy'}: {counts} ops")
     for rule in table.unmatched_rules:
         message = f"policy rule '{rule}' matches no op of this model (a typo in its path?); its ops keep the default"
@@ -237,28 +254,25 @@ def precision_report(built: Built, *, say: Callable[[str], None], strict: bool) 
         say(f"warning: {message}")
 
 
-def _resume(built: Built, checkpointer, train_iter, saved, data: _DataCheck, say) -> tuple[mpx.TrainState, int]:
+def _resume(built: Built, run_dir: str, checkpointer, train_iter, data: _DataCheck, say
+            ) -> tuple[mpx.TrainState, int]:
     """The newest readable checkpoint's state (and the skip count it saved, and its data
     position if saved on this data), or the built step-0 state."""
-    config = built.config
     restored = checkpointer.restore_latest(built.state, say=say, set_aside=True)
     if restored is None:
         if jax.process_index() == 0:
-            drop_rows_after(config.run_dir, 0, say=say)  # rows of an earlier start that left no checkpoint
+            drop_rows_after(run_dir, 0, say=say)  # rows of an earlier start that left no checkpoint
         return built.state, 0
-    if saved is None:  # a run from before config.yaml: its checkpoint holds the config
-        identity.check_resume(restored.config, config.to_dict(), run_dir=config.run_dir, say=say)
-        identity.record(config.run_dir, restored.config)
     if data.changes:
         # Recorded only now: the checkpoints up to this step keep a position in the old data.
         if jax.process_index() == 0:
-            identity.record_data(config.run_dir, data.fingerprint, since_step=restored.step)
+            rundir.record_data(run_dir, data.fingerprint, since_step=restored.step)
         say(f"continuing on new data: {'; '.join(data.changes)}; the run's state is restored from step "
             f"{restored.step}, the data position starts over")
     elif restored.step > data.since_step:
         train_iter.set_state(mesh_lib.this_process_state(restored.data_state))
     if jax.process_index() == 0:
-        drop_rows_after(config.run_dir, restored.step, say=say)
+        drop_rows_after(run_dir, restored.step, say=say)
     say(f"resumed from checkpoint at step {restored.step} in {checkpointer.directory}")
     return restored.state, int(restored.data_state.get("counters", {}).get("skipped", 0))
 
@@ -266,23 +280,24 @@ def _resume(built: Built, checkpointer, train_iter, saved, data: _DataCheck, say
 # ----------------------------------------------------------------------------- steps
 
 
-def _make_step_fn(built: Built, ceiling: float):
+def _make_step_fn(built: Built, ceiling: float, *, accum: int, dropout: bool, lean: bool):
     """The jitted step ``(state, health, batch) -> (state, health, metrics)``.
 
     ``health`` (`train.divergence.initial`, on the device) is updated by the step from its
     own loss and ``metrics.skipped`` (``ceiling``: the loss of an exploded step), so the
     loop never has to read a per-step value back to the host; it fetches it with the other
-    metrics at log steps, and before checkpoint saves.
+    metrics at log steps, and before checkpoint saves. ``accum``: micro-batches per step;
+    ``lean``: switch to the lean FP8 program after the first step (`mpx.BootstrappedStep`).
     """
-    config, task = built.config, built.task
+    task = built.task
 
     def loss_fn(params, meta, batch, rng):
-        return task.loss(built.graphdef, params, meta, batch, rng, dropout=config.model.dropout > 0)
+        return task.loss(built.graphdef, params, meta, batch, rng, dropout=dropout)
 
     def step(state, health, batch, *, fp8_bootstrap):
         done = state.step + 1
         state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
-                                  accum_steps=config.optim.grad_accum, fp8_bootstrap=fp8_bootstrap)
+                                  accum_steps=accum, fp8_bootstrap=fp8_bootstrap)
         return state, divergence.update(health, step=done, loss=m.loss, skipped=m.skipped, ceiling=ceiling), m
 
     replicated = mesh_lib.replicated(built.mesh)
@@ -294,7 +309,7 @@ def _make_step_fn(built: Built, ceiling: float):
 
     # The first step's program scales fresh FP8 tensors from their own amax; in a long enough run
     # the lean one runs after (a second compile, repaid over the steps).
-    if config.train.steps >= config.train.fp8_lean_min_steps:
+    if lean:
         return mpx.BootstrappedStep(jitted(True), jitted(False))
     return jitted(True)
 
@@ -311,16 +326,13 @@ class _Meter:
     """The numbers of a log row: throughput over the steps since the last row, MFU, the
     learning rate, the loss scale, skipped steps and FP8 scale statistics."""
 
-    def __init__(self, built: Built):
-        config = built.config
-        shape = config.model.to_transformer(built.task.vocab_size)
+    def __init__(self, params, shape: TransformerConfig, *, seq_len: int, tokens_per_step: int, schedule):
         embedding = shape.max_len * shape.d_model + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
-        self.flops_token = mt.flops_per_token(built.state.params, num_layers=shape.num_layers,
-                                              seq_len=config.data.seq_len, d_model=shape.d_model,
-                                              embedding_params=embedding)
+        self.flops_token = mt.flops_per_token(params, num_layers=shape.num_layers, seq_len=seq_len,
+                                              d_model=shape.d_model, embedding_params=embedding)
         self.peak = mt.peak_flops()
-        self.tokens_per_step = config.data.batch_size * config.data.seq_len * config.optim.grad_accum
-        self.schedule = make_schedule(config)
+        self.tokens_per_step = tokens_per_step
+        self.schedule = schedule
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def tick(self) -> None:

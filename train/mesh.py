@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train.schema import ConfigError
+from train.schema import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp")
 
@@ -196,7 +196,13 @@ def global_batch(local_batch, sharding: NamedSharding):
 # ----------------------------------------------------------------------------- mesh and shardings
 
 
-def make_mesh(data: int, fsdp: int) -> Mesh:
+def make_mesh(mesh: MeshConfig, *, batch_size: int) -> Mesh:
+    """The run's mesh: ``mesh.data`` x ``mesh.fsdp`` over every device (-1 resolved,
+    `MeshConfig.shape`), ``batch_size`` (``data.batch_size``) checked against it."""
+    return device_mesh(*mesh.shape(jax.device_count(), batch_size=batch_size))
+
+
+def device_mesh(data: int, fsdp: int) -> Mesh:
     """A ``(data, fsdp)`` mesh over the global devices (every process's), ordered by
     process (then JAX's order, which is all of it with one process): fsdp groups sit inside a
     host as far as they fit, and each process's devices hold a contiguous block of the
@@ -218,23 +224,27 @@ def _param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
+def split_shardings(tree, mesh: Mesh):
+    """Shardings that split each array of ``tree`` (params, optimizer moments) over ``fsdp``
+    along its largest dimension that divides evenly; the rest replicated."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp)), tree)
+
+
+def replicated_shardings(tree, mesh: Mesh):
+    """``tree``'s arrays replicated on every device (FP8 meta, loss scale)."""
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
 def state_shardings(state, mesh: Mesh):
     """Shardings for a `mpx.TrainState`: params and optimizer state split over ``fsdp``."""
-    fsdp = mesh.shape["fsdp"]
-    replicated = NamedSharding(mesh, P())
-
-    def for_tree(tree, split: bool):
-        return jax.tree.map(
-            lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp)) if split else replicated, tree
-        )
-
     return state.replace(
-        step=replicated,
-        params=for_tree(state.params, True),
-        opt_state=for_tree(state.opt_state, True),
-        fp8_meta=for_tree(state.fp8_meta, False),
-        loss_scale=for_tree(state.loss_scale, False),
-        rng=replicated,
+        step=replicated(mesh),
+        params=split_shardings(state.params, mesh),
+        opt_state=split_shardings(state.opt_state, mesh),
+        fp8_meta=replicated_shardings(state.fp8_meta, mesh),
+        loss_scale=replicated_shardings(state.loss_scale, mesh),
+        rng=replicated(mesh),
     )
 
 

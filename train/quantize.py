@@ -28,9 +28,11 @@ from typing import Any
 import jax
 from flax import nnx
 
+import mpx
 from mpx import ptq
-from train import identity
-from train.build import Built, build
+from train import mesh as mesh_lib
+from train import rundir
+from train.build import Model, build_model
 from train.evaluation import Trained, eval_step, evaluate, new_directory, with_references
 from train.generate import tokens_per_second
 from train.schema import ConfigError
@@ -95,21 +97,22 @@ class QuantizedModel:
         return {"preset": "fp32", "inputs": {"format": self.settings.format, "clip": self.amaxes}}
 
 
-def float_reference(trained: Trained, *, say: Callable[[str], None], precision: Any = "fp32") -> Built:
+def float_reference(trained: Trained, *, precision: Any = "fp32") -> Model:
     """The run's model under ``precision`` (default fp32: the same parameters, no fp8 or
-    int8 matmul)."""
-    return build(dataclasses.replace(trained.config, precision=precision), say=say)
+    int8 matmul): its graph and fresh FP8 meta (the params to run it with are the trained
+    or quantized ones); no optimizer, no train state."""
+    return build_model(trained.task, trained.config.model, mpx.parse_policy(precision), seed=trained.config.train.seed)
 
 
 def quantize(trained: Trained, settings: QuantizeSettings, out_dir, *, say: Callable[[str], None] = print
              ) -> pathlib.Path:
     """Quantize the run's newest checkpoint into ``out_dir`` (a new directory)."""
-    reference = float_reference(trained, say=say)
+    reference = float_reference(trained)
     params = trained.state.params.to_pure_dict()
     qparams = ptq.quantize_params(params, settings.format)
     amaxes = None
     if settings.mode == "weight_activation":
-        amaxes = _calibrate(reference, trained.state.params, settings)
+        amaxes = _calibrate(reference, trained, settings)
         say(f"calibrated the inputs of {len(amaxes)} weight matmuls on {settings.batches} training batches "
             f"({settings.calibration})")
     import orbax.checkpoint as ocp
@@ -120,7 +123,7 @@ def quantize(trained: Trained, settings: QuantizeSettings, out_dir, *, say: Call
     with new_directory(out_dir, "quantize") as (partial, out):
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(partial / WEIGHTS_DIR, jax.device_get(tree))
-        identity.copy_identity(trained.config.run_dir, partial)
+        rundir.copy_record(trained.config.run_dir, partial)
         info = {
             **dataclasses.asdict(settings),
             "quantized": quantized,
@@ -178,12 +181,12 @@ def compare(trained: Trained, models: list[QuantizedModel], *, say: Callable[[st
     perplexity (LM) or accuracy (classification), parameter bytes and tokens/s of
     generation (LM). One row each, printed as a table."""
     refs = trained.task.references()
-    built: dict[str, Built] = {}  # one build per policy: every weight-only model runs the float one
+    built: dict[str, Model] = {}  # one model per policy: every weight-only model runs the float one
 
-    def reference(precision) -> Built:
+    def reference(precision) -> Model:
         key = json.dumps(precision, sort_keys=True)
         if key not in built:
-            built[key] = float_reference(trained, say=say, precision=precision)
+            built[key] = float_reference(trained, precision=precision)
         return built[key]
 
     float_bytes = ptq.nbytes(trained.state.params.to_pure_dict())
@@ -204,18 +207,24 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _row(label, reference: Built, params, trained: Trained, refs, nbytes: int, gen_tokens: int) -> dict[str, Any]:
+def _row(label, reference: Model, params, trained: Trained, refs, nbytes: int, gen_tokens: int) -> dict[str, Any]:
     c = trained.config
     # Every model's params laid out alike (the restored ones are on the run's mesh), so that
     # the rows differ only in what is computed.
-    params = jax.device_put(jax.device_get(params), reference.shardings.params)
-    result = evaluate(eval_step(reference.task, reference.graphdef), _State(params, reference.state.fp8_meta),
-                      trained.task.eval_iter(), c.train.eval_batches, reference.batch_sharding())
+    params = jax.device_put(jax.device_get(params), mesh_lib.split_shardings(params, trained.mesh))
+    meta = _on_mesh(reference.fp8_meta, trained)
+    result = evaluate(eval_step(trained.task, reference.graphdef), _State(params, meta),
+                      trained.task.eval_iter(), c.train.eval_batches, trained.batch_sharding())
     row = {"model": label, **with_references(result, refs), "param_bytes": nbytes}
     if trained.task.generates:
-        row["gen_tokens_per_s"] = tokens_per_second(reference.graphdef, params, reference.state.fp8_meta,
+        row["gen_tokens_per_s"] = tokens_per_second(reference.graphdef, params, meta,
                                                     max_len=c.model.max_len, new_tokens=gen_tokens)
     return row
+
+
+def _on_mesh(fp8_meta, trained: Trained):
+    """A fresh FP8 meta replicated on the run's devices, as a train state holds it."""
+    return jax.device_put(fp8_meta, mesh_lib.replicated_shardings(fp8_meta, trained.mesh))
 
 
 @dataclasses.dataclass
@@ -224,12 +233,12 @@ class _State:  # what `evaluate` reads of a state
     fp8_meta: Any
 
 
-def _calibrate(reference: Built, params, settings: QuantizeSettings) -> dict[str, float]:
-    batches = reference.task.train_iter()
-    meta = reference.state.fp8_meta
+def _calibrate(reference: Model, trained: Trained, settings: QuantizeSettings) -> dict[str, float]:
+    batches = trained.task.train_iter()
+    params, meta = trained.state.params, _on_mesh(reference.fp8_meta, trained)
 
     def forward(batch):
-        return reference.task.loss(reference.graphdef, params, meta, batch, jax.random.key(0), dropout=False)
+        return trained.task.loss(reference.graphdef, params, meta, batch, jax.random.key(0), dropout=False)
 
     stats = ptq.calibrate(forward, (next(batches) for _ in range(settings.batches)))
     return stats.amaxes(settings.calibration, settings.percentile)

@@ -1,6 +1,6 @@
 """Tasks: what a run learns. Each owns its data, model, loss, metrics and baseline.
 
-    task = make_task(config)                 # data prepared, tokenizer ready
+    task = make_task(config.data, seed=config.train.seed)   # data prepared, tokenizer ready
     model = task.model(config.model, policy, rngs)
     loss, aux = task.loss(graphdef, params, meta, batch, rng, dropout=False)
     task.references()                        # what an evaluation is compared with
@@ -25,12 +25,14 @@ import mpx
 import mpx.nn as mn
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train.schema import ModelConfig, RunConfig
+from train.schema import DataConfig, ModelConfig
 
 
 class Task(abc.ABC):
     """A task's data (``prepared``, ``tokenizer``, the two iterators) and behaviour.
 
+    ``seed`` orders the shuffled batches (``train.seed``); ``num_classes`` is
+    ``finetune.num_classes`` (None: the labels in the data; tasks without classes ignore it).
     ``tokenizer``: encode with this one (a run's own, from its directory) instead of the
     prepared dataset's; the dataset is then prepared with the cheap byte tokenizer rather
     than training a SentencePiece model on text the run never saw.
@@ -41,15 +43,14 @@ class Task(abc.ABC):
     # Top-level param collections that a fine-tuning run makes new rather than loads.
     new_on_finetune: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: RunConfig, tokenizer=None):
-        self.config = config
-        d = config.data
+    def __init__(self, data: DataConfig, *, seed: int, num_classes: int | None = None, tokenizer=None):
+        self.data, self.seed, self._num_classes = data, seed, num_classes
         # Each process loads its own shard of the records and its share of the global batch.
         shard_index, shard_count = mesh_lib.process_shard()
-        self._batch = mesh_lib.local_batch_size(d.batch_size, shard_count)
-        self.prepared = self._prepare("byte" if tokenizer is not None else d.tokenizer)
+        self._batch = mesh_lib.local_batch_size(data.batch_size, shard_count)
+        self.prepared = self._prepare("byte" if tokenizer is not None else data.tokenizer)
         self.tokenizer = tokenizer or self.prepared.tokenizer
-        self._loader = functools.partial(self._loader_fn(), tokenizer=self.tokenizer, seq_len=d.seq_len,
+        self._loader = functools.partial(self._loader_fn(), tokenizer=self.tokenizer, seq_len=data.seq_len,
                                          shard_index=shard_index, shard_count=shard_count)
 
     @property
@@ -58,11 +59,11 @@ class Task(abc.ABC):
 
     def train_iter(self) -> Iterator[dict]:
         """Shuffled training batches, endlessly; checkpointable (``get_state``/``set_state``)."""
-        return self._loader(self.prepared.train, batch_size=self._batch, seed=self.config.train.seed, shuffle=True)
+        return self._loader(self.prepared.train, batch_size=self._batch, seed=self.seed, shuffle=True)
 
     def eval_iter(self) -> Iterator[dict]:
         """The validation split once, in order."""
-        return self._loader(self.prepared.validation, batch_size=self._batch, seed=self.config.train.seed,
+        return self._loader(self.prepared.validation, batch_size=self._batch, seed=self.seed,
                             shuffle=False, num_epochs=1)
 
     @abc.abstractmethod
@@ -110,10 +111,10 @@ class LanguageModelling(Task):
     generates = True
 
     def _prepare(self, tokenizer_kind: str):
-        d = self.config.data
+        d = self.data
         return data_lib.prepare_lm(d.data_dir, files=d.files or None, tokenizer=tokenizer_kind,
                                    vocab_size=d.vocab_size, validation_fraction=d.validation_fraction,
-                                   seed=self.config.train.seed)
+                                   seed=self.seed)
 
     def _loader_fn(self):
         return data_lib.lm_loader
@@ -172,11 +173,11 @@ class Classification(Task):
     new_on_finetune = ("classifier", "head")
 
     def _prepare(self, tokenizer_kind: str):
-        d = self.config.data
+        d = self.data
         return data_lib.prepare_classification(
             d.data_dir, path=d.path, text_column=d.text_column, label_column=d.label_column,
             tokenizer=tokenizer_kind, vocab_size=d.vocab_size, validation_fraction=d.validation_fraction,
-            seed=self.config.train.seed,
+            seed=self.seed,
         )
 
     def _loader_fn(self):
@@ -184,7 +185,7 @@ class Classification(Task):
 
     @property
     def num_classes(self) -> int:
-        return self.config.finetune.num_classes or len(self.prepared.label_names)
+        return self._num_classes or len(self.prepared.label_names)
 
     def model(self, shape: ModelConfig, policy: mpx.Policy, rngs: nnx.Rngs) -> nnx.Module:
         return mn.SequenceClassifier(shape.to_transformer(self.vocab_size), self.num_classes, policy=policy, rngs=rngs)
@@ -227,10 +228,10 @@ def majority_baseline(records: Any) -> float:
 TASKS: dict[str, type[Task]] = {t.name: t for t in (LanguageModelling, Classification)}
 
 
-def task_class(config: RunConfig) -> type[Task]:
-    return TASKS[config.data.task]  # data.task is validated against these names
+def task_class(data: DataConfig) -> type[Task]:
+    return TASKS[data.task]  # data.task is validated against these names
 
 
-def make_task(config: RunConfig, tokenizer=None) -> Task:
-    """The run's task with its data prepared (see `Task` for ``tokenizer``)."""
-    return task_class(config)(config, tokenizer)
+def make_task(data: DataConfig, *, seed: int, num_classes: int | None = None, tokenizer=None) -> Task:
+    """The task ``data.task`` with its data prepared (see `Task` for the rest)."""
+    return task_class(data)(data, seed=seed, num_classes=num_classes, tokenizer=tokenizer)

