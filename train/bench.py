@@ -225,7 +225,7 @@ def layer_variants(shape: mn.TransformerConfig, *, layers: int, batch: int, seq:
     def build(variant: str):
         stack = PlainStack(layers, shape.d_model, shape.num_heads, shape.d_ff, rngs=nnx.Rngs(0))
         if variant in ("mpx_fp8", "mpx_bf16"):
-            mn.apply_policy(stack, mpx.parse_policy("fp8; fp8.amax_history=16" if variant == "mpx_fp8" else "bf16"))
+            mpx.apply_policy(stack, mpx.parse_policy("fp8; fp8.amax_history=16" if variant == "mpx_fp8" else "bf16"))
         elif variant == "flax_fp8_direct":
             for block in stack.blocks:
                 for layer in (block.qkv, block.out, block.fc, block.proj):

@@ -8,7 +8,7 @@ Rows, each a full AdamW train step compiled for the target:
 * the plain-Flax decoder of the layer mode (``--layers`` pre-norm layers of the config's shape
   between an embedding and an untied head): ``flax_bf16`` (no mpx at all), ``flax_fp8_direct``
   (Flax's ``Fp8DirectDotGeneralOp`` dot in the four dense layers of every block), and the same
-  model under an mpx policy (``mpx_bf16``, ``mpx_fp8``, by `mpx.nn.apply_policy`);
+  model under an mpx policy (``mpx_bf16``, ``mpx_fp8``, by `mpx.apply_policy`);
 * mpx's ``TransformerLM`` of the config's shape under the bf16, fp8 and int8 presets: with
   ``--layers`` layers unrolled, and as configured (its layers, scan and remat), if that differs.
 
@@ -67,7 +67,7 @@ def plain_step(shape: mn.TransformerConfig, variant: str, *, layers: int):
                 for layer in (block.qkv, block.out, block.fc, block.proj):
                     layer.dot_general = nnx.data(FlaxFp8Dot())
         elif variant.startswith("mpx_"):
-            mn.apply_policy(model, mpx.parse_policy(variant[4:]), kinds={"head": "head"})  # the preset keeps heads bf16
+            mpx.apply_policy(model, mpx.parse_policy(variant[4:]), kinds={"head": "head"})  # the preset keeps heads bf16
         return model
 
     model = nnx.eval_shape(build)
