@@ -19,7 +19,9 @@ from typing import Any
 from flax import linen, nnx
 
 from mpx import capture
-from mpx.linen import PolicyModule, Wrapped, matmuls_linen, split_linen
+from mpx.linen.context import matmuls_linen
+from mpx.linen.module import PolicyModule, split_linen
+from mpx.linen.wrapped import Wrapped
 from mpx.nn import capture as nnx_capture
 from mpx.nn.apply import apply_nnx, split_nnx
 from mpx.policy import Policy

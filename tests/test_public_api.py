@@ -36,6 +36,10 @@ FACES = {
         "Linear", "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",
         "split",
     ],
+    "mpx.linen": [
+        "CAPTURED", "FP8_COLLECTION", "PolicyDotGeneral", "PolicyModule", "Wrapped", "linen_matmuls", "linen_ops",
+        "policy_context", "split_variables",
+    ],
     "mpx.inspect": [
         "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "TensorStats", "describe",
         "dot_generals", "format_fp8_stats", "fp8_gemms", "fp8_stats",

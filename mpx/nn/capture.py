@@ -89,32 +89,34 @@ class _CapturedMetas(Fp8MetaVariable):
     """The FP8 metas of a model's captured matmuls (a dict by matmul path)."""
 
 
-def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs):
-    """(Captured over the model's own call, its arguments) for ``model(*args, **kwargs)``."""
+def _captured_for(model: nnx.Module, policy: Policy, kinds, args, kwargs) -> capture.Captured:
+    """`mpx.capture.Captured` over the model's own call ``model(*args, **kwargs)``."""
     own_call = _original_call(type(model))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    arrays, rebuild = capture.split_arrays(args, kwargs)
 
-    def fn(params, rest, arrays):
-        a, kw = rebuild(arrays)
-        copy = nnx.merge(graphdef, params, rest)
+    def call(state, args, kwargs):
+        copy = nnx.merge(graphdef, *state)
         before = _state_values(copy)
-        out = own_call(copy, *a, **kw)
+        out = own_call(copy, *args, **kwargs)
         # Only what the call changed (batch statistics, RNG counts) goes back, as a plain
         # call would write it: an untouched variable is never written.
         return out, {k: v for k, v in _state_values(copy).items() if v is not before.get(k)}
-
-    @contextlib.contextmanager
-    def naming(n):
-        with capture.setting(_IN_CAPTURE, True), capture.setting(_COPY_NAMING, n):
-            yield
 
     layer_ops = {f.path: policy.for_op(f.path, f.kind) for f in find_ops(model, kinds)}
     hint = (f"{type(model).__name__} runs these matmuls outside Linear/Einsum layers and has no FP8 state for "
             f"them: pass example inputs to apply_policy, e.g. mpx.apply_policy(model, policy, x), so that it "
             f"can trace the model and create it")
-    captured = capture.Captured(fn, policy, kinds=kinds, naming=naming, layer_op=layer_ops.get, missing_hint=hint)
-    return captured, (params, rest, arrays)
+    root = capture.Root(call, (params, rest), args, kwargs, marking=_marking, layer_op=layer_ops.get,
+                        missing_hint=hint)
+    return capture.Captured(root, policy, kinds=kinds)
+
+
+@contextlib.contextmanager
+def _marking(naming: Naming) -> Iterator[None]:
+    """The root's `mpx.capture.Root.marking`: the model copy's calls are marked for ``naming``
+    (`_original_call` reads it) and, being inside the trace, are not captured again."""
+    with capture.setting(_IN_CAPTURE, True), capture.setting(_COPY_NAMING, naming):
+        yield
 
 
 # The Naming of the capture trace running now (the model copy's calls are marked for it).
@@ -140,10 +142,10 @@ def _captured_call(self, *args, **kwargs):
     kinds = dict(kinds)
     if _IN_CAPTURE.get():
         return _original_call(type(self))(self, *args, **kwargs)
-    captured, (params, rest, arrays) = _captured_for(self, policy, kinds, args, kwargs)
     holder = getattr(self, META_ATTR, None)
     metas = holder.get_value() if holder is not None else {}
-    out, changed = captured.apply(metas, params, rest, arrays)  # the model's code runs once, in its trace
+    captured = _captured_for(self, policy, kinds, args, kwargs)
+    out, changed = captured.apply(metas)  # the model's code runs once, in its trace
     for key, var in _variables(self):
         if key in changed:
             var.set_value(changed[key])
@@ -182,8 +184,7 @@ def capture_matmuls(model: nnx.Module, policy: Policy, kinds: Mapping[str, str] 
         delattr(model, META_ATTR)
     if not args and not kwargs:
         return
-    captured, (params, rest, arrays) = _captured_for(model, policy, kinds, args, kwargs)
-    metas = captured.init(params, rest, arrays)
+    metas = _captured_for(model, policy, kinds, args, kwargs).init()
     if metas:
         setattr(model, META_ATTR, _CapturedMetas(metas))
 
@@ -195,6 +196,5 @@ def policy_of(model: nnx.Module) -> tuple[Policy | None, tuple]:
 
 def matmuls(model: nnx.Module, policy: Policy, kinds, args, kwargs) -> list[capture.Matmul]:
     """Every matmul of ``model(*args, **kwargs)`` (see `mpx.capture.Matmul`)."""
-    captured, (params, rest, arrays) = _captured_for(model, policy, kinds, args, kwargs)
-    return captured.matmuls(params, rest, arrays)
+    return _captured_for(model, policy, kinds, args, kwargs).matmuls()
 
