@@ -458,3 +458,33 @@ def test_nnx_scanned_stack_of_raw_matmuls():
     (path, captured), = fp8.state.fp8_meta["mpx_fp8"].get_value().items()
     amax = np.asarray(captured.lhs.amax)
     assert path == "dot_general_0" and amax.shape == (3,) and len(set(amax.tolist())) == 3
+
+
+# ----------------------------------------------------------------------------- the capture's root
+
+
+def test_a_matmul_inside_a_closed_call_is_captured_and_runs_in_fp8():
+    """A call primitive that keeps its jaxpr as ``call_jaxpr`` (closed_call) is gone into as
+    ``jit`` is: its matmul is named, put in fp8 and evaluated through the policy op."""
+    import contextlib
+
+    from jax.extend.core import primitives
+
+    from mpx import capture
+
+    x, w = jnp.ones((4, 16)), jnp.full((16, 16), 0.5)
+    inner = jax.make_jaxpr(lambda x, w: x @ w)(x, w)
+    closed_call = primitives.closed_call_p
+
+    def call(state, args, kwargs):
+        (w,), (x,) = state, args
+        return closed_call.bind(x, w, **closed_call.get_bind_params({"call_jaxpr": inner}))[0]
+
+    root = capture.Root(call, (w,), (x,), {}, marking=lambda naming: contextlib.nullcontext())
+    captured = capture.Captured(root, mpx.parse_policy("fp8"))
+    trace = captured.trace()
+    assert [(m.path, m.kind, m.precision) for m in trace.matmuls] == [("dot_general_0", "dense", "fp8")]
+    metas = captured.init(trace=trace)
+    assert list(metas) == ["dot_general_0"]
+    np.testing.assert_array_equal(captured.apply(metas, trace=trace), x @ w)  # 1 and 0.5 are exact in fp8
+    assert "f8_e4m3" in str(jax.make_jaxpr(lambda m: captured.apply(m, trace=trace))(metas))

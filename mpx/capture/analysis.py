@@ -31,7 +31,7 @@ from jax.extend import core as jcore
 from mpx.naming import Naming, equations, op_paths, subjaxprs
 from mpx.policy import OpPrecision, Policy
 
-CALLS = ("jit", "closed_call")
+CALLS = ("jit", "closed_call", "eval_jaxpr")  # closed_call_p is named eval_jaxpr from jax 0.11
 """Call primitives: their jaxpr runs as if inlined, so the walk (and the evaluation) goes in."""
 REMAT = ("remat2",)
 """``jax.checkpoint``'s primitive: gone into like a call, re-made as a checkpoint when evaluated."""

@@ -1,7 +1,9 @@
 """Every matmul of an NNX model under its policy, including those no layer hook reaches.
 
 `mpx.apply_policy` gives the model's class a ``__call__`` that runs the model's own call as
-a traced function through `mpx.capture.Captured`: matmuls written as ``lax.dot_general``,
+a traced function (an `mpx.capture.Root`: the model rebuilt from its split state, its
+module calls marked by patching their methods for the trace) through
+`mpx.capture.Captured`: matmuls written as ``lax.dot_general``,
 ``jnp.einsum``, ``@`` or an embedding's ``attend`` get the policy's precision, and an
 fp8 one keeps its `Fp8Meta` in the root module's `Fp8MetaVariable` ``mpx_fp8`` (a dict by
 matmul path, created by `apply_policy` from example inputs). Layers with a policy hook
