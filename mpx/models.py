@@ -22,7 +22,7 @@ from mpx import capture
 from mpx.linen.context import matmuls_linen
 from mpx.linen.module import PolicyModule, split_linen
 from mpx.linen.wrapped import Wrapped
-from mpx.nn import capture as nnx_capture
+from mpx.nn import root as nnx_root
 from mpx.nn.apply import apply_nnx, split_nnx
 from mpx.policy import Policy
 
@@ -109,7 +109,7 @@ def matmuls(model, policy: Policy, *example_args, kinds: Mapping[str, str] | Non
         raise TypeError("matmuls needs example inputs (it traces the model): matmuls(model, policy, x)")
     kinds = kinds_of(model) if kinds is None else kinds
     if isinstance(model, nnx.Module):
-        return nnx_capture.matmuls(model, policy, kinds, example_args, example_kwargs)
+        return nnx_root.matmuls(model, policy, kinds, example_args, example_kwargs)
     if isinstance(model, PolicyModule):
         model = model.module
     if isinstance(model, linen.Module):
@@ -124,7 +124,7 @@ def kinds_of(model) -> dict[str, str]:
     if isinstance(model, (PolicyModule, Wrapped)):
         return dict(model.kinds)
     if isinstance(model, nnx.Module):
-        return dict(nnx_capture.policy_of(model)[1])
+        return dict(nnx_root.policy_of(model)[1])
     return {}
 
 

@@ -23,3 +23,5 @@ rebuilt inside a transform (``nnx.scan``) is named by the call around it.
 from mpx.capture.analysis import Matmul
 from mpx.capture.captured import Captured, Trace, create_metas
 from mpx.capture.root import Root, setting, split_arrays
+
+__all__ = ["Captured", "Matmul", "Root", "Trace", "create_metas", "setting", "split_arrays"]

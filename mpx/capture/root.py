@@ -5,7 +5,7 @@ call as a pure function of its state (so that it can be traced), that state and 
 arguments, a way to mark each module method call in the trace (`mpx.naming.Naming`: a
 matmul is named by the call it ran in), and the policy ops of the layers that run their
 own (reported with them). `Root` holds them; `mpx.capture.Captured` does the rest (trace,
-FP8 state, evaluation) the same way for `mpx.nn.capture` (NNX) and `mpx.linen.root` (linen
+FP8 state, evaluation) the same way for `mpx.nn.root` (NNX) and `mpx.linen.root` (linen
 modules and the model objects that apply them). Where the FP8 metas are kept between calls,
 and how changed state goes back, stay with each framework (an NNX variable; a linen
 collection or the caller's dict).
