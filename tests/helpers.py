@@ -82,3 +82,21 @@ def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.
                              fp8_bootstrap=fp8_bootstrap)
     batch = BATCH if accum_steps == 1 else jax.ShapeDtypeStruct((accum_steps, *BATCH.shape), BATCH.dtype)
     return model, policy, step, (state, batch)
+
+
+def tiny_lm_run(name: str, data_dir, *, precision: str = "fp8", lr: str = "3.0e-3",
+                train: str = "steps: 4, log_every: 2, eval_every: 0",
+                checkpoint: str = "every: 2, keep: 3, async_save: false") -> str:
+    """The YAML of a training run small enough to start in seconds on a CPU: a one-layer
+    byte-level LM (d_model 32, sequences of 32), the Shakespeare corpus in ``data_dir``,
+    no TensorBoard or progress bar; ``train`` and ``checkpoint`` are those sections' keys."""
+    return f"""
+name: {name}
+precision: {precision}
+model: {{d_model: 32, num_heads: 2, num_layers: 1, d_ff: 64, max_len: 32}}
+optim: {{lr: {lr}, warmup_steps: 2}}
+data: {{task: lm, seq_len: 32, batch_size: 8, data_dir: {data_dir}}}
+train: {{{train}}}
+checkpoint: {{{checkpoint}}}
+logging: {{tensorboard: false, progress: false}}
+"""

@@ -24,16 +24,8 @@ from train.divergence import NEVER, Health
 from train.tasks import Classification, LanguageModelling
 from train import rundir
 
-CONFIG = """
-name: diverge
-precision: {precision}
-model: {{d_model: 32, num_heads: 2, num_layers: 1, d_ff: 64, max_len: 32}}
-optim: {{lr: {lr}, warmup_steps: 2}}
-data: {{task: lm, seq_len: 32, batch_size: 8, data_dir: {data_dir}}}
-train: {{steps: 12, log_every: 50, eval_every: 0, max_consecutive_skips: 4}}
-checkpoint: {{every: 1, keep: 2, async_save: false}}
-logging: {{tensorboard: false, progress: false}}
-"""
+from helpers import tiny_lm_run
+
 
 UNIFORM = math.log(256)  # the byte tokenizer's uniform-guess loss, 5.545 nats
 
@@ -45,7 +37,9 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 
 def write_config(tmp_path, data_dir, precision: str, lr: str) -> pathlib.Path:
     path = tmp_path / "run.yaml"
-    path.write_text(CONFIG.format(precision=precision, lr=lr, data_dir=data_dir))
+    path.write_text(tiny_lm_run("diverge", data_dir, precision=precision, lr=lr,
+                                train="steps: 12, log_every: 50, eval_every: 0, max_consecutive_skips: 4",
+                                checkpoint="every: 1, keep: 2, async_save: false"))
     return path
 
 

@@ -15,19 +15,11 @@ import pytest
 
 import train.loop as loop
 from train import evaluation, logger
-from train.__main__ import main
 from train import rundir
+from train.__main__ import main
 
-CONFIG = """
-name: fail
-precision: fp8
-model: {{d_model: 32, num_heads: 2, num_layers: 1, d_ff: 64, max_len: 32}}
-optim: {{lr: 3.0e-3, warmup_steps: 2}}
-data: {{task: lm, seq_len: 32, batch_size: 8, data_dir: {data_dir}}}
-train: {{steps: 4, log_every: 2, eval_every: 0}}
-checkpoint: {{every: 2, keep: 3, async_save: false}}
-logging: {{tensorboard: false, progress: false}}
-"""
+from helpers import tiny_lm_run
+
 
 ROOT = os.geteuid() == 0  # root writes through any permission bits: a chmod refuses it nothing
 
@@ -47,7 +39,7 @@ def trained(tmp_path_factory, data_dir) -> pathlib.Path:
 
 
 def write_config(tmp_path, data_dir) -> pathlib.Path:
-    (tmp_path / "run.yaml").write_text(CONFIG.format(data_dir=data_dir))
+    (tmp_path / "run.yaml").write_text(tiny_lm_run("fail", data_dir))
     return tmp_path / "run.yaml"
 
 

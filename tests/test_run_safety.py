@@ -17,16 +17,8 @@ from train.checkpoint import Checkpointer, RestoreError
 from train.config import load_config
 from train import rundir
 
-CONFIG = """
-name: safety
-precision: fp8
-model: {{d_model: 32, num_heads: 2, num_layers: 1, d_ff: 64, max_len: 32}}
-optim: {{lr: 3.0e-3, warmup_steps: 2}}
-data: {{task: lm, seq_len: 32, batch_size: 8, data_dir: {data_dir}}}
-train: {{steps: 4, log_every: 2, eval_every: 0}}
-checkpoint: {{every: 2, keep: 3, async_save: false}}
-logging: {{tensorboard: false, progress: false}}
-"""
+from helpers import tiny_lm_run
+
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def config_for(tmp_path, data_dir, *overrides):
-    (tmp_path / "run.yaml").write_text(CONFIG.format(data_dir=data_dir))
+    (tmp_path / "run.yaml").write_text(tiny_lm_run("safety", data_dir))
     return load_config(tmp_path / "run.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
@@ -250,7 +242,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_p
 def test_bad_sampling_flags_are_clear_errors_before_anything_loads(tmp_path, data_dir, capsys, flags, message):
     from train.__main__ import main
 
-    (tmp_path / "run.yaml").write_text(CONFIG.format(data_dir=data_dir))
+    (tmp_path / "run.yaml").write_text(tiny_lm_run("safety", data_dir))
     assert main(["generate", str(tmp_path / "run.yaml"), f"run_dir={tmp_path / 'none'}", *flags]) == 2
     assert message in capsys.readouterr().err
 
