@@ -9,10 +9,10 @@ from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
 from mpx.int8 import Int8Config, int8_dot_general
 from mpx.loss_scale import LossScaleConfig
 from mpx.policy import Policy, Rule, parse as parse_policy
-from mpx.step import BootstrappedStep, StepMetrics, TrainState, init_train_state, make_train_step, train_step
+from mpx._step import BootstrappedStep, StepMetrics, TrainState, init_train_state, make_train_step, train_step
 from mpx import nn  # noqa: E402 - layers build on everything above
 from mpx import linen  # noqa: E402
-from mpx.models import apply_policy, matmuls, split  # noqa: E402 - any model under a policy: NNX, linen, hub objects
+from mpx._models import apply_policy, matmuls, split  # noqa: E402 - any model under a policy: NNX, linen, hub objects
 
 __all__ = [
     "BootstrappedStep",

@@ -16,7 +16,7 @@ import numpy as np
 
 from mpx import program
 from mpx.fp8 import Fp8Meta
-from mpx.naming import equations, op_paths
+from mpx._naming import equations, op_paths
 from mpx.policy import Policy, Rule, key_name
 
 
@@ -129,8 +129,8 @@ def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = Non
     """
     from flax import linen, nnx
 
-    from mpx import models
-    from mpx.nn.discover import find_ops
+    from mpx import _models as models
+    from mpx.nn._discover import find_ops
 
     if isinstance(model, nnx.Module):
         kinds = models.kinds_of(model) if kinds is None else kinds

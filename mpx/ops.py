@@ -11,7 +11,7 @@ from jax import lax
 from mpx.fp8 import Fp8Meta, fp8_dot_general
 from mpx.int8 import int8_dot_general
 from mpx import ptq
-from mpx.naming import op_scope
+from mpx._naming import op_scope
 from mpx.policy import WEIGHT_RHS_KINDS, OpPrecision
 
 
@@ -34,7 +34,7 @@ def dot_general(
     there; ``meta`` is passed through untouched (an op that never runs in FP8 never
     advances its meta).
 
-    The computation is named ``mpx[<op path>]`` (`mpx.naming.op_scope`), forward and
+    The computation is named ``mpx[<op path>]`` (`mpx._naming.op_scope`), forward and
     backward: profiles show the op's path, and `mpx.inspect.fp8_gemms` maps compiled
     GEMMs back to it.
     """

@@ -14,7 +14,7 @@ of the bytes and their errors are not averaged out by a sum. Both formats store 
 and the size of one code step, ``x ~= codes * scale``:
 
 - int8: symmetric, ``scale = amax / 127``, codes round to nearest even in [-127, 127]
-  (`mpx.int8.numerics`);
+  (`mpx.int8._numerics`);
 - fp8: E4M3, ``scale = amax * f32(1 / 448)`` so the channel's largest value lands on (or
   within a rounding of) E4M3's largest, codes ``x / scale`` rounded by the cast (ties to
   even), saturating.
@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpx.fp8.numerics import E4M3, fp8_max
-from mpx.int8 import numerics as int8_numerics
+from mpx.fp8._numerics import E4M3, fp8_max
+from mpx.int8 import _numerics as int8_numerics
 from mpx.policy import StaticInputs, key_name
 
 # `record` and `fake_quantize_input` are the hooks `mpx.ops.dot_general` calls, not a user's.

@@ -15,7 +15,7 @@ from flax import nnx
 
 import mpx
 import mpx.nn as mn
-import mpx.nn.transformer as transformer
+import mpx.nn._transformer as transformer
 
 CFG = mn.TransformerConfig(vocab_size=64, d_model=64, num_heads=4, num_layers=2, d_ff=64, max_len=32)
 B, T = 3, 24

@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["mpx.policy.core", "mpx.policy.parsing", "mpx.policy.paths", "mpx._checks", "mpx.naming", "mpx.fp8.numerics",
-           "mpx.fp8.meta", "mpx.int8.numerics", "mpx.loss_scale"]
+MODULES = ["mpx.policy._core", "mpx.policy._parsing", "mpx.policy._paths", "mpx._checks", "mpx._naming", "mpx.fp8._numerics",
+           "mpx.fp8._meta", "mpx.int8._numerics", "mpx.loss_scale"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,8 +13,8 @@ from jax import lax
 import mpx
 from helpers import fp8_gpu
 from mpx.fp8 import E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, dequantize, fp8_dot_general, quantization_stats, quantize
-from mpx.fp8.meta import advance, advance_tree, combine_metas, observation, scale_for_use
-from mpx.fp8.numerics import observe, scale_from_amax
+from mpx.fp8._meta import advance, advance_tree, combine_metas, observation, scale_for_use
+from mpx.fp8._numerics import observe, scale_from_amax
 
 NP_E4M3, NP_E5M2 = (ml_dtypes.float8_e4m3fn, 3), (ml_dtypes.float8_e5m2, 2)  # (ml_dtypes type, mantissa bits)
 FORMATS = [(E4M3, *NP_E4M3), (E5M2, *NP_E5M2)]
@@ -85,7 +85,7 @@ def test_statistics_thresholds_decide_as_the_f32_product():
     20000 random scales over 2**-60..2**60 and the three limits it uses (fp8_max, the flush
     threshold, f32's max), the scalar t is the largest f32 with t * scale <= limit in numpy's
     f32 arithmetic: t passes and the next float up does not."""
-    from mpx.fp8.numerics import _largest_scaling_to, flush_threshold, fp8_max
+    from mpx.fp8._numerics import _largest_scaling_to, flush_threshold, fp8_max
 
     rng = np.random.default_rng(11)
     scales = (2.0 ** rng.uniform(-60, 60, 20000) * rng.uniform(1, 2, 20000)).astype(np.float32)

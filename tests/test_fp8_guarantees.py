@@ -24,7 +24,7 @@ import mpx
 import mpx.linen as ml
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
-from mpx.fp8.meta import bootstrap, needs_bootstrap, observations_finite
+from mpx.fp8._meta import bootstrap, needs_bootstrap, observations_finite
 
 from helpers import settled
 

@@ -19,8 +19,8 @@ import mpx.linen as ml
 import mpx.nn as mn
 from mpx.fp8 import Fp8Meta
 from mpx.int8 import Int8Config, absmax_scale, dequantize, int8_dot_general, quantize, quantize_with_scale
-from mpx.int8.dot import MAX_EXACT_K, int_dot
-from mpx.int8.numerics import MIN_SCALE
+from mpx.int8._dot import MAX_EXACT_K, int_dot
+from mpx.int8._numerics import MIN_SCALE
 from mpx.policy import Policy, Rule, parse
 
 from helpers import settled

@@ -11,7 +11,7 @@ from flax import nnx
 import mpx
 import mpx.linen as ml
 from mpx.inspect import describe
-from mpx.naming import equations
+from mpx._naming import equations
 
 POLICY = mpx.parse_policy("fp8")
 X = jax.random.normal(jax.random.key(0), (4, 16))
@@ -62,7 +62,7 @@ def test_an_nnx_model_is_changed_in_place_as_by_mpx_nn_apply_policy():
     mpx.nn.apply_policy(old, POLICY, X, kinds=KINDS)
     assert mpx.apply_policy(new, POLICY, X, kinds=KINDS) is new
     expected = [("dot_general_0", "dense", "fp8"), ("mid", "dense", "fp8"), ("out", "head", "bf16")]
-    assert decisions(mpx.matmuls(new, POLICY, X)) == decisions(mpx.nn.root.matmuls(old, POLICY, KINDS, (X,), {}))
+    assert decisions(mpx.matmuls(new, POLICY, X)) == decisions(mpx.nn._root.matmuls(old, POLICY, KINDS, (X,), {}))
     assert decisions(mpx.matmuls(new, POLICY, X)) == expected
     assert rows(describe(new, POLICY, X)) == rows(describe(old, POLICY, X, kinds=KINDS))
     # The same state, taken apart the same way, computes the same numbers.

@@ -1,4 +1,4 @@
-"""mpx.naming: the name a policy op gets is the one every reader finds, however deep the
+"""mpx._naming: the name a policy op gets is the one every reader finds, however deep the
 op sits in the program."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import mpx
-from mpx import naming, ops
+from mpx import _naming as naming, ops
 
 
 def test_an_op_scope_reads_back_as_its_path_innermost_last():

@@ -13,9 +13,9 @@ from flax import nnx
 import mpx
 import mpx.nn as mn
 from mpx.fp8 import fp8_max
-from mpx.fp8.meta import advance_tree
-from mpx.nn.op_modules import EinsumOp
-from mpx.nn.transformer import Block
+from mpx.fp8._meta import advance_tree
+from mpx.nn._op_modules import EinsumOp
+from mpx.nn._transformer import Block
 
 from helpers import settled
 

@@ -3,7 +3,7 @@ nothing else.
 
 Every name in a face is a promise to users: adding or removing one is a decision made
 here, not a side effect of an import. What a face leaves out stays importable from its
-module (``from mpx.fp8.meta import advance``) for mpx's own use and for tests.
+module (``from mpx.fp8._meta import advance``) for mpx's own use and for tests.
 """
 
 import doctest
@@ -82,12 +82,12 @@ def test_fp8_exports_about_ten_names_and_keeps_its_state_rules_in_meta():
     """The rules that update FP8 state are the step's business: reachable from their module,
     not from the face."""
     import mpx.fp8
-    import mpx.fp8.meta
+    import mpx.fp8._meta
 
     assert len(mpx.fp8.__all__) <= 12
     for rule in ("advance", "advance_tree", "combine", "combine_metas", "combine_trees", "observation",
                  "observations_finite", "scale_for_use", "needs_bootstrap", "bootstrap"):
-        assert rule not in mpx.fp8.__all__ and callable(getattr(mpx.fp8.meta, rule)), rule
+        assert rule not in mpx.fp8.__all__ and callable(getattr(mpx.fp8._meta, rule)), rule
 
 
 def why_not_public(ref: str) -> str | None:
@@ -149,11 +149,11 @@ def test_the_readme_and_the_doctests_use_only_public_names(where, code):
 
 def test_the_reference_check_refuses_what_is_not_public():
     """The check above can fail: internal rules, private names and missing names are refused."""
-    code = ("import mpx\nimport mpx.fp8 as F\nfrom mpx.fp8.meta import advance\nfrom mpx import (ptq,\n  nn as mn)\n"
+    code = ("import mpx\nimport mpx.fp8 as F\nfrom mpx.fp8._meta import advance\nfrom mpx import (ptq,\n  nn as mn)\n"
             "import numpy as np\nmpx.fp8.observe(x)\nF._scaled(x)\nmn.Linear\nmpx.nope")
-    assert mpx_references(code) == {"mpx", "mpx.fp8", "mpx.fp8.meta", "mpx.fp8.meta.advance", "mpx.ptq", "mpx.nn",
+    assert mpx_references(code) == {"mpx", "mpx.fp8", "mpx.fp8._meta", "mpx.fp8._meta.advance", "mpx.ptq", "mpx.nn",
                                     "mpx.fp8.observe", "mpx.fp8._scaled", "mpx.nn.Linear", "mpx.nope"}
-    assert why_not_public("mpx.fp8.meta.advance") == "mpx.fp8.meta.advance: mpx.fp8.__all__ has no 'meta'"
+    assert why_not_public("mpx.fp8._meta.advance") == "mpx.fp8._meta.advance: _meta is private to mpx.fp8"
     assert why_not_public("mpx.fp8.observe") == "mpx.fp8.observe: mpx.fp8.__all__ has no 'observe'"
     assert why_not_public("mpx.fp8._scaled") == "mpx.fp8._scaled: _scaled is private to mpx.fp8"
     assert why_not_public("mpx.nope") == "mpx.nope: mpx.__all__ has no 'nope'"

@@ -214,9 +214,9 @@ def test_step_rng_depends_on_seed_and_step_only():
     """The per-step key is fold_in(base, step): equal for equal (seed, step), different otherwise."""
     opt = optax.sgd(0.1)
     s = mpx.init_train_state({"w": jnp.zeros(2)}, opt, rng=jax.random.key(7))
-    k0 = jax.random.key_data(mpx.step.step_rng(s))
-    k0_again = jax.random.key_data(mpx.step.step_rng(mpx.init_train_state({"w": jnp.ones(2)}, opt, rng=jax.random.key(7))))
-    k1 = jax.random.key_data(mpx.step.step_rng(s.replace(step=jnp.int32(1))))
+    k0 = jax.random.key_data(mpx._step.step_rng(s))
+    k0_again = jax.random.key_data(mpx._step.step_rng(mpx.init_train_state({"w": jnp.ones(2)}, opt, rng=jax.random.key(7))))
+    k1 = jax.random.key_data(mpx._step.step_rng(s.replace(step=jnp.int32(1))))
     assert np.array_equal(k0, k0_again)
     assert not np.array_equal(k0, k1)
     assert np.array_equal(k0, jax.random.key_data(jax.random.fold_in(jax.random.key(7), 0)))

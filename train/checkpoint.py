@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mpx.loss_scale import all_finite
-from mpx.step import TrainState
+from mpx._step import TrainState
 from train.mesh import all_process_states
 from train.rundir import CHECKPOINTS_DIR, checkpoint_dir
 from train.schema import CheckpointConfig

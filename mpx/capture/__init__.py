@@ -8,11 +8,11 @@ call to a jaxpr, finds every ``dot_general`` in it and names each by the module 
 in, and evaluates the jaxpr again with each such matmul replaced by `mpx.ops.dot_general`
 under the policy, FP8 meta included. The model's code is not touched.
 
-* `mpx.capture.root`: `Root`, what the NNX and linen glue provide (the call as a pure
+* `mpx.capture._root`: `Root`, what the NNX and linen glue provide (the call as a pure
   function of the model's state, and how to mark its module calls);
-* `mpx.capture.analysis`: which matmuls are captured, their names and kinds (`Matmul`);
-* `mpx.capture.evaluate`: the jaxpr evaluated again with them as policy ops;
-* `mpx.capture.captured`: `Captured`, the three together (trace, FP8 state, apply).
+* `mpx.capture._analysis`: which matmuls are captured, their names and kinds (`Matmul`);
+* `mpx.capture._evaluate`: the jaxpr evaluated again with them as policy ops;
+* `mpx.capture._captured`: `Captured`, the three together (trace, FP8 state, apply).
 
 A module called twice gives the same names twice, and its FP8 meta is threaded from the
 first call to the second (amaxes combine by max). Matmuls inside ``lax.scan`` get one meta
@@ -20,8 +20,8 @@ per iteration, stacked along a leading axis (a scanned layer stack: one per laye
 rebuilt inside a transform (``nnx.scan``) is named by the call around it.
 """
 
-from mpx.capture.analysis import Matmul
-from mpx.capture.captured import Captured, Trace, create_metas
-from mpx.capture.root import Root, setting, split_arrays
+from mpx.capture._analysis import Matmul
+from mpx.capture._captured import Captured, Trace, create_metas
+from mpx.capture._root import Root, setting, split_arrays
 
 __all__ = ["Captured", "Matmul", "Root", "Trace", "create_metas", "setting", "split_arrays"]

@@ -1,17 +1,17 @@
 """FP8 numerics, state and matmul.
 
-* `mpx.fp8.numerics`: quantize / dequantize / amax / scale_from_amax on arrays.
-* `mpx.fp8.meta`: `Fp8Config`, the state types `Fp8Scale` / `Fp8Meta` and every rule
+* `mpx.fp8._numerics`: quantize / dequantize / amax / scale_from_amax on arrays.
+* `mpx.fp8._meta`: `Fp8Config`, the state types `Fp8Scale` / `Fp8Meta` and every rule
   that updates them (observe, combine, advance once per step).
-* `mpx.fp8.dot`: `fp8_dot_general`, FP8 GEMMs forward and backward.
+* `mpx.fp8._dot`: `fp8_dot_general`, FP8 GEMMs forward and backward.
 
 This package exports what a user calls; the state's update rules, which `mpx.train_step`
-applies, are imported from `mpx.fp8.meta`.
+applies, are imported from `mpx.fp8._meta`.
 """
 
-from mpx.fp8.dot import Fp8FanoutWarning, fp8_dot_general
-from mpx.fp8.meta import Fp8Config, Fp8Meta, Fp8Scale
-from mpx.fp8.numerics import E4M3, E5M2, amax, dequantize, fp8_max, quantization_stats, quantize
+from mpx.fp8._dot import Fp8FanoutWarning, fp8_dot_general
+from mpx.fp8._meta import Fp8Config, Fp8Meta, Fp8Scale
+from mpx.fp8._numerics import E4M3, E5M2, amax, dequantize, fp8_max, quantization_stats, quantize
 
 __all__ = [
     "E4M3",

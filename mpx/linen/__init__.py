@@ -31,19 +31,19 @@ write yourself can take the op directly (no context needed):
 An object that holds a linen module and its params and calls ``apply`` itself (a model
 hub's class) becomes a `Wrapped` under `mpx.apply_policy`.
 
-Where each part lives: `mpx.linen.context` (`policy_context`, the method interceptor),
-`mpx.linen.layers` (the layer hook) and `mpx.linen.dot` (`PolicyDotGeneral`),
-`mpx.linen.root` (the root call under capture), `mpx.linen.active` (the policy in force, the
-FP8 collection's names), `mpx.linen.module` (`PolicyModule`), `mpx.linen.wrapped`
-(`Wrapped`), `mpx.linen.aliases` (the old names, for one release).
+Where each part lives: `mpx.linen._context` (`policy_context`, the method interceptor),
+`mpx.linen._layers` (the layer hook) and `mpx.linen._dot` (`PolicyDotGeneral`),
+`mpx.linen._root` (the root call under capture), `mpx.linen._active` (the policy in force, the
+FP8 collection's names), `mpx.linen._module` (`PolicyModule`), `mpx.linen._wrapped`
+(`Wrapped`), `mpx.linen._aliases` (the old names, for one release).
 """
 
-from mpx.linen.active import CAPTURED, FP8_COLLECTION
-from mpx.linen.aliases import linen_matmuls, linen_ops, split_variables
-from mpx.linen.context import policy_context
-from mpx.linen.dot import PolicyDotGeneral
-from mpx.linen.module import PolicyModule
-from mpx.linen.wrapped import Wrapped
+from mpx.linen._active import CAPTURED, FP8_COLLECTION
+from mpx.linen._aliases import linen_matmuls, linen_ops, split_variables
+from mpx.linen._context import policy_context
+from mpx.linen._dot import PolicyDotGeneral
+from mpx.linen._module import PolicyModule
+from mpx.linen._wrapped import Wrapped
 
 __all__ = [
     "CAPTURED",

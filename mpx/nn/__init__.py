@@ -1,18 +1,18 @@
 """Flax NNX layers that obey a precision policy. Any NNX model goes under a policy with
 `mpx.apply_policy`; ``apply_policy`` and ``split`` here are its old names.
 
-* `mpx.nn.discover`: `find_ops`, the ops of any NNX model a policy decides;
-* `mpx.nn.op_modules`: the modules where a precision decision is applied (`DotGeneral`,
+* `mpx.nn._discover`: `find_ops`, the ops of any NNX model a policy decides;
+* `mpx.nn._op_modules`: the modules where a precision decision is applied (`DotGeneral`,
   `Softmax`, `CrossEntropy`) and the FP8 state they hold (`Fp8MetaVariable`);
-* `mpx.nn.layers`: `Linear` and `Einsum` with a policy ``kind``;
-* `mpx.nn.transformer`: a GPT-style decoder (`TransformerLM`, `SequenceClassifier`) and its parts.
+* `mpx.nn._layers`: `Linear` and `Einsum` with a policy ``kind``;
+* `mpx.nn._transformer`: a GPT-style decoder (`TransformerLM`, `SequenceClassifier`) and its parts.
 """
 
-from mpx.nn.apply import apply_policy, split
-from mpx.nn.discover import FoundOp, find_ops
-from mpx.nn.layers import Einsum, Linear
-from mpx.nn.op_modules import CrossEntropy, DotGeneral, Fp8MetaVariable, Softmax
-from mpx.nn.transformer import GPT2_MEDIUM, GPT2_SMALL, Attention, SequenceClassifier, TransformerConfig, TransformerLM
+from mpx.nn._apply import apply_policy, split
+from mpx.nn._discover import FoundOp, find_ops
+from mpx.nn._layers import Einsum, Linear
+from mpx.nn._op_modules import CrossEntropy, DotGeneral, Fp8MetaVariable, Softmax
+from mpx.nn._transformer import GPT2_MEDIUM, GPT2_SMALL, Attention, SequenceClassifier, TransformerConfig, TransformerLM
 
 __all__ = [
     "GPT2_MEDIUM",

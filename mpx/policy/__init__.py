@@ -32,18 +32,18 @@ Rules given next to a preset come before the preset's own, so they take preceden
 
 Where each part lives:
 
-* `mpx.policy.vocabulary`: precisions, dtypes and op kinds;
-* `mpx.policy.paths`: op paths and the patterns that match them;
-* `mpx.policy.core`: `Policy`, `Rule`, `StaticInputs` and the decision for one op, `OpPrecision`;
-* `mpx.policy.presets`: the named policies;
-* `mpx.policy.parsing`: `parse` (compact strings and dicts).
+* `mpx.policy._vocabulary`: precisions, dtypes and op kinds;
+* `mpx.policy._paths`: op paths and the patterns that match them;
+* `mpx.policy._core`: `Policy`, `Rule`, `StaticInputs` and the decision for one op, `OpPrecision`;
+* `mpx.policy._presets`: the named policies;
+* `mpx.policy._parsing`: `parse` (compact strings and dicts).
 """
 
-from mpx.policy.core import OpPrecision, Policy, Rule, StaticInputs
-from mpx.policy.parsing import TOP_KEYS, parse
-from mpx.policy.paths import key_name, kind_overrides
-from mpx.policy.presets import PRESETS
-from mpx.policy.vocabulary import DTYPES, KINDS, MATMUL_KINDS, PRECISIONS, WEIGHT_RHS_KINDS
+from mpx.policy._core import OpPrecision, Policy, Rule, StaticInputs
+from mpx.policy._parsing import TOP_KEYS, parse
+from mpx.policy._paths import key_name, kind_overrides
+from mpx.policy._presets import PRESETS
+from mpx.policy._vocabulary import DTYPES, KINDS, MATMUL_KINDS, PRECISIONS, WEIGHT_RHS_KINDS
 
 __all__ = [
     "DTYPES",

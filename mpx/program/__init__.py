@@ -4,9 +4,9 @@
     print(mpx.program.read(compiled, "h100"))   # GEMMs by kind, other kernels, bytes, roofline
 """
 
-from mpx.program.hlo import Kernel, kernels, shape_bytes
-from mpx.program.report import ProgramReport, read, report
-from mpx.program.target import (
+from mpx.program._hlo import Kernel, kernels, shape_bytes
+from mpx.program._report import ProgramReport, read, report
+from mpx.program._target import (
     CUBLAS_ONLY,
     H100,
     TARGETS,

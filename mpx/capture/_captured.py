@@ -9,12 +9,12 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
-from mpx.capture.analysis import Analysis, Flags, Matmul, Site
-from mpx.capture.evaluate import Evaluator
-from mpx.capture.root import Root
+from mpx.capture._analysis import Analysis, Flags, Matmul, Site
+from mpx.capture._evaluate import Evaluator
+from mpx.capture._root import Root
 from mpx.fp8 import Fp8Meta
-from mpx.fp8.dot import retraced_under_differentiation
-from mpx.naming import Naming
+from mpx.fp8._dot import retraced_under_differentiation
+from mpx._naming import Naming
 from mpx.policy import Policy, kind_overrides
 
 

@@ -9,8 +9,8 @@ from flax import linen
 
 from mpx import capture
 from mpx.fp8 import Fp8Meta
-from mpx.linen.active import Supplied
-from mpx.linen.context import activate
+from mpx.linen._active import Supplied
+from mpx.linen._context import activate
 from mpx.policy import Policy
 
 

@@ -20,8 +20,8 @@ from mpx._checks import is_positive_finite
 from mpx.fp8 import Fp8Config
 from mpx.int8 import Int8Config
 from mpx.loss_scale import LossScaleConfig
-from mpx.policy.paths import path_str, pattern_regex
-from mpx.policy.vocabulary import DTYPES, INPUT_FORMATS, KINDS, MATMUL_KINDS, PRECISIONS, QUANTIZED, WEIGHT_RHS_KINDS, suggest
+from mpx.policy._paths import path_str, pattern_regex
+from mpx.policy._vocabulary import DTYPES, INPUT_FORMATS, KINDS, MATMUL_KINDS, PRECISIONS, QUANTIZED, WEIGHT_RHS_KINDS, suggest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 from flax import linen
 
 from mpx import capture
-from mpx.linen.active import FP8_COLLECTION
-from mpx.linen.context import matmuls_linen, policy_context
+from mpx.linen._active import FP8_COLLECTION
+from mpx.linen._context import matmuls_linen, policy_context
 from mpx.policy import Policy
 
 

@@ -17,8 +17,8 @@ from flax import linen
 from flax.linen import dtypes as linen_dtypes
 
 from mpx import ops
-from mpx.linen.active import Active
-from mpx.linen.dot import PolicyDotGeneral
+from mpx.linen._active import Active
+from mpx.linen._dot import PolicyDotGeneral
 
 HOOKED = (linen.Dense, linen.DenseGeneral, linen.Einsum)
 """The linen layers the hook puts under the policy."""

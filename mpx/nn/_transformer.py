@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpx import program
-from mpx.naming import op_scope
-from mpx.nn.apply import apply_nnx
+from mpx._naming import op_scope
+from mpx.nn._apply import apply_nnx
 from mpx._checks import is_int
-from mpx.nn.layers import Linear
-from mpx.nn.op_modules import CrossEntropy, DotGeneral, Softmax
+from mpx.nn._layers import Linear
+from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.policy import OpPrecision, Policy
 
 

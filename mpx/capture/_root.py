@@ -2,10 +2,10 @@
 
 Capturing a model's matmuls needs the same four things whatever the model is written in: its
 call as a pure function of its state (so that it can be traced), that state and the call's
-arguments, a way to mark each module method call in the trace (`mpx.naming.Naming`: a
+arguments, a way to mark each module method call in the trace (`mpx._naming.Naming`: a
 matmul is named by the call it ran in), and the policy ops of the layers that run their
 own (reported with them). `Root` holds them; `mpx.capture.Captured` does the rest (trace,
-FP8 state, evaluation) the same way for `mpx.nn.root` (NNX) and `mpx.linen.root` (linen
+FP8 state, evaluation) the same way for `mpx.nn._root` (NNX) and `mpx.linen._root` (linen
 modules and the model objects that apply them). Where the FP8 metas are kept between calls,
 and how changed state goes back, stay with each framework (an NNX variable; a linen
 collection or the caller's dict).
@@ -22,7 +22,7 @@ from typing import Any, ContextManager
 import jax
 import numpy as np
 
-from mpx.naming import Naming
+from mpx._naming import Naming
 from mpx.policy import OpPrecision
 
 _MISSING_HINT = ("initialize the model under the same policy (its FP8 state is created from a trace of the "

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from mpx.nn.root import capture_matmuls
-from mpx.nn.discover import find_ops
-from mpx.nn.op_modules import DotGeneral, EinsumOp, Fp8MetaVariable, Op
+from mpx.nn._root import capture_matmuls
+from mpx.nn._discover import find_ops
+from mpx.nn._op_modules import DotGeneral, EinsumOp, Fp8MetaVariable, Op
 from mpx.policy import Policy
 
 

@@ -25,9 +25,9 @@ from collections.abc import Iterator, Mapping
 from flax import nnx
 
 from mpx import capture
-from mpx.nn.discover import find_ops
-from mpx.nn.op_modules import Fp8MetaVariable, Op
-from mpx.naming import Naming
+from mpx.nn._discover import find_ops
+from mpx.nn._op_modules import Fp8MetaVariable, Op
+from mpx._naming import Naming
 from mpx.policy import Policy
 
 META_ATTR = "mpx_fp8"

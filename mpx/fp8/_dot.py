@@ -4,7 +4,7 @@ FP8 arrays go straight into ``lax.dot_general`` and the scales are applied to it
 (in f32), the pattern XLA rewrites into a cuBLASLt FP8 GEMM on GPUs that have one. The
 op's `Fp8Meta` goes in with the operands and comes back with the output; in the backward
 pass its cotangent is what this call observed (amaxes, a call count, statistics: see
-`mpx.fp8.meta`), which a train step turns into the next state with `Fp8Meta.advance`.
+`mpx.fp8._meta`), which a train step turns into the next state with `Fp8Meta.advance`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mpx.dims import normalize_dims, transpose_dims
-from mpx.fp8.meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
-from mpx.fp8.numerics import amax, observe, quantize
+from mpx._dims import normalize_dims, transpose_dims
+from mpx.fp8._meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
+from mpx.fp8._numerics import amax, observe, quantize
 
 
 class Fp8FanoutWarning(UserWarning):
@@ -100,7 +100,7 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     """``lax.dot_general`` with both operands quantized to FP8; returns ``(out, meta)``.
 
     Forward: lhs and rhs are quantized to E4M3 with the scales of ``meta`` (see
-    `mpx.fp8.meta.scale_for_use`), multiplied as FP8 and rescaled in f32 to
+    `mpx.fp8._meta.scale_for_use`), multiplied as FP8 and rescaled in f32 to
     ``out_dtype`` (default: ``lhs.dtype``). Backward: the output gradient is quantized
     (E5M2 under ``hybrid``, E4M3 under ``e4m3``) and both input gradients are FP8 GEMMs.
     The cotangent of ``meta`` is this call's observation (plus those of later calls that

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mpx.dims import free_axes, normalize_dims, transpose_dims
-from mpx.int8.config import Int8Config
-from mpx.int8.numerics import INT8_MAX, dequantize, fake_quantize, quantize
+from mpx._dims import free_axes, normalize_dims, transpose_dims
+from mpx.int8._config import Int8Config
+from mpx.int8._numerics import INT8_MAX, dequantize, fake_quantize, quantize
 
 # The largest contraction whose int32 sum cannot overflow: 127 * 127 * K < 2**31.
 MAX_EXACT_K = (2**31 - 1) // (INT8_MAX * INT8_MAX)

@@ -1,8 +1,8 @@
 """`policy_context`: unmodified linen models under a policy while they are traced.
 
 One method interceptor does it all: the root module's call of ``init`` / ``apply`` is
-captured whole (`mpx.linen.root`), and inside it each Dense / DenseGeneral / Einsum call
-takes the layer hook (`mpx.linen.layers`).
+captured whole (`mpx.linen._root`), and inside it each Dense / DenseGeneral / Einsum call
+takes the layer hook (`mpx.linen._layers`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 from flax import linen
 
 from mpx import capture
-from mpx.linen.active import ACTIVE, Active, Supplied
-from mpx.linen.layers import HOOKED, layer_call
-from mpx.linen.root import IN_ROOT, capture_root
+from mpx.linen._active import ACTIVE, Active, Supplied
+from mpx.linen._layers import HOOKED, layer_call
+from mpx.linen._root import IN_ROOT, capture_root
 from mpx.policy import Policy
 
 # How many module calls are running inside the root call.

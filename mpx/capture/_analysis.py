@@ -1,7 +1,7 @@
 """Which matmuls of a traced function capture puts under the policy: a static pass over its jaxpr.
 
 `Analysis` walks the jaxpr (inside ``jax.jit``, ``jax.checkpoint`` and ``lax.scan`` too), finds
-every ``dot_general`` and names it by the module call it ran in (`mpx.naming.Naming`'s markers):
+every ``dot_general`` and names it by the module call it ran in (`mpx._naming.Naming`'s markers):
 the module's path when that call ran one matmul (a projection layer is its op), else
 ``<module path>/dot_general_<k>`` for the k-th; ``attend`` and other methods than ``__call__``
 add ``/<method>``. A module called twice gives the same names twice.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from mpx.naming import Naming, equations, op_paths, subjaxprs
+from mpx._naming import Naming, equations, op_paths, subjaxprs
 from mpx.policy import OpPrecision, Policy
 
 CALLS = ("jit", "closed_call", "eval_jaxpr")  # closed_call_p is named eval_jaxpr from jax 0.11

@@ -16,9 +16,9 @@ from typing import Any
 from mpx.fp8 import Fp8Config
 from mpx.int8 import Int8Config
 from mpx.loss_scale import LossScaleConfig
-from mpx.policy.core import Policy, Rule, StaticInputs
-from mpx.policy.presets import PRESETS, preset
-from mpx.policy.vocabulary import PRECISIONS, suggest
+from mpx.policy._core import Policy, Rule, StaticInputs
+from mpx.policy._presets import PRESETS, preset
+from mpx.policy._vocabulary import PRECISIONS, suggest
 
 TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale", "inputs")
 _RULE_KEYS = ("match", "kind", "use")

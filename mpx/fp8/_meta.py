@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from mpx._checks import check_choice, check_int
-from mpx.fp8.numerics import E4M3, E5M2, fp8_max, scale_from_amax
+from mpx.fp8._numerics import E4M3, E5M2, fp8_max, scale_from_amax
 
 Recipe = Literal["delayed", "current"]
 Format = Literal["hybrid", "e4m3"]

@@ -17,8 +17,8 @@ from flax import core as flax_core
 from flax import linen
 
 from mpx import capture
-from mpx.linen.active import CAPTURED, FP8_COLLECTION, Active
-from mpx.naming import Naming
+from mpx.linen._active import CAPTURED, FP8_COLLECTION, Active
+from mpx._naming import Naming
 
 IN_ROOT: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_linen_in_root", default=False)
 """Set while a root module's call is handled (and during the capture's own trace of it): the

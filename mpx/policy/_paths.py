@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mpx.policy.vocabulary import KINDS
+from mpx.policy._vocabulary import KINDS
 
 
 def pattern_regex(pattern: str) -> str:

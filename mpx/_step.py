@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mpx.fp8.meta import advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite
+from mpx.fp8._meta import advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite
 from mpx.loss_scale import LossScale, NoOpLossScale, select_tree
 from mpx.policy import Policy
 
@@ -86,10 +86,10 @@ class StepMetrics:
 
     ``skipped``: the update was not applied, because the loss, a gradient
     (``grads_finite`` False) or an FP8 amax (``amax_finite`` False: an FP8 matmul's lhs or
-    output gradient; see `mpx.fp8.meta.observations_finite`) was not finite.
+    output gradient; see `mpx.fp8._meta.observations_finite`) was not finite.
     ``fp8_fanout``: the largest ``fanout`` of any FP8 tensor this step: 1 when every
     reused meta was threaded, k > 1 when k un-threaded uses added their amaxes
-    (see `mpx.fp8.meta`), 0 without FP8 ops.
+    (see `mpx.fp8._meta`), 0 without FP8 ops.
     """
 
     loss: jax.Array
@@ -242,7 +242,7 @@ class BootstrappedStep:
     """A step function in two programs: ``bootstrap`` (``fp8_bootstrap=True``) until a step
     has been applied to a state with FP8 tensors, then ``lean`` (``fp8_bootstrap=False``; see
     `train_step`). A state it did not return itself (a fresh or a restored one) is fresh when
-    none of its FP8 tensors has recorded an amax (`mpx.fp8.meta.needs_bootstrap`).
+    none of its FP8 tensors has recorded an amax (`mpx.fp8._meta.needs_bootstrap`).
 
     Both are called as ``fn(state, *args)`` and return a tuple whose first element is the
     new state and whose last is its `StepMetrics`. Choosing reads the device only while

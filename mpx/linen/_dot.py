@@ -7,7 +7,7 @@ from flax import linen
 
 from mpx import ops
 from mpx.fp8 import Fp8Meta
-from mpx.linen.active import ACTIVE, FP8_COLLECTION
+from mpx.linen._active import ACTIVE, FP8_COLLECTION
 from mpx.policy import Policy
 
 

@@ -5,8 +5,8 @@ matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss 
 from __future__ import annotations
 
 from mpx.loss_scale import LossScaleConfig
-from mpx.policy.core import Policy, Rule
-from mpx.policy.vocabulary import suggest
+from mpx.policy._core import Policy, Rule
+from mpx.policy._vocabulary import suggest
 
 PRESETS = ("fp32", "bf16", "fp16", "fp8", "int8")
 

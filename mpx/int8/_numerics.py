@@ -113,6 +113,6 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 def fake_quantize(x: jax.Array, axes: int | Sequence[int] | None = None, dtype=None) -> jax.Array:
     """``dequantize(*quantize(x, axes), dtype)``: ``x`` snapped to its int8 grid, in ``dtype``
-    (default ``x.dtype``). No gradient rule of its own: see `mpx.int8.dot.ste_fake_quantize`."""
+    (default ``x.dtype``). No gradient rule of its own: see `mpx.int8._dot.ste_fake_quantize`."""
     q, scale = quantize(x, axes)
     return dequantize(q, scale, x.dtype if dtype is None else dtype)

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import jax
 
-from mpx.program.hlo import Kernel, kernels
-from mpx.program.target import CUBLAS_ONLY, Target, compile_for, get_target
+from mpx.program._hlo import Kernel, kernels
+from mpx.program._target import CUBLAS_ONLY, Target, compile_for, get_target
 
 
 @dataclasses.dataclass(frozen=True)

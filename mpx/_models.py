@@ -19,11 +19,11 @@ from typing import Any
 from flax import linen, nnx
 
 from mpx import capture
-from mpx.linen.context import matmuls_linen
-from mpx.linen.module import PolicyModule, split_linen
-from mpx.linen.wrapped import Wrapped
-from mpx.nn import root as nnx_root
-from mpx.nn.apply import apply_nnx, split_nnx
+from mpx.linen._context import matmuls_linen
+from mpx.linen._module import PolicyModule, split_linen
+from mpx.linen._wrapped import Wrapped
+from mpx.nn import _root as nnx_root
+from mpx.nn._apply import apply_nnx, split_nnx
 from mpx.policy import Policy
 
 _ACCEPTS = ("an nnx.Module, a flax.linen Module, or an object whose __call__ runs a linen module's apply "

@@ -16,7 +16,7 @@ from jax import lax
 
 from mpx import ops
 from mpx.fp8 import Fp8FanoutWarning, Fp8Meta
-from mpx.fp8.dot import under_differentiation
+from mpx.fp8._dot import under_differentiation
 from mpx.policy import OpPrecision
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from flax import nnx
 
-from mpx.nn.op_modules import DotGeneral, Fp8MetaVariable, Op
+from mpx.nn._op_modules import DotGeneral, Fp8MetaVariable, Op
 from mpx.policy import KINDS, kind_overrides
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from flax import linen
 
 from mpx import capture
-from mpx.linen.context import matmuls_linen
-from mpx.linen.module import split_linen
+from mpx.linen._context import matmuls_linen
+from mpx.linen._module import split_linen
 from mpx.policy import Policy
 
 

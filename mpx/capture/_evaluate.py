@@ -18,8 +18,8 @@ from jax import lax
 from jax.extend import core as jcore
 
 from mpx import ops
-from mpx.capture.analysis import CALLS, REMAT, Site, called_jaxpr
-from mpx.naming import is_call_marker
+from mpx.capture._analysis import CALLS, REMAT, Site, called_jaxpr
+from mpx._naming import is_call_marker
 from mpx.policy import Policy
 
 
