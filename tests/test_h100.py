@@ -71,7 +71,7 @@ def test_fp8_lm_train_step_runs_every_fp8_matmul_as_an_fp8_gemm(scan, remat):
     step is the first step's program (fresh tensors scaled from their own amax), the scanned
     ones the lean program of every step after (`fp8_bootstrap=False`): both keep every GEMM."""
     model, policy, step, args = lm_step("fp8", scan=scan, remat=remat, fp8_bootstrap=not scan)
-    report = mpx.program._report(step, *args, target="h100")
+    report = mpx.program.report(step, *args, target="h100")
     fp8_ops = ops_of(model, policy, "fp8")
     assert len(fp8_ops) == (4 if scan else 4 * CONFIG.num_layers)  # qkv, out, fc, proj per (stacked) block
     assert_fp8_ops_are_fp8_gemms(report, fp8_ops, per_op=lambda op: 4 if remat and not op.endswith("proj") else 3)
@@ -83,7 +83,7 @@ def test_bf16_lm_train_step_has_no_fp8_gemm_and_cudnn_attention():
     """bf16: every dense op is three bf16 GEMMs, none FP8; attention is cuDNN's fused kernel,
     chosen because the program is compiled for a GPU (this process's backend is the CPU)."""
     model, policy, step, args = lm_step("bf16")
-    report = mpx.program._report(step, *args, target="h100")
+    report = mpx.program.report(step, *args, target="h100")
     assert report.gemms("fp8") == 0 and report.gemms("int8") == 0
     assert report.attention == "cudnn" and jax.default_backend() == "cpu"
     dense = ops_of(model, policy, "bf16")
@@ -98,7 +98,7 @@ def test_int8_lm_train_step_runs_integer_gemms(backward, per_op):
     s8 operands: XLA has no separate int8 target), and their gradients in bf16 or, with
     ``int8.backward=int8``, as two more integer GEMMs."""
     model, policy, step, args = lm_step(f"int8; int8.backward={backward}")
-    report = mpx.program._report(step, *args, target="h100")
+    report = mpx.program.report(step, *args, target="h100")
     int8_ops = ops_of(model, policy, "int8")
     assert len(int8_ops) == 4 * CONFIG.num_layers
     by_op = report.gemms_by_op()
@@ -113,7 +113,7 @@ def test_gradient_accumulation_keeps_three_fp8_gemms_per_op():
     """Four micro-batches in one step (a scan over them): still one forward and two gradient
     FP8 GEMMs per op, in the loop body."""
     model, policy, step, args = lm_step("fp8", accum_steps=4)
-    report = mpx.program._report(step, *args, target="h100")
+    report = mpx.program.report(step, *args, target="h100")
     assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"))
     assert any(k.launches == 4 for k in report.kernels if k.gemm == "fp8")
 
@@ -129,7 +129,7 @@ def test_fsdp_mesh_of_8_devices_keeps_fp8_gemms():
     shardings = state_shardings(state, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     batch = jax.ShapeDtypeStruct((8, *batch.shape[1:]), batch.dtype, sharding=batch_sharding(mesh, accumulated=False))
-    report = mpx.program._report(step, abstract, batch, target="h100", mesh=mesh)
+    report = mpx.program.report(step, abstract, batch, target="h100", mesh=mesh)
     assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"))
     assert any(k.kind == "collective" for k in report.kernels)
 
@@ -150,7 +150,7 @@ def test_linen_model_nnx_capture_and_hub_wrapper_under_the_policy():
         opt = optax.adam(1e-2)
         state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=meta, model_state=model_state)
         step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, has_state=has_state)
-        return mpx.program._report(step, state, tokens, target="h100")
+        return mpx.program.report(step, state, tokens, target="h100")
 
     # linen, by interception under the policy context
     model = am.GPT()
@@ -212,14 +212,14 @@ def test_one_fp8_matmul_is_three_fp8_gemms_and_one_int8_matmul_an_integer_gemm(o
         return jnp.sum(mpx.fp8_dot_general(x, w, matmul, meta, out_dtype=jnp.bfloat16)[0].astype(jnp.float32))
 
     meta = mpx.Fp8Meta.init(mpx.Fp8Config(amax_history=16))
-    report = mpx.program._report(jax.value_and_grad(fp8, argnums=(0, 1)), x, w, meta, options=options)
+    report = mpx.program.report(jax.value_and_grad(fp8, argnums=(0, 1)), x, w, meta, options=options)
     engine = "cublas" if options else "triton"
     assert [(k.gemm, k.engine) for k in report.kernels if k.kind == "gemm"] == [("fp8", engine)] * 3
 
     def int8(x, w):
         return mpx.int8_dot_general(x, w, matmul, mpx.Int8Config(), out_dtype=jnp.bfloat16)
 
-    report = mpx.program._report(int8, x, w, options=options)
+    report = mpx.program.report(int8, x, w, options=options)
     assert [(k.gemm, k.engine) for k in report.kernels if k.kind == "gemm"] == [("int8", engine)]
 
 
@@ -269,7 +269,7 @@ def test_report_counts_bytes_and_flops_of_a_known_program():
 
     args = (jax.ShapeDtypeStruct((m, k), f8), jax.ShapeDtypeStruct((n, k), f8),
             jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
-    report = mpx.program._report(matmul, *args, target="h100")
+    report = mpx.program.report(matmul, *args, target="h100")
     (gemm,) = [x for x in report.kernels if x.kind == "gemm"]
     assert (gemm.gemm, gemm.engine, gemm.flops) == ("fp8", "cublas", 2.0 * m * n * k)
     assert gemm.bytes == m * k + n * k + 2 * 4 + 2 * m * n

@@ -133,12 +133,12 @@ def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, ta
     rows = []
     for variant in PLAIN_VARIANTS:
         fn, state = plain_step(shape, variant, layers=layers)
-        rows.append(row(f"plain x{layers}", variant, mpx.program._report(fn, state, tokens, target=target)))
+        rows.append(row(f"plain x{layers}", variant, mpx.program.report(fn, state, tokens, target=target)))
     unrolled = dataclasses.replace(shape, num_layers=layers, scan_layers=False, remat=False)
     for lm_shape in dict.fromkeys([unrolled, shape]):  # the config's own shape too, if it differs
         lm = f"TransformerLM x{lm_shape.num_layers}" + (" scan" if lm_shape.scan_layers else "") + (
             " remat" if lm_shape.remat else "")
         for preset in LM_PRESETS:
             fn, state = lm_step(lm_shape, preset)
-            rows.append(row(lm, f"mpx_{preset}", mpx.program._report(fn, state, tokens, target=target)))
+            rows.append(row(lm, f"mpx_{preset}", mpx.program.report(fn, state, tokens, target=target)))
     return rows
