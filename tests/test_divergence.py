@@ -135,24 +135,12 @@ def test_a_run_that_ends_no_better_than_its_baseline_is_told_so():
 # ----------------------------------------------------------------------------- real divergences
 
 
-@pytest.mark.parametrize("precision, lr, sign", [
-    ("fp32", "10.0", "exploded"),
-    # fp16 at 1e6: the second update (lr 5e5 after warmup's 0) blows the params up, every step
-    # after overflows and is skipped, the params stay finite: only the streak shows it.
-    ("fp16", "1.0e6", "all skipped"),
-    ("fp8", "1.0e3", "exploded"),
-])
-def test_a_diverging_run_keeps_a_checkpoint_that_evaluates_sanely(tmp_path, data_dir, precision, lr, sign):
-    """A checkpoint every step, a log step only at the end: the run stops at a save, before
-    writing a state from after the first bad step; the checkpoint of the state that step
-    went bad from is set aside; what is kept evaluates to a loss below the ceiling the run
-    itself calls an explosion (2 x ln 256 = 11.09; an untrained model scores ~6)."""
-    path = write_config(tmp_path, data_dir, precision, lr)
-    config = load_config(path, [f"run_dir={tmp_path / 'run'}"])
-    said: list[str] = []
-    with pytest.raises(loop.Diverged) as err:
-        loop.train(config, say=said.append)
-    message = str(err.value)
+def check_diverged(config, message: str, sign: str) -> int:
+    """What a run that diverged with a checkpoint every step must have left: the message
+    names the last good checkpoint, every later one is set aside in diverged/, no confirmed
+    one was rotated out, and the kept one evaluates to a loss below the ceiling the run
+    itself calls an explosion (2 x ln 256 = 11.09; an untrained model scores ~6). Returns
+    the last good step."""
     assert sign in message
     run = pathlib.Path(config.run_dir)
     kept = checkpoint_steps(run)
@@ -161,10 +149,29 @@ def test_a_diverging_run_keeps_a_checkpoint_that_evaluates_sanely(tmp_path, data
     aside = sorted(int(p.name.split("-")[0]) for p in (run / "diverged").iterdir())
     assert aside and min(aside) == kept[-1] + 1, (kept, aside)  # every later checkpoint is out of the way
     assert len(kept) <= config.checkpoint.keep + 1  # the bad stretch rotated no confirmed one out
-    trained = evaluation.load_trained(config)
+    trained = evaluation.load_model(config, say=lambda _: None)
     assert trained.step == kept[-1]
     result = evaluation.evaluate_trained(trained)
     assert math.isfinite(result["loss"]) and result["loss"] < 2 * UNIFORM, result
+    return kept[-1]
+
+
+@pytest.mark.parametrize("precision, lr, sign", [
+    # fp16 at 1e6: the second update (lr 5e5 after warmup's 0) blows the params up, every step
+    # after overflows and is skipped, the params stay finite: only the streak shows it.
+    ("fp16", "1.0e6", "all skipped"),
+    ("fp8", "1.0e3", "exploded"),
+    # fp32 at lr 10 (exploded): test_the_advised_resume_works_and_is_recorded, from the CLI.
+])
+def test_a_diverging_run_keeps_a_checkpoint_that_evaluates_sanely(tmp_path, data_dir, precision, lr, sign):
+    """A checkpoint every step, a log step only at the end: the run stops at a save, before
+    writing a state from after the first bad step; the checkpoint of the state that step
+    went bad from is set aside; what is kept evaluates sanely (`check_diverged`)."""
+    path = write_config(tmp_path, data_dir, precision, lr)
+    config = load_config(path, [f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(loop.Diverged) as err:
+        loop.train(config, say=lambda _: None)
+    check_diverged(config, str(err.value), sign)
 
 
 def test_the_advised_resume_works_and_is_recorded(tmp_path, data_dir, capsys):
@@ -180,7 +187,7 @@ def test_the_advised_resume_works_and_is_recorded(tmp_path, data_dir, capsys):
     assert len(err.splitlines()) == 1, err  # one line
     advised = re.search(r"e\.g\. (python -m train train CONFIG optim\.lr=\S+ --change-optim)", err)
     assert advised, err
-    good = checkpoint_steps(run)[-1]
+    good = check_diverged(load_config(path, [f"run_dir={run}"]), err, "exploded")
     argv = advised.group(1).split()[3:]  # after "python -m train"
     assert argv[:2] == ["train", "CONFIG"] and argv[-1] == "--change-optim"
     argv = ["train", str(path), f"run_dir={run}", "optim.lr=3e-3", "--change-optim"]
