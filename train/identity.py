@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import pathlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from train import rundir
+from train.data.corpora import file_sha256
 from train.schema import ConfigError, OptimConfig
 
 HARMLESS = (
@@ -60,6 +60,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """`flatten` undone: ``{"model.d_model": 64}`` -> ``{"model": {"d_model": 64}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return out
 
 
@@ -117,13 +129,7 @@ def amend(run_dir: str | pathlib.Path, saved: Mapping[str, Any], changes: Mappin
     """Write the run's config ``saved`` with the ``changes`` (`check_resume`'s) made, and
     append them to ``history.jsonl`` with the step they take effect after. Only those keys
     change: the others (`HARMLESS` ones included) keep the run's values."""
-    config = json.loads(json.dumps(dict(saved)))  # a deep copy of plain data
-    for key, (_, value) in changes.items():
-        *parents, last = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    config = unflatten({**flatten(saved), **{key: value for key, (_, value) in changes.items()}})
     rundir.record_config(run_dir, config)
     rundir.append_history(run_dir, {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                     "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
@@ -152,11 +158,7 @@ class DataChanged(ConfigError):
 
 
 def _file_identity(path: pathlib.Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def data_fingerprint(prepared, tokenizer) -> dict[str, Any]:
@@ -212,11 +214,4 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
                      if k not in EVALUATION_KEYS and k not in HARMLESS and theirs.get(k) != mine.get(k))
     if ignored:
         say(f"using the run's own {', '.join(ignored)} (from {pathlib.Path(command.run_dir) / rundir.CONFIG_FILE})")
-    nested: dict[str, Any] = {}
-    for key, value in merged.items():
-        *parents, last = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config_from_dict(nested)
+    return config_from_dict(unflatten(merged))

@@ -29,7 +29,6 @@ class Logger:
         self.say = say
         self.jsonl = rundir.metrics_file(run_dir)
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        _read_lines(self.jsonl, say)  # a torn last line would run into the first new row
         self.bar = None
         self._running = collections.deque()  # an output of each step dispatched and not seen finished
         if logging.progress:
@@ -104,11 +103,9 @@ def drop_rows_after(run_dir, step: int, *, say: Callable[[str], None] = print) -
     after its last checkpoint) are dropped on resume: the steps run again and log again.
     A torn last line is dropped too (``say`` warns of it)."""
     path = rundir.metrics_file(run_dir)
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in _read_lines(path, say) if row_from_json(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    rows = _read_lines(path, say)
+    kept = [line for line in rows if row_from_json(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
         _rewrite(path, kept)
 
 

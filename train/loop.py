@@ -118,8 +118,9 @@ def _run(built: Built, config: RunConfig, state, skipped: int, train_iter, check
     start, end = int(state.step), t.steps
     logger = Logger(config.logging, config.run_dir, say, end, start)
     # The run's health (skipped steps: the total from the checkpoint on and the current streak;
-    # the first exploded loss), kept on the device by the step itself.
-    health = jax.device_put(divergence.initial(skipped, start_loss=built.task.uniform_loss()),
+    # the loss's running average and where it went above the ceiling), kept on the device by
+    # the step itself.
+    health = jax.device_put(divergence.initial(skipped, start_loss=guard.uniform_loss),
                             mesh_lib.replicated(built.mesh))
     counters = lambda: {"skipped": int(health["total"])}  # noqa: E731 - read at saves only
     # The data position after the batches of every step run so far: what a checkpoint

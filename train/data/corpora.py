@@ -284,13 +284,25 @@ def split_indices(n: int, *, validation_fraction: float, seed: int) -> tuple[np.
     return np.flatnonzero(~validation), np.flatnonzero(validation)
 
 
+def _hash_into(h, path: str | pathlib.Path) -> None:
+    """Feed the bytes of ``path`` to the hash ``h``, a megabyte at a time."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    """The sha256 of the bytes of ``path``, in hex."""
+    h = hashlib.sha256()
+    _hash_into(h, path)
+    return h.hexdigest()
+
+
 def digest(paths: Sequence[str | pathlib.Path], *options) -> str:
     """16 hex digits identifying the bytes of ``paths`` and ``options``."""
     h = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
+        _hash_into(h, path)
         h.update(b"\0file\0")
     h.update(repr(options).encode())
     return h.hexdigest()[:16]
