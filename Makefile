@@ -9,12 +9,24 @@ STAMP  := $(VENV)/.installed
 # venv itself every `import jax` would print CUDA driver lines.
 CUDA_COMPILER := $(VENV)/cuda-compiler
 CUDA_STAMP    := $(CUDA_COMPILER)/.installed
+# The same for Cloud TPUs: libtpu (the version jax[tpu] of the installed jax asks for) compiles
+# for v5e, v5p, v6e and v7x without the chip (tests/test_tpu.py); loaded only by
+# mpx.program.ensure_compiler, never by an ordinary run.
+TPU_COMPILER := $(VENV)/tpu-compiler
+TPU_STAMP    := $(TPU_COMPILER)/.installed
 
-.PHONY: test train install cuda-compiler clean
+.PHONY: test train install cuda-compiler tpu-compiler clean
 
 install: $(STAMP)
 
 cuda-compiler: $(CUDA_STAMP)
+
+tpu-compiler: $(TPU_STAMP)
+
+$(TPU_STAMP): $(STAMP)
+	req=$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))') && \
+	$(PY) -m pip install --quiet --no-deps --target $(TPU_COMPILER) "$$req"
+	touch $(TPU_STAMP)
 
 $(CUDA_STAMP): $(STAMP)
 	v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
@@ -30,7 +42,7 @@ $(STAMP): pyproject.toml
 
 # Two workers (CI has 2 cores); whole test files per worker, so module fixtures build once.
 JOBS ?= 2
-test: $(STAMP) $(CUDA_STAMP)
+test: $(STAMP) $(CUDA_STAMP) $(TPU_STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 # Fresh machine -> venv -> quickstart: train (fp8, CPU, a few minutes), evaluate, sample.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 from mpx import program
 from mpx.fp8 import Fp8Meta
 from mpx._naming import equations, op_paths
-from mpx.policy import Policy, Rule, key_name
+from mpx.policy import FASTEST_8BIT, Policy, Rule, key_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +116,15 @@ def _table(policy: Policy, rows: list[OpRow], notes: Sequence[str] = ()) -> Prec
     return PrecisionTable(tuple(rows), unmatched, tuple(notes))
 
 
-def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = None, **kwargs) -> PrecisionTable:
+def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = None, device=None,
+             **kwargs) -> PrecisionTable:
     """Every op of ``model`` with the precision ``policy`` gives it and the deciding rule.
+
+    ``device`` (a jax device, an `mpx.program.Target` or its name): the chip the program is
+    for. Each 8-bit op then says whether that chip's matrix units multiply its format in 8
+    bits (``native on v5e``) or widen it (``widened on v5e``: an fp8 matmul on a TPU v5e runs
+    at the f32 rate, slower than bf16), and a policy asking for a widened format is warned of
+    (`Widened8Bit`), with the format the chip has.
 
     ``model`` is an NNX module, a linen module, or what `mpx.apply_policy` returned (for a
     model object: an `mpx.linen.Wrapped`), followed by example inputs (``args``,
@@ -136,17 +144,57 @@ def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = Non
         kinds = models.kinds_of(model) if kinds is None else kinds
         layer_rows = [_row(policy, f.path, f.kind) for f in find_ops(model, kinds)]
         if not args and not kwargs:
-            return _table(policy, layer_rows, [_NO_EXAMPLE])
+            return _on_device(_table(policy, layer_rows, [_NO_EXAMPLE]), device)
         traced = _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs))
         by_path = {r.path: r for r in traced}
         rows = [by_path.pop(r.path, r) for r in layer_rows] + list(by_path.values())
-        return _table(policy, rows)
+        return _on_device(_table(policy, rows), device)
     if not isinstance(model, (linen.Module, models.PolicyModule, models.Wrapped)):
         raise TypeError(models.unreadable("describe", model))
     if not args and not kwargs:
         raise TypeError("describe needs example inputs for a linen module or a model object (it traces the model): "
                         "describe(model, policy, x)")
-    return _table(policy, _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs)))
+    return _on_device(_table(policy, _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs))),
+                      device)
+
+
+class Widened8Bit(UserWarning):
+    """A policy asks for an 8-bit format the chip's matrix units do not have: its matmuls run
+    widened, slower than the chip's own 8-bit format (and on a TPU slower than bf16)."""
+
+
+def _device_name(device) -> str:
+    """A short name for a device: a target's name (``v5e``, ``h100``), else jax's device kind."""
+    if isinstance(device, (str, program.Target)):
+        return program.get_target(device).name
+    known = program.target_of(device)
+    return known.name if known is not None else str(getattr(device, "device_kind", device))
+
+
+def _on_device(table: PrecisionTable, device) -> PrecisionTable:
+    """``table`` with each 8-bit op marked native or widened on ``device``, and a warning for
+    the widened ones (nothing when ``device`` is None)."""
+    if device is None:
+        return table
+    native, name = program.native_8bit(device), _device_name(device)
+    rows, widened = [], {}
+    for row in table.rows:
+        fmt = row.precision.split(" ")[0]
+        if fmt in ("fp8", "int8"):
+            on = f"native on {name}" if fmt in native else f"widened on {name}"
+            row = dataclasses.replace(row, note=f"{row.note}, {on}" if row.note else on)
+            if fmt not in native:
+                widened.setdefault(fmt, []).append(row.path)
+        rows.append(row)
+    notes = list(table.notes)
+    for fmt, paths in widened.items():
+        has = " and ".join(sorted(native)) or "no 8-bit format"
+        message = (f"{len(paths)} ops run in {fmt}, which {name}'s matrix units do not multiply in 8 bits: they run "
+                   f"widened, slower than bf16 on a TPU; {name} has {has}"
+                   + (f" (precision '{FASTEST_8BIT}' picks it)" if native else ""))
+        warnings.warn(message, Widened8Bit, stacklevel=3)
+        notes.append(message)
+    return dataclasses.replace(table, rows=tuple(rows), notes=tuple(notes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +350,7 @@ __all__ = [
     "OpRow",
     "PrecisionTable",
     "TensorStats",
+    "Widened8Bit",
     "describe",
     "dot_generals",
     "format_fp8_stats",

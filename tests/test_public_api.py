@@ -41,12 +41,12 @@ FACES = {
         "policy_context", "split_variables",
     ],
     "mpx.inspect": [
-        "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "TensorStats", "describe",
-        "dot_generals", "format_fp8_stats", "fp8_gemms", "fp8_stats",
+        "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "TensorStats", "Widened8Bit",
+        "describe", "dot_generals", "format_fp8_stats", "fp8_gemms", "fp8_stats",
     ],
     "mpx.policy": [
-        "DTYPES", "KINDS", "MATMUL_KINDS", "OpPrecision", "PRECISIONS", "PRESETS", "Policy", "Rule", "StaticInputs",
-        "TOP_KEYS", "WEIGHT_RHS_KINDS", "key_name", "kind_overrides", "parse",
+        "DTYPES", "FASTEST_8BIT", "KINDS", "MATMUL_KINDS", "OpPrecision", "PRECISIONS", "PRESETS", "Policy", "Rule",
+        "StaticInputs", "TOP_KEYS", "WEIGHT_RHS_KINDS", "as_dict", "key_name", "kind_overrides", "parse", "resolve",
     ],
     "mpx.loss_scale": [
         "DynamicLossScale", "LossScale", "LossScaleConfig", "NoOpLossScale", "StaticLossScale", "all_finite",
@@ -58,7 +58,8 @@ FACES = {
     ],
     "mpx.program": [
         "CUBLAS_ONLY", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "compile_for", "ensure_compiler",
-        "get_target", "kernels", "make_mesh", "platform_of", "read", "report", "shape_bytes", "topology", "use_plugin",
+        "get_target", "kernels", "make_mesh", "native_8bit", "platform_of", "read", "report", "shape_bytes",
+        "target_of", "topology", "use_plugin",
     ],
 }
 

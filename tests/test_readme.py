@@ -118,7 +118,7 @@ def test_the_policy_key_table_lists_every_key_and_preset():
 
     import mpx
     from mpx.int8 import Int8Config
-    from mpx.policy import KINDS, PRESETS, TOP_KEYS
+    from mpx.policy import FASTEST_8BIT, KINDS, PRESETS, TOP_KEYS
 
     text = README.read_text()
     section = text[text.index("### Every policy key"):text.index("### How FP8 state flows")]
@@ -129,7 +129,7 @@ def test_the_policy_key_table_lists_every_key_and_preset():
             assert f"`{prefix}.{f.name}`" in section, (prefix, f.name)
     for f in dataclasses.fields(mpx.LossScaleConfig):
         assert f.name in section, f.name
-    for name in (*PRESETS, *KINDS):
+    for name in (*PRESETS, FASTEST_8BIT, *KINDS):
         assert f"`{name}`" in section, name
 
 

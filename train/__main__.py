@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             from train.mesh import initialize_distributed
 
             initialize_distributed(config.mesh.distributed)  # before any command touches a device
-        return _COMMANDS[args.command](config, args)
+        return _COMMANDS[args.command](_resolved(config), args)
     except ModuleNotFoundError as e:
         package = TRAIN_EXTRA.get((e.name or "").split(".")[0])
         if package is None:
@@ -110,6 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _resolved(config):
+    """``config`` with an ``8bit`` precision written out for this device, said once."""
+    resolved = config.resolved()
+    if resolved.precision != config.precision:
+        import jax
+
+        import mpx
+
+        chip = mpx.program.target_of()
+        print(f"precision {config.precision} -> {resolved.precision} (the 8-bit format "
+              f"{chip.name if chip else jax.devices()[0].device_kind} multiplies natively)")
+    return resolved
 
 
 def _os_error(e: BaseException) -> OSError | None:

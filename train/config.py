@@ -63,8 +63,7 @@ def _as_section(key: str, value) -> dict:
     """``precision: fp8`` as a mapping, so that ``precision.fp8.margin=1`` can go under it."""
     if key != "precision" or not isinstance(value, str):
         return value
-    spec = checked_precision(value)
-    return {"preset": spec} if spec in mpx.policy.PRESETS else mpx.parse_policy(spec).to_dict()
+    return mpx.policy.as_dict(checked_precision(value))
 
 
 def _set_dotted(d: dict, key: str, value, item: str) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 import mpx
-from mpx.inspect import describe, fp8_stats
+from mpx.inspect import Widened8Bit, describe, fp8_stats
 from mpx.nn import TransformerConfig
 from train import checkpoint as ckpt
 from train import data as data_lib
@@ -244,10 +245,19 @@ def _start_report(built: Built, config: RunConfig, *, say, strict: bool) -> dict
 def precision_report(model, policy: mpx.Policy, precision, *, say: Callable[[str], None], strict: bool) -> None:
     """Say how many ops of ``model`` run in each precision under ``policy`` (the config's
     ``precision``, as written); unmatched path rules are warnings, or with ``strict`` a
-    `ConfigError`."""
-    table = describe(model, policy)
+    `ConfigError`. On an accelerator each 8-bit op is checked against what its matrix units
+    multiply natively (`describe`'s ``device``): a widened format is a warning."""
+    device = jax.devices()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Widened8Bit)
+        table = describe(model, policy, device=device if device.platform != "cpu" else None)
     counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(table.by_precision().items()))
     say(f"precision {precision if isinstance(precision, str) else 'policy'}: {counts} ops")
+    for warning in caught:
+        if issubclass(warning.category, Widened8Bit):
+            say(f"warning: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     for rule in table.unmatched_rules:
         message = f"policy rule '{rule}' matches no op of this model (a typo in its path?); its ops keep the default"
         if strict:

@@ -13,7 +13,9 @@ number of segments, and the rest is a regular expression (``(qkv|out)``). Kinds 
 
 Presets (`PRESETS`): ``fp32``; ``bf16`` and ``fp16`` (softmax, norms and the loss in fp32;
 fp16 with a dynamic loss scale); ``fp8`` and ``int8`` (bf16 compute, dense and einsum
-matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32).
+matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32);
+``8bit``, the one of those two the chip multiplies natively (fp8 on H100-class GPUs and TPU
+v7x, int8 with int8 gradients on TPU v5e, v5p and v6e), which `resolve` spells out for a device.
 
 ``inputs`` (`StaticInputs`, dict key ``inputs``) puts the input of each listed weight
 matmul (kinds `WEIGHT_RHS_KINDS`) on the int8 or E4M3 grid of a calibrated static clip
@@ -36,17 +38,18 @@ Where each part lives:
 * `mpx.policy._paths`: op paths and the patterns that match them;
 * `mpx.policy._core`: `Policy`, `Rule`, `StaticInputs` and the decision for one op, `OpPrecision`;
 * `mpx.policy._presets`: the named policies;
-* `mpx.policy._parsing`: `parse` (compact strings and dicts).
+* `mpx.policy._parsing`: `parse` (compact strings and dicts; `as_dict`), `resolve` (the ``8bit`` preset for a device).
 """
 
 from mpx.policy._core import OpPrecision, Policy, Rule, StaticInputs
-from mpx.policy._parsing import TOP_KEYS, parse
+from mpx.policy._parsing import TOP_KEYS, as_dict, parse, resolve
 from mpx.policy._paths import key_name, kind_overrides
-from mpx.policy._presets import PRESETS
+from mpx.policy._presets import FASTEST_8BIT, PRESETS
 from mpx.policy._vocabulary import DTYPES, KINDS, MATMUL_KINDS, PRECISIONS, WEIGHT_RHS_KINDS
 
 __all__ = [
     "DTYPES",
+    "FASTEST_8BIT",
     "KINDS",
     "MATMUL_KINDS",
     "OpPrecision",
@@ -57,7 +60,9 @@ __all__ = [
     "StaticInputs",
     "TOP_KEYS",
     "WEIGHT_RHS_KINDS",
+    "as_dict",
     "key_name",
     "kind_overrides",
     "parse",
+    "resolve",
 ]

@@ -17,7 +17,7 @@ from mpx.fp8 import Fp8Config
 from mpx.int8 import Int8Config
 from mpx.loss_scale import LossScaleConfig
 from mpx.policy._core import Policy, Rule, StaticInputs
-from mpx.policy._presets import PRESETS, preset
+from mpx.policy._presets import FASTEST_8BIT, PRESETS, fastest_8bit, preset
 from mpx.policy._vocabulary import PRECISIONS, suggest
 
 TOP_KEYS = ("preset", "params", "compute", "output", "rules", "fp8", "int8", "loss_scale", "inputs")
@@ -88,13 +88,22 @@ def _scalar(text: str):
 
 
 def policy_from_string(spec: str) -> Policy:
-    """Build a policy from a compact string of ``;``-separated items.
+    """Build a policy from a compact string of ``;``-separated items (`as_dict`)."""
+    return policy_from_dict(as_dict(spec))
+
+
+def as_dict(spec: str) -> dict[str, Any]:
+    """The dict form of a compact policy string, its preset kept by name.
 
     Items: a preset name (first item only); ``params=``/``compute=``/``output=`` a dtype;
     a rule ``PATTERN@KINDS->PRECISION`` (either side of ``@`` may be left out);
     ``fp8.KEY=VALUE``; ``int8.KEY=VALUE``; ``loss_scale=KIND``; ``loss_scale.KEY=VALUE``.
+
+    >>> as_dict("8bit; fp8.margin=1; blocks/0/**->bf16")
+    {'preset': '8bit', 'rules': [{'use': 'bf16', 'match': 'blocks/0/**'}], 'fp8': {'margin': 1}}
     """
-    d: dict[str, Any] = {"rules": []}
+    d: dict[str, Any] = {}
+    rules: list[dict[str, str]] = []
     fp8: dict[str, Any] = {}
     int8: dict[str, Any] = {}
     loss: dict[str, Any] = {}
@@ -105,7 +114,7 @@ def policy_from_string(spec: str) -> Policy:
         if "->" in item:
             target, use = (s.strip() for s in item.rsplit("->", 1))
             match, _, kind = target.partition("@")
-            d["rules"].append({"use": use, **({"match": match} if match else {}), **({"kind": kind} if kind else {})})
+            rules.append({"use": use, **({"match": match} if match else {}), **({"kind": kind} if kind else {})})
         elif "=" in item:
             key, value = (s.strip() for s in item.split("=", 1))
             if key.startswith("fp8."):
@@ -130,17 +139,49 @@ def policy_from_string(spec: str) -> Policy:
                 f"cannot read policy item {item!r}: expected 'key=value' or a rule 'PATTERN@KINDS->PRECISION' "
                 f"(a preset name may only come first)"
             )
-    if fp8:
-        d["fp8"] = fp8
-    if int8:
-        d["int8"] = int8
-    if loss:
-        d["loss_scale"] = loss
-    return policy_from_dict(d)
+    for key, value in (("rules", rules), ("fp8", fp8), ("int8", int8), ("loss_scale", loss)):
+        if value:
+            d[key] = value
+    return d
 
 
-def parse(spec: Policy | str | Mapping[str, Any]) -> Policy:
-    """A `Policy` from a policy, a preset name / compact string, or a dict.
+def resolve(spec: Policy | str | Mapping[str, Any], device=None) -> Policy | str | Mapping[str, Any]:
+    """``spec`` with the ``8bit`` preset replaced by the format ``device`` (a jax device, an
+    `mpx.program.Target` or its name; default: this process's first device) multiplies natively:
+    ``fp8``, or ``int8; int8.backward=int8``. Items written after the preset still apply (they
+    come later). Any other spec is returned as it is.
+
+    >>> resolve("8bit; fp8.amax_history=16", "v5e")
+    'int8; int8.backward=int8; fp8.amax_history=16'
+    >>> resolve({"preset": "8bit"}, "h100")
+    {'preset': 'fp8'}
+    """
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(";")]
+        if items[0] != FASTEST_8BIT:
+            return spec
+        fastest = _fastest(device)
+        written = [fastest["preset"]] + [f"int8.{k}={v}" for k, v in fastest.get("int8", {}).items()]
+        return "; ".join(written + [s for s in items[1:] if s])
+    if isinstance(spec, Mapping) and spec.get("preset") == FASTEST_8BIT:
+        fastest = _fastest(device)
+        out = {**spec, "preset": fastest["preset"]}
+        own = spec.get("int8") or {}
+        if "int8" in fastest and isinstance(own, Mapping):  # anything else: policy_from_dict says what is wrong
+            out["int8"] = {**fastest["int8"], **own}
+        return out
+    return spec
+
+
+def _fastest(device) -> dict[str, Any]:
+    from mpx import program  # what each chip runs natively lives with the targets
+
+    return fastest_8bit(program.native_8bit(device))
+
+
+def parse(spec: Policy | str | Mapping[str, Any], *, device=None) -> Policy:
+    """A `Policy` from a policy, a preset name / compact string, or a dict. The ``8bit``
+    preset is resolved for ``device`` first (`resolve`).
 
     >>> policy = parse("bf16; blocks/*/mlp/*->fp8; @head->fp32")
     >>> [str(rule) for rule in policy.rules]      # the preset's own rule comes last
@@ -155,6 +196,7 @@ def parse(spec: Policy | str | Mapping[str, Any]) -> Policy:
     """
     if isinstance(spec, Policy):
         return spec
+    spec = resolve(spec, device)
     if isinstance(spec, str):
         return policy_from_string(spec)
     if isinstance(spec, Mapping):

@@ -1,6 +1,7 @@
 """The named policies: ``fp32``; ``bf16`` and ``fp16`` (softmax, norms and the loss in fp32;
 fp16 with a dynamic loss scale); ``fp8`` and ``int8`` (bf16 compute, dense and einsum
-matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32)."""
+matmuls in FP8 / int8, embeddings and the head in bf16, softmax, norms and loss in fp32);
+``8bit``: whichever of the two the chip runs natively."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from mpx.policy._core import Policy, Rule
 from mpx.policy._vocabulary import suggest
 
 PRESETS = ("fp32", "bf16", "fp16", "fp8", "int8")
+
+FASTEST_8BIT = "8bit"
+"""The preset that means "the 8-bit format this chip multiplies natively": ``fp8`` where the
+matrix units have it (H100-class GPUs, TPU v7x), else ``int8`` with int8 gradients too
+(``int8.backward=int8``: TPU v5e, v5p, v6e, older GPUs), ``fp8`` where neither is native (a CPU).
+`mpx.policy.resolve` turns it into one of those for a device."""
+
+
+def fastest_8bit(native: frozenset[str]) -> dict:
+    """What `FASTEST_8BIT` stands for (a policy dict's ``preset`` and ``int8`` keys) on a chip
+    whose native 8-bit formats are ``native`` (`mpx.program.native_8bit`)."""
+    if "int8" in native and "fp8" not in native:
+        return {"preset": "int8", "int8": {"backward": "int8"}}
+    return {"preset": "fp8"}
 
 _STABLE_IN_FP32 = Rule(kind="softmax|norm|loss", use="fp32")
 
@@ -30,4 +45,8 @@ def preset(name: str) -> Policy:
                 Rule(kind="dense|einsum", use=name),
             ),
         )
-    raise ValueError(f"unknown policy preset {name!r}; expected one of {', '.join(PRESETS)}{suggest(name, PRESETS)}")
+    if name == FASTEST_8BIT:
+        raise ValueError(f"the {FASTEST_8BIT!r} preset stands for the 8-bit format of a chip: resolve it first "
+                         f"(mpx.policy.resolve(spec, device); mpx.parse_policy does, for this process's device)")
+    raise ValueError(f"unknown policy preset {name!r}; expected one of {', '.join(PRESETS)}, or {FASTEST_8BIT} (the "
+                     f"8-bit format the chip has){suggest(name, (*PRESETS, FASTEST_8BIT))}")

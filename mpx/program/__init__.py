@@ -1,7 +1,13 @@
 """The program XLA compiles: for a device this machine may not have, read kernel by kernel.
 
-    compiled = mpx.program.compile_for(step, state, batch, target="h100")   # no GPU needed
-    print(mpx.program.read(compiled, "h100"))   # GEMMs by kind, other kernels, bytes, roofline
+    print(mpx.program.report(step, state, batch, target="h100"))   # no GPU needed
+    mpx.program.ensure_compiler("v5e")                             # libtpu, no TPU needed
+    report = mpx.program.report(step, state, batch, target="v5e")
+    report.widened   # 8-bit GEMMs the chip's matrix units do not run in 8 bits
+
+Targets (`TARGETS`): ``h100``; the Cloud TPUs ``v5e``, ``v5p``, ``v6e`` (int8 native, fp8
+widened to f32) and ``v7x`` (fp8 native, int8 widened). `native_8bit` says which 8-bit formats a
+device multiplies natively, `target_of` which target a running device is.
 """
 
 from mpx.program._hlo import Kernel, kernels, shape_bytes
@@ -15,7 +21,9 @@ from mpx.program._target import (
     ensure_compiler,
     get_target,
     make_mesh,
+    native_8bit,
     platform_of,
+    target_of,
     topology,
     use_plugin,
 )
@@ -32,10 +40,12 @@ __all__ = [
     "kernels",
     "get_target",
     "make_mesh",
+    "native_8bit",
     "platform_of",
     "read",
     "report",
     "shape_bytes",
+    "target_of",
     "topology",
     "use_plugin",
 ]

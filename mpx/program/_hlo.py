@@ -43,7 +43,10 @@ class Kernel:
 
     ``kind``: ``gemm``, ``attention`` (a fused-attention library call), ``collective`` or
     ``other``. ``gemm``: the GEMM's operand kind (``fp8``, ``int8``, ``bf16``, ...) and
-    ``engine`` what runs it (``cublas``, ``triton``, ``cudnn``, ``xla``). ``op``: the policy op
+    ``engine`` what runs it (``cublas``, ``triton``, ``cudnn``, ``xla``, ``tpu``). ``mxu``: the
+    kind the matrix unit really multiplies in, where the program's HLO does not say it (a TPU
+    widens 8-bit operands its matrix unit lacks: read from libtpu's low-level dump; None where
+    unknown or where the GEMM runs its operand kind, as every GPU GEMM does). ``op``: the policy op
     it computes for (the innermost ``mpx[<path>]`` name scope), if any. ``launches``: how many
     times one run of the program launches it (loop trip counts); ``bytes`` and ``flops`` are
     per launch."""
@@ -57,6 +60,22 @@ class Kernel:
     flops: float
     launches: int
     line: str = dataclasses.field(repr=False, compare=False, default="")
+    mxu: str | None = None
+
+    @property
+    def runs_as(self) -> str | None:
+        """The operand kind the hardware multiplies in: ``mxu`` where read, else ``gemm``."""
+        return self.mxu or self.gemm
+
+    @property
+    def native(self) -> bool | None:
+        """Whether a GEMM runs in its operand kind (False: an 8-bit GEMM widened by the chip);
+        None for a TPU GEMM whose matrix unit was not read."""
+        if self.kind != "gemm":
+            return None
+        if self.engine == "tpu" and self.mxu is None:
+            return None
+        return self.runs_as == self.gemm
 
 
 @dataclasses.dataclass
@@ -147,18 +166,45 @@ def _gemm(instr: _Instr, types: dict[str, str], contracting: re.Match | None) ->
 
 
 def _dot_flops(dot: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
-    """(operand kind, flops) of a ``dot`` instruction."""
+    """(operand kind, flops) of a ``dot``, or of a ``convolution`` (a TPU's matmuls)."""
+    if dot.opcode == "convolution":
+        return _convolution_flops(dot, types)
     return _gemm(dot, types, re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs))
 
 
-def _gemm_kind(lhs: str, rhs: str) -> str | None:
-    kinds = {_GEMM_KIND.get(lhs), _GEMM_KIND.get(rhs)} - {None}
-    if not kinds:
-        return None
-    for kind in ("f64", "f32", "f16", "bf16", "int8", "fp8"):  # the wider operand decides
+def _convolution_flops(conv: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
+    """(operand kind, 2 * output elements * terms each sums) of a ``convolution``: the rhs's
+    input features (``i`` of ``dim_labels``) times the window's taps that meet the input. A TPU
+    lowers a weight gradient's sum over sequences to a window over them (every tap real); a
+    batched matmul to a window over an input dilated as wide (``lhs_dilate``: one real tap)."""
+    lhs_dtype, _ = _dims(types.get(conv.operands[0], ""))
+    rhs_dtype, rhs = _dims(types.get(conv.operands[1], "")) if len(conv.operands) > 1 else ("", [])
+    labels = re.search(r"dim_labels=\w+_(\w+)->", conv.attrs)
+    k = rhs[labels.group(1).index("i")] if labels and "i" in labels.group(1) and rhs else 0
+    window = re.search(r"window=\{([^}]*)\}", conv.attrs)
+    fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+    sizes = [int(v) for v in fields.get("size", "").split("x") if v]
+    dilate = [int(v) for v in fields.get("lhs_dilate", "").split("x") if v] or [1] * len(sizes)
+    taps = math.prod(-(-size // d) for size, d in zip(sizes, dilate))
+    _, out = _dims(conv.type)
+    return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * k * taps
+
+
+def matrix_unit_kind(types: set[str]) -> str | None:
+    """The GEMM kind of a set of HLO / matrix-unit operand types (``{"s8"}`` -> ``int8``):
+    the widest, or None when none is a matmul type."""
+    return _widest({_GEMM_KIND[t] for t in types if t in _GEMM_KIND})
+
+
+def _widest(kinds) -> str | None:
+    for kind in ("f64", "f32", "f16", "bf16", "int8", "fp8"):
         if kind in kinds:
             return kind
     return None
+
+
+def _gemm_kind(lhs: str, rhs: str) -> str | None:
+    return _widest({_GEMM_KIND.get(lhs), _GEMM_KIND.get(rhs)})  # the wider operand decides
 
 
 def _library_gemm(instr: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
@@ -232,8 +278,14 @@ def _fusion_bytes(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str
     return read + written
 
 
-def kernels(text: str) -> list[Kernel]:
-    """Every kernel an optimized HLO module (``compiled.as_text()``) launches."""
+def kernels(text: str, *, platform: str = "gpu", matrix_units: dict[str, str] | None = None) -> list[Kernel]:
+    """Every kernel an optimized HLO module (``compiled.as_text()``) launches.
+
+    ``platform``: what the program was compiled for (``gpu``, ``tpu``, ``cpu``): a TPU's GEMMs
+    run on its matrix unit (engine ``tpu``). ``matrix_units``: ``{kernel name: kind}`` its
+    matrix unit really multiplies in (`mpx.program` reads them from libtpu's dump). libtpu
+    compiles a kernel once for all its identical copies (the same layer's matmul in every
+    block) and dumps it under one name; the others take its kind."""
     comps, entry = _computations(text)
     found: list[Kernel] = []
 
@@ -258,13 +310,47 @@ def kernels(text: str) -> list[Kernel]:
                 continue
             if op in _FREE or op.endswith("-done"):
                 continue
-            found.append(_kernel(instr, comps, types, launches))
+            found.append(_kernel(instr, comps, types, launches, "tpu" if platform == "tpu" else None))
 
     walk(entry, 1)
+    if matrix_units is not None:
+        found = _with_matrix_units(found, comps, matrix_units)
     return found
 
 
-def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str], launches: int) -> Kernel:
+def _with_matrix_units(found: list[Kernel], comps: dict[str, list[_Instr]], units: dict[str, str]) -> list[Kernel]:
+    lines = {i.name: i for body in comps.values() for i in body}
+    by_signature = {_signature(lines[k.name], comps): units[k.name] for k in found if k.name in units}
+    out = []
+    for k in found:
+        mxu = (units.get(k.name) or by_signature.get(_signature(lines[k.name], comps))) if k.kind == "gemm" else None
+        out.append(dataclasses.replace(k, mxu=mxu) if mxu else k)
+    return out
+
+
+_METADATA = re.compile(r",? ?(metadata|frontend_attributes)=\{[^{}]*\}")
+_REFERENCE = re.compile(r"\b(calls|to_apply)=%?([\w.\-]+)")
+
+
+def _signature(instr: _Instr, comps: dict[str, list[_Instr]], depth: int = 0) -> str:
+    """The instruction with its names abstracted: its type, opcode, operand types and
+    attributes, and the computations it calls in the same form (operands by position). Two
+    kernels with equal signatures are the same kernel to a compiler."""
+    attrs = _METADATA.sub("", instr.attrs)
+    if depth < 6:
+        attrs = _REFERENCE.sub(lambda m: f"{m.group(1)}=<{_body_signature(m.group(2), comps, depth + 1)}>", attrs)
+    return f"{instr.type} {instr.opcode} {attrs}"
+
+
+def _body_signature(name: str, comps: dict[str, list[_Instr]], depth: int) -> str:
+    body = comps.get(name, [])
+    index = {i.name: n for n, i in enumerate(body)}
+    return "; ".join(f"{_signature(i, comps, depth)} ({','.join(str(index.get(o, o)) for o in i.operands)})"
+                     for i in body)
+
+
+def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str], launches: int,
+            gemm_engine: str | None) -> Kernel:
     path = _op_path(instr)
     if instr.opcode == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
@@ -278,16 +364,16 @@ def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str]
                           launches, instr.line)
         return Kernel(instr.name, "other", None, target, path, _io_bytes(instr, types, library=False), 0.0,
                       launches, instr.line)
-    if instr.opcode == "dot":
+    if instr.opcode in ("dot", "convolution"):
         gemm, flops = _dot_flops(instr, types)
-        return Kernel(instr.name, "gemm", gemm, "xla", path, _io_bytes(instr, types, library=False), flops,
+        return Kernel(instr.name, "gemm", gemm, gemm_engine or "xla", path, _io_bytes(instr, types, library=False), flops,
                       launches, instr.line)
     if instr.opcode == "fusion":
         dot = _find_dot(_attr(instr.attrs, "calls"), comps)
         if dot is not None:
             gemm, flops = _dot_flops(dot[0], {i.name: i.type for i in comps[dot[1]]})
-            engine = "triton" if '"kind":"__triton' in instr.attrs else (
-                "cudnn" if '"kind":"__cudnn' in instr.attrs else "xla")
+            engine = gemm_engine or ("triton" if '"kind":"__triton' in instr.attrs else (
+                "cudnn" if '"kind":"__cudnn' in instr.attrs else "xla"))
             return Kernel(instr.name, "gemm", gemm, engine, path or _op_path(dot[0]),
                           _fusion_bytes(instr, comps, types), flops, launches, instr.line)
         return Kernel(instr.name, "other", None, "xla", path, _fusion_bytes(instr, comps, types), 0.0, launches,
@@ -298,13 +384,13 @@ def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str]
 
 
 def _find_dot(name: str | None, comps: dict[str, list[_Instr]], depth: int = 0) -> tuple[_Instr, str] | None:
-    """The ``dot`` a fusion computes and the computation holding it, looking through nested
-    fusions (Triton's nested GEMMs). Operand types are looked up in that computation: parameter
-    names repeat between computations."""
+    """The ``dot`` (or TPU ``convolution``) a fusion computes and the computation holding it,
+    looking through nested fusions (Triton's nested GEMMs). Operand types are looked up in that
+    computation: parameter names repeat between computations."""
     if name is None or depth > 4:
         return None
     for instr in comps.get(name, []):
-        if instr.opcode == "dot":
+        if instr.opcode in ("dot", "convolution"):
             return instr, name
     for instr in comps.get(name, []):
         if instr.opcode == "fusion":

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import jax
 
 from mpx.program._hlo import Kernel, kernels
-from mpx.program._target import CUBLAS_ONLY, Target, compile_for, get_target
+from mpx.program._target import CUBLAS_ONLY, Target, _compile, get_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,19 +30,30 @@ class ProgramReport:
     compile_s: float | None = None
 
     # --------------------------------------------------------------- GEMMs
-    def gemms(self, gemm: str | None = None, *, op: str | None = None, engine: str | None = None) -> int:
+    def gemms(self, gemm: str | None = None, *, op: str | None = None, engine: str | None = None,
+              runs_as: str | None = None) -> int:
         """GEMM kernels in the program (each once, however often a loop runs it), optionally of
-        one operand kind (``fp8``, ``int8``, ``bf16``, ...), for one policy op, on one engine."""
+        one operand kind (``fp8``, ``int8``, ``bf16``, ...), for one policy op, on one engine,
+        multiplied in one kind by the hardware (``runs_as``: a TPU widens 8-bit operands its
+        matrix unit lacks to f32)."""
         return sum(1 for k in self.kernels if k.kind == "gemm" and (gemm is None or k.gemm == gemm)
-                   and (op is None or k.op == op) and (engine is None or k.engine == engine))
+                   and (op is None or k.op == op) and (engine is None or k.engine == engine)
+                   and (runs_as is None or k.runs_as == runs_as))
 
-    def gemms_by_op(self) -> dict[str | None, Counter]:
-        """``{policy op path (None: outside any op): Counter(gemm kind -> GEMMs)}``."""
+    def gemms_by_op(self, *, runs_as: bool = False) -> dict[str | None, Counter]:
+        """``{policy op path (None: outside any op): Counter(gemm kind -> GEMMs)}``; with
+        ``runs_as`` the kind the hardware multiplies in instead of the operands'."""
         out: dict[str | None, Counter] = {}
         for k in self.kernels:
             if k.kind == "gemm":
-                out.setdefault(k.op, Counter())[k.gemm] += 1
+                out.setdefault(k.op, Counter())[k.runs_as if runs_as else k.gemm] += 1
         return out
+
+    @property
+    def widened(self) -> tuple[Kernel, ...]:
+        """The 8-bit GEMMs the hardware does not multiply in 8 bits (they run at a wider type's
+        rate, slower than bf16 on a TPU)."""
+        return tuple(k for k in self.kernels if k.gemm in ("fp8", "int8") and k.native is False)
 
     # --------------------------------------------------------------- everything around them
     @property
@@ -72,13 +83,14 @@ class ProgramReport:
         """Sum over kernels of max(bytes / bandwidth, GEMM flops / peak of its kind): the step's
         time if every kernel ran at the device's limit. Fused attention counts its bytes only."""
         t = get_target(target or self.target)
-        return sum(k.launches * t.roofline_s(k.bytes, k.flops, k.gemm if k.kind == "gemm" else None)
+        return sum(k.launches * t.roofline_s(k.bytes, k.flops, k.runs_as if k.kind == "gemm" else None)
                    for k in self.kernels)
 
     def summary(self) -> dict:
         """The report's figures as a JSON-ready dict."""
         kinds = Counter(k.gemm for k in self.kernels if k.kind == "gemm")
         return {"target": self.target, "gemms": dict(sorted(kinds.items(), key=lambda kv: str(kv[0]))),
+                "widened_8bit_gemms": len(self.widened),
                 "non_gemm_kernels": self.non_gemm_kernels, "bytes_accessed": self.bytes_accessed,
                 "bytes_outside_gemms": self.bytes_outside_gemms, "gemm_flops": self.gemm_flops,
                 "roofline_ms": 1e3 * self.roofline_s(), "temp_bytes": self.temp_bytes,
@@ -87,23 +99,31 @@ class ProgramReport:
     def __str__(self) -> str:
         s = self.summary()
         gemms = ", ".join(f"{n} {k}" for k, n in s["gemms"].items()) or "none"
+        if self.widened:
+            gemms += f" ({len(self.widened)} 8-bit widened by the chip)"
         return (f"{self.target}: GEMMs {gemms}; {s['non_gemm_kernels']} other kernels; "
                 f"{s['bytes_accessed'] / 1e9:.2f} GB accessed ({s['bytes_outside_gemms'] / 1e9:.2f} GB outside "
                 f"GEMMs); {s['gemm_flops'] / 1e12:.3f} GEMM TFLOP; roofline {s['roofline_ms']:.2f} ms; "
                 f"temp {s['temp_bytes'] / 2**20:.1f} MiB; attention {s['attention']}")
 
 
-def read(compiled: jax.stages.Compiled, target: str | Target, *, compile_s: float | None = None) -> ProgramReport:
+def read(compiled: jax.stages.Compiled, target: str | Target, *, compile_s: float | None = None,
+         matrix_units: dict[str, str] | None = None) -> ProgramReport:
     """The report of an already compiled program (``jax.jit(f).lower(...).compile()`` or
-    `compile_for`); ``target`` names the device it was compiled for (its roofline figures)."""
+    `compile_for`); ``target`` names the device it was compiled for (its roofline figures).
+    ``matrix_units``: for a TPU, ``{kernel: kind}`` its matrix units multiply in (`report`
+    reads them from libtpu as it compiles; without them a TPU GEMM's ``native`` is None)."""
+    t = get_target(target)
     memory = compiled.memory_analysis()
     get = (lambda key: int(getattr(memory, key, 0) or 0)) if memory is not None else (lambda key: 0)
-    return ProgramReport(get_target(target).name, tuple(kernels(compiled.as_text())), get("temp_size_in_bytes"),
-                         get("argument_size_in_bytes"), get("output_size_in_bytes"), compile_s)
+    found = kernels(compiled.as_text(), platform="tpu" if t.platform == "tpu" else "gpu", matrix_units=matrix_units)
+    return ProgramReport(t.name, tuple(found), get("temp_size_in_bytes"), get("argument_size_in_bytes"),
+                         get("output_size_in_bytes"), compile_s)
 
 
 def report(fn, *args, target: str = "h100", options: Mapping[str, object] = CUBLAS_ONLY, **kwargs) -> ProgramReport:
-    """Compile ``fn(*args)`` for ``target`` without that device (`compile_for`) and report it."""
+    """Compile ``fn(*args)`` for ``target`` without that device (`compile_for`) and report it;
+    for a TPU with what its matrix units really multiply in."""
     start = time.perf_counter()
-    compiled = compile_for(fn, *args, target=target, options=options, **kwargs)
-    return read(compiled, target, compile_s=time.perf_counter() - start)
+    compiled, units = _compile(fn, *args, target=target, mesh=kwargs.pop("mesh", None), options=options, **kwargs)
+    return read(compiled, target, compile_s=time.perf_counter() - start, matrix_units=units)

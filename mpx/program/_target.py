@@ -31,8 +31,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mpx.program import _tpu
 
 CUBLAS_ONLY: Mapping[str, object] = {"xla_gpu_enable_triton_gemm": False}
 """Compiler options under which a deviceless compile shows the GEMM rewriter's choice for every
@@ -126,19 +129,22 @@ class Target:
     kind: ``fp8``, ``int8``, ``bf16``, ``f16``, ``f32``) are the datasheet figures a roofline
     estimate uses; they bound, not predict, a kernel's time. ``cudnn_version``: the cuDNN the
     target's programs are built against (jax's version number, 91000 for 9.10), which decides
-    whether jax emits cuDNN fused attention."""
+    whether jax emits cuDNN fused attention. ``native_8bit``: the 8-bit formats (``fp8``,
+    ``int8``) its matrix units multiply in 8 bits; the others it widens, at the rate of the
+    wider type. ``config``: a GPU's target description, a TPU's topology name."""
 
     name: str
     platform: str
     config: str
     bandwidth: float
     peak_flops: Mapping[str, float]
+    native_8bit: frozenset[str] = frozenset()
     cudnn_version: int | None = None
 
     def roofline_s(self, bytes_accessed: float, flops: float = 0.0, gemm: str | None = None) -> float:
         """A kernel's lower bound in seconds: its memory traffic at full bandwidth, or its GEMM
         flops at the matrix units' peak, whichever takes longer."""
-        compute = flops / self.peak_flops[gemm] if gemm else 0.0
+        compute = flops / self.peak_flops.get(gemm, self.peak_flops["f32"]) if gemm else 0.0
         return max(bytes_accessed / self.bandwidth, compute)
 
 
@@ -149,9 +155,60 @@ H100 = Target(
     bandwidth=3.35e12,  # HBM3, 3.35 TB/s
     # Dense tensor-core peaks of the SXM part (no sparsity); f32 GEMMs run as TF32 at best.
     peak_flops={"fp8": 1979e12, "int8": 1979e12, "bf16": 989e12, "f16": 989e12, "f32": 495e12},
+    native_8bit=frozenset({"fp8", "int8"}),
     cudnn_version=91000,  # the config's dnn_version, 9.10.0
 )
-TARGETS: Mapping[str, Target] = {"h100": H100}
+
+
+def _tpu_target(name: str, topology: str, bandwidth: float, bf16: float, eight_bit: str, rate_8bit: float) -> Target:
+    # Datasheet HBM bandwidth and dense bf16 / 8-bit peaks per chip. No figure is published for
+    # an f32 matmul (8-bit operands the chip lacks are unpacked to f32): taken as half the bf16
+    # rate, a bound the widened GEMMs cannot beat.
+    return Target(name=name, platform="tpu", config=topology, bandwidth=bandwidth,
+                  peak_flops={"bf16": bf16, eight_bit: rate_8bit, "f32": bf16 / 2},
+                  native_8bit=frozenset({eight_bit}))
+
+
+# int8 runs natively on the matrix units of v5e, v5p and v6e, fp8 on v7x (Ironwood); the other
+# 8-bit format is widened to f32 (tests/test_tpu.py reads it from libtpu's dump).
+V5E = _tpu_target("v5e", "v5e:2x2", 819e9, 197e12, "int8", 394e12)
+V5P = _tpu_target("v5p", "v5p:2x2x1", 2765e9, 459e12, "int8", 918e12)
+V6E = _tpu_target("v6e", "v6e:2x2", 1640e9, 918e12, "int8", 1836e12)
+V7X = _tpu_target("v7x", "tpu7x:2x2x1", 7370e9, 2307e12, "fp8", 4614e12)
+TARGETS: Mapping[str, Target] = {t.name: t for t in (H100, V5E, V5P, V6E, V7X)}
+
+
+# jax's device_kind of each chip the targets describe.
+_DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 lite": "v6e",
+                 "TPU v6e": "v6e", "TPU7x": "v7x", "TPU v7x": "v7x"}
+
+
+def target_of(device=None) -> Target | None:
+    """The `Target` a device is (default: this process's first device), by jax's device kind;
+    None for a CPU or a chip without one."""
+    device = device if device is not None else jax.devices()[0]
+    kind = str(getattr(device, "device_kind", ""))
+    if kind in _DEVICE_KINDS:
+        return TARGETS[_DEVICE_KINDS[kind]]
+    return H100 if "H100" in kind else None
+
+
+def native_8bit(device=None) -> frozenset[str]:
+    """The 8-bit formats (``fp8``, ``int8``) the matrix units of ``device`` (a `Target`, its
+    name, or a jax device; default: this process's first device) multiply in 8 bits. A GPU
+    not among the targets by its compute capability: FP8 tensor cores from 8.9 (Ada, Hopper,
+    Blackwell), int8 from 7.5. A CPU: none."""
+    if isinstance(device, (str, Target)):
+        return get_target(device).native_8bit
+    device = device if device is not None else jax.devices()[0]
+    known = target_of(device)
+    if known is not None:
+        return known.native_8bit
+    capability = getattr(device, "compute_capability", None)
+    if getattr(device, "platform", "") == "gpu" and capability:
+        major, minor = (int(v) for v in str(capability).split(".")[:2])
+        return frozenset({"fp8", "int8"} if (major, minor) >= (8, 9) else {"int8"} if (major, minor) >= (7, 5) else ())
+    return frozenset()
 
 
 def get_target(name: str | Target) -> Target:
@@ -214,6 +271,8 @@ def _initialize_cuda_plugin() -> None:
 def topology(name: str = "h100", count: int = 1):
     """The compile-only topology of ``count`` devices of the target on one host."""
     t = get_target(name)
+    if t.platform == "tpu":
+        return _tpu_topology(t, count)
     try:
         return topologies.get_topology_desc(platform=t.platform, topology=f"1x1x{count}", target_config=t.config)
     except Exception as e:  # the plugin's absence shows as NotImplementedError, RuntimeError or ValueError
@@ -222,10 +281,41 @@ def topology(name: str = "h100", count: int = 1):
             f"the CUDA compiler plugin is missing: {_install_hint('DIR')}") from None
 
 
+def _tpu_topology(t: Target, count: int):
+    try:
+        chips = topologies.get_topology_desc(topology_name=t.config, platform="tpu").devices
+    except Exception as e:  # libtpu absent or refusing: RuntimeError / JaxRuntimeError from jax
+        missing = "not installed" in str(e)
+        raise RuntimeError(f"cannot compile for {t.name} here ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})" + (f": libtpu is missing: {_TPU_HINT}"
+                                                                               if missing else "")) from None
+    if count > len(chips):
+        raise ValueError(f"{t.name}: the compile-only topology {t.config} has {len(chips)} chips; {count} asked")
+    return topologies.TopologyDescription(list(chips[:count]))
+
+
+_TPU_HINT = ("install it with `pip install --target DIR libtpu` (the version jax[tpu] of this jax asks for; "
+             "`make tpu-compiler` does it), then call mpx.program.ensure_compiler(target, DIR)")
+
+
 def ensure_compiler(target: str = "h100", overlay: str | os.PathLike | None = None) -> None:
-    """Make sure this process can compile for ``target``: a GPU build of jax can already; else
-    load the plugin from ``overlay`` (default ``sys.prefix/cuda-compiler``, where ``make
-    cuda-compiler`` installs it). RuntimeError, with the install hint, when neither is there."""
+    """Make sure this process can compile for ``target``.
+
+    GPU: a GPU build of jax can already; else the plugin is loaded from ``overlay`` (default
+    ``sys.prefix/cuda-compiler``, where ``make cuda-compiler`` installs it). TPU: libtpu from
+    an installed ``libtpu`` package or from ``overlay`` (default ``sys.prefix/tpu-compiler``,
+    ``make tpu-compiler``); this must come before anything else in the process loads libtpu,
+    for libtpu's low-level dump (what `read` learns the matrix units from) to be switched on.
+    RuntimeError, with the install hint, when the compiler is not there."""
+    if get_target(target).platform == "tpu":
+        overlay = overlay if overlay is not None else os.path.join(sys.prefix, "tpu-compiler")
+        library = _tpu.libtpu_path(overlay)
+        if library is None:
+            raise RuntimeError(f"cannot compile for {target} here: libtpu is missing from {os.fspath(overlay)}: "
+                               f"{_TPU_HINT}")
+        _tpu.prepare(library)
+        topology(target)
+        return
     try:
         topology(target)
     except RuntimeError as missing:
@@ -246,6 +336,9 @@ def _install_hint(directory: str) -> str:
 def make_mesh(shape: tuple[int, ...] = (1,), axis_names: tuple[str, ...] = ("data",), *,
               target: str = "h100") -> Mesh:
     """A mesh of compile-only devices of ``target`` (one host), for sharded programs."""
+    devices = topology(target, math.prod(shape)).devices
+    if get_target(target).platform == "tpu":  # the first chips of the topology, in order
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), axis_names)
     return topologies.make_mesh(topology(target, math.prod(shape)), shape, axis_names)
 
 
@@ -279,12 +372,23 @@ def compile_for(fn, *args, target: str = "h100", mesh: Mesh | None = None,
     used). A ``ShapeDtypeStruct`` that carries a sharding keeps it (build them on `mesh` for a
     sharded program); everything else is replicated over ``mesh`` (one device by default).
     ``options``: XLA compiler options (`CUBLAS_ONLY`, or ``{}`` for XLA's defaults)."""
+    return _compile(fn, *args, target=target, mesh=mesh, options=options, **jit_kwargs)[0]
+
+
+def _compile(fn, *args, target: str, mesh: Mesh | None, options: Mapping[str, object],
+             **jit_kwargs) -> tuple[jax.stages.Compiled, dict[str, str] | None]:
+    """`compile_for`, and for a TPU what each kernel's matrix unit multiplies in (None where
+    that could not be read; `mpx.program.read` takes it)."""
+    t = get_target(target)
     mesh = mesh if mesh is not None else make_mesh(target=target)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.tree.map(lambda x: _abstract(x, replicated), args)
-    with _target_cudnn(get_target(target)):
+    with _target_cudnn(t):
         lowered = jax.jit(fn, **jit_kwargs).trace(*abstract).lower()
-    return lowered.compile(compiler_options=dict(options))
+    options = dict(options) if t.platform == "cuda" else {k: v for k, v in options.items() if not k.startswith("xla_gpu")}
+    if t.platform == "tpu":
+        return _tpu.compile_and_read(lambda: lowered.compile(compiler_options=options))
+    return lowered.compile(compiler_options=options), None
 
 
 @contextlib.contextmanager

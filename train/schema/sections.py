@@ -341,8 +341,14 @@ class RunConfig(Section):
                  "is set but data.task is 'lm'; set data.task=classification")
 
     def policy(self) -> mpx.Policy:
-        """The parsed precision policy."""
+        """The parsed precision policy (an ``8bit`` preset: for this process's device)."""
         return mpx.parse_policy(self.precision)
+
+    def resolved(self, device=None) -> RunConfig:
+        """This config with an ``8bit`` precision written out for ``device`` (default: this
+        process's first device; `mpx.policy.resolve`), so that the run records the format it
+        trains in and a resume on a chip that would pick the other one differs from it."""
+        return dataclasses.replace(self, precision=mpx.policy.resolve(self.precision, device))
 
     def mesh_shape(self, num_devices: int) -> tuple[int, int]:
         """``(data, fsdp)`` axis sizes on ``num_devices`` devices (`MeshConfig.shape`)."""
@@ -362,8 +368,8 @@ _RULE_PREFIX = re.compile(r"^policy rule \d+: ")
 
 
 def _policy_failure(spec) -> str | None:
-    try:
-        mpx.parse_policy(spec)
+    try:  # the 8bit preset resolves per device; any chip's reading checks the rest of the spec
+        mpx.parse_policy(spec, device="h100")
     except (ValueError, TypeError) as e:
         return str(e)
     return None
@@ -376,7 +382,8 @@ def checked_precision(spec):
         spec = plain(spec)
     elif not isinstance(spec, str):
         raise ConfigError(
-            f"precision: expected a preset name ({', '.join(mpx.policy.PRESETS)}), a compact policy string "
+            f"precision: expected a preset name ({', '.join(mpx.policy.PRESETS)}, {mpx.policy.FASTEST_8BIT}), a compact "
+            "policy string "
             f"('bf16; blocks/*/mlp/*->fp8') or a mapping ({', '.join(mpx.policy.TOP_KEYS)}), got {spec!r}"
         )
     whole = _policy_failure(spec)
