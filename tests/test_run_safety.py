@@ -52,6 +52,22 @@ def test_resuming_with_a_changed_model_is_an_error_that_touches_nothing(tmp_path
         assert snapshot(run) == before and (run / rundir.CONFIG_FILE).read_text() == recorded
 
 
+def test_a_run_saved_before_a_model_key_existed_is_the_same_run():
+    """A run's config.yaml written before model.layout, num_kv_heads, rope_base and norm_eps
+    existed resumes and evaluates as the gpt2 run it was; a key it lacks that is set to
+    something else now is a difference."""
+    current = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    saved = current.to_dict()
+    saved["model"] = {k: v for k, v in saved["model"].items()
+                      if k not in ("layout", "num_kv_heads", "rope_base", "norm_eps")}
+    said: list[str] = []
+    assert identity.check_resume(saved, current.to_dict(), run_dir="runs/old", say=said.append) == {}
+    assert said == []
+    assert identity.for_evaluation(saved, current, say=said.append) == current and said == []
+    llama = {**current.to_dict(), "model": {**current.to_dict()["model"], "layout": "llama"}}
+    assert identity.differences(saved, llama) == {"model.layout": ("gpt2", "llama")}
+
+
 def test_resuming_with_harmless_changes_continues_and_says_so(tmp_path, data_dir):
     config = config_for(tmp_path, data_dir)
     loop.train(config, say=lambda _: None)

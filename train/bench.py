@@ -285,9 +285,8 @@ def step(shape: mn.TransformerConfig, *, batch: int, seq: int, repeats: int, war
         t = timed(compiled, state, tokens, repeats=repeats, warmup=warmup)  # not donated: each run is step 0 again
         base = base or t["median_ms"]  # fp32 first
         tps = batch * seq / (t["median_ms"] * 1e-3)
-        embedding = shape.max_len * shape.d_model + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
         flops = mt.flops_per_token(params, num_layers=shape.num_layers, seq_len=seq, d_model=shape.d_model,
-                                   embedding_params=embedding)
+                                   embedding_params=mt.embedding_params(shape))
         rows.append({
             "mode": "step", "variant": precision, "batch": batch, "seq": seq, **t, "tokens_per_s": tps,
             "mfu": mt.mfu(tps, flops, devices=1, peak=peak), "speedup_vs_fp32": base / t["median_ms"],

@@ -32,7 +32,7 @@ from typing import Any
 
 from train import rundir
 from train.data.corpora import file_sha256
-from train.schema import ConfigError, OptimConfig
+from train.schema import ConfigError, OptimConfig, RunConfig
 
 HARMLESS = (
     "name", "run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -75,10 +75,17 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config, flattened, with the keys it lacks at their defaults: a key added to
+    the schema after the run was created (``model.layout``) defaults to what runs did
+    before it existed, so a run saved without it is the same run."""
+    return {**flatten(RunConfig().to_dict()), **flatten(saved)}
+
+
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved, current)`` for every dotted key whose value differs (the precision:
-    whose parsed policies differ)."""
-    a, b = flatten(saved), flatten(current)
+    whose parsed policies differ); keys ``saved`` lacks count at their defaults."""
+    a, b = with_defaults(saved), flatten(current)
     missing = object()
     out = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
     if "precision" in out and _same_policy(*out["precision"]):
@@ -208,7 +215,7 @@ def for_evaluation(run_config: Mapping[str, Any], command, *, say: Callable[[str
     ones) is reported."""
     from train.schema import config_from_dict
 
-    theirs, mine = flatten(run_config), flatten(command.to_dict())
+    theirs, mine = with_defaults(run_config), flatten(command.to_dict())
     merged = {**theirs, **{k: v for k, v in mine.items() if k in EVALUATION_KEYS}}
     ignored = sorted(k for k in set(theirs) | set(mine)
                      if k not in EVALUATION_KEYS and k not in HARMLESS and theirs.get(k) != mine.get(k))

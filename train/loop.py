@@ -338,9 +338,8 @@ class _Meter:
     learning rate, the loss scale, skipped steps and FP8 scale statistics."""
 
     def __init__(self, params, shape: TransformerConfig, *, seq_len: int, tokens_per_step: int, schedule):
-        embedding = shape.max_len * shape.d_model + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
         self.flops_token = mt.flops_per_token(params, num_layers=shape.num_layers, seq_len=seq_len,
-                                              d_model=shape.d_model, embedding_params=embedding)
+                                              d_model=shape.d_model, embedding_params=mt.embedding_params(shape))
         self.peak = mt.peak_flops()
         self.tokens_per_step = tokens_per_step
         self.schedule = schedule

@@ -30,6 +30,14 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def embedding_params(shape) -> int:
+    """The parameters of a `mpx.nn.TransformerConfig` that a token reads by lookup, not by a
+    matmul: the position table (gpt2 layout; the llama layout has none) and, with an untied
+    head, the token embedding (the head's own kernel is the vocabulary matmul)."""
+    positions = shape.max_len * shape.d_model if shape.layout == "gpt2" else 0
+    return positions + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
+
+
 def flops_per_token(params, *, num_layers: int, seq_len: int, d_model: int, embedding_params: int) -> float:
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) - embedding_params
     return 6.0 * n + 12.0 * num_layers * seq_len * d_model

@@ -5,7 +5,8 @@
 * `mpx.nn._op_modules`: the modules where a precision decision is applied (`DotGeneral`,
   `Softmax`, `CrossEntropy`) and the FP8 state they hold (`Fp8MetaVariable`);
 * `mpx.nn._layers`: `Linear` and `Einsum` with a policy ``kind``;
-* `mpx.nn._transformer`: a GPT-style decoder (`TransformerLM`, `SequenceClassifier`) and its parts.
+* `mpx.nn._transformer`: a decoder in the GPT-2 or the Llama layout (`TransformerLM`,
+  `SequenceClassifier`) and its parts; `mpx.nn._rotary`: the Llama layout's rotary positions.
 """
 
 from mpx.nn._apply import apply_policy, split

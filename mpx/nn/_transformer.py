@@ -1,11 +1,18 @@
-"""A GPT-2-style decoder (LM and sequence classifier) whose ops obey a precision policy.
+"""A decoder (LM and sequence classifier) whose ops obey a precision policy, in two layouts.
 
-Shapes: B batch, T sequence, D d_model, H heads, K = D // H, F d_ff, V vocab, C classes.
-Module paths (what policy rules match): ``embed``, ``pos_embed``, ``blocks/{i}/ln1``,
-``blocks/{i}/attn/{qkv,logits,softmax,values,out}``, ``blocks/{i}/ln2``,
-``blocks/{i}/mlp/{fc,proj}``, ``ln_f``, ``head`` (LM) or ``classifier``, ``loss``.
-With ``scan_layers`` the blocks are one stacked module (every parameter and FP8 meta
-gains a leading layer axis) and the paths lose the index: ``blocks/attn/qkv``, ...
+* ``gpt2``: learned position table, LayerNorm, GELU MLP (``fc``, ``proj``), biases.
+* ``llama``: rotary positions (no table), RMSNorm, SwiGLU MLP (``gate``, ``up``, ``down``),
+  no biases.
+
+Either layout's attention may group its heads (``num_kv_heads`` < ``num_heads``).
+
+Shapes: B batch, T sequence, D d_model, H heads, G key/value heads, K = D // H, F d_ff,
+V vocab, C classes. Module paths (what policy rules match): ``embed``, ``pos_embed``
+(gpt2), ``blocks/{i}/ln1``, ``blocks/{i}/attn/{qkv,logits,softmax,values,out}``,
+``blocks/{i}/ln2``, ``blocks/{i}/mlp/{fc,proj}`` (gpt2) or ``blocks/{i}/mlp/{gate,up,down}``
+(llama), ``ln_f``, ``head`` (LM) or ``classifier``, ``loss``. With ``scan_layers`` the
+blocks are one stacked module (every parameter and FP8 meta gains a leading layer axis)
+and the paths lose the index: ``blocks/attn/qkv``, ...
 """
 
 from __future__ import annotations
@@ -20,15 +27,23 @@ from flax import nnx
 from mpx import program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
-from mpx._checks import is_int
+from mpx._checks import did_you_mean, is_int, is_positive_finite
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
+from mpx.nn._rotary import apply_rotary, rotary_angles
 from mpx.policy import OpPrecision, Policy
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Shape of a decoder. ``tie_embeddings``: the LM head reuses the token embedding.
+
+    ``layout``: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or ``llama``
+    (rotary positions of base ``rope_base``, RMSNorm, SwiGLU MLP, no biases; ``max_len``
+    only bounds the sequence). ``num_kv_heads``: key/value heads, a divisor of
+    ``num_heads`` whose query heads share them in groups (grouped-query attention; 1:
+    multi-query; None: ``num_heads``, plain multi-head). ``norm_eps``: the epsilon of
+    every norm.
 
     ``scan_layers``: build the blocks as one stack (``nnx.vmap``) and run them with
     ``nnx.scan``: one block is compiled instead of ``num_layers``. ``remat``: recompute
@@ -45,6 +60,15 @@ class TransformerConfig:
     tie_embeddings: bool = True
     scan_layers: bool = False
     remat: bool = False
+    layout: str = "gpt2"
+    num_kv_heads: int | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_kv_heads``, or ``num_heads`` when it is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
@@ -62,6 +86,30 @@ class TransformerConfig:
         for name in ("tie_embeddings", "scan_layers", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}"
+                             f"{did_you_mean(self.layout, LAYOUTS)}")
+        if self.num_kv_heads is not None and (not is_int(self.num_kv_heads) or self.num_kv_heads < 1):
+            raise ValueError(f"num_kv_heads must be a positive integer or null (num_heads), got {self.num_kv_heads!r}")
+        if self.num_heads % self.kv_heads:
+            divisors = [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+            raise ValueError(f"num_kv_heads ({self.kv_heads}) must divide num_heads ({self.num_heads}); "
+                             f"e.g. num_kv_heads={_divisor_hint(self.num_heads, self.kv_heads)} "
+                             f"(one of {', '.join(map(str, divisors))})")
+        if not is_positive_finite(self.norm_eps):
+            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if not is_positive_finite(self.rope_base) or self.rope_base <= 1:
+            raise ValueError(f"rope_base must be a number > 1 (Llama uses 10000 or 500000), got {self.rope_base!r}")
+        if self.layout == "gpt2" and self.rope_base != 10000.0:
+            raise ValueError(f"rope_base ({self.rope_base}) sets rotary positions, which layout='gpt2' does not have "
+                             "(it learns a position table): set layout='llama', or leave rope_base at 10000")
+        if self.layout == "llama" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"d_model // num_heads ({self.d_model // self.num_heads}) must be even with layout='llama' "
+                             f"(rotary positions turn each head's features in pairs); e.g. d_model="
+                             f"{self.d_model + self.num_heads}")
+
+
+LAYOUTS = ("gpt2", "llama")
 
 
 def _divisor_hint(d: int, h: int) -> int:
@@ -72,8 +120,11 @@ GPT2_SMALL = TransformerConfig(vocab_size=50257, d_model=768, num_heads=12, num_
 GPT2_MEDIUM = TransformerConfig(vocab_size=50257, d_model=1024, num_heads=16, num_layers=24, d_ff=4096, max_len=1024)
 
 
-def _ln(d, policy, rngs):
-    return nnx.LayerNorm(d, epsilon=1e-5, param_dtype=policy.param_dtype, rngs=rngs)
+def _norm(config: TransformerConfig, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
+    """The layout's norm over D. Its statistics are float32 whatever its dtype (Flax's
+    norms promote them), and the presets run the whole norm in fp32."""
+    norm = nnx.RMSNorm if config.layout == "llama" else nnx.LayerNorm
+    return norm(config.d_model, epsilon=config.norm_eps, param_dtype=policy.param_dtype, rngs=rngs)
 
 
 # fp16 stays explicit: jax's XLA attention asks for an F16_F16_F32 dot, which CPU and TPU
@@ -102,6 +153,11 @@ def fused_attention_allowed(logits: OpPrecision | None, softmax: OpPrecision | N
 class Attention(nnx.Module):
     """Causal multi-head self-attention. x (B, T, D), mask (B, T) bool valid -> (B, T, D).
 
+    One ``qkv`` projection gives H query heads and G key/value heads (grouped-query
+    attention when G < H: query head h reads key/value head h // (H / G)). In the llama
+    layout queries and keys are turned by their positions (`mpx.nn._rotary`) and no
+    projection has a bias.
+
     Two paths, the same ops for the policy (``logits``, ``softmax``, ``values`` stay named
     op modules either way, so rules and `mpx.inspect.describe` see them):
 
@@ -122,12 +178,15 @@ class Attention(nnx.Module):
 
     def __init__(self, config: TransformerConfig, policy: Policy, *, rngs: nnx.Rngs):
         d = config.d_model
-        self.num_heads = config.num_heads
-        self.qkv = Linear(d, 3 * d, param_dtype=policy.param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads
+        self.rope_base = config.rope_base if config.layout == "llama" else None  # None: no rotary positions
+        bias = config.layout == "gpt2"
+        qkv_features = (self.num_heads + 2 * self.num_kv_heads) * (d // self.num_heads)
+        self.qkv = Linear(d, qkv_features, use_bias=bias, param_dtype=policy.param_dtype, rngs=rngs)
         self.logits = DotGeneral("attention_logits")
         self.softmax = Softmax()
         self.values = DotGeneral("attention_values")
-        self.out = Linear(d, d, param_dtype=policy.param_dtype, rngs=rngs)
+        self.out = Linear(d, d, use_bias=bias, param_dtype=policy.param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
     def uses_fused(self, *, deterministic: bool = True) -> bool:
@@ -138,9 +197,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
         b, t, d = x.shape
-        h = self.num_heads
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # (B, T, D) each
-        q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))  # (B, T, H, K)
+        h, g, kd = self.num_heads, self.num_kv_heads, d // self.num_heads
+        q, k, v = jnp.split(self.qkv(x), [h * kd, (h + g) * kd], axis=-1)  # (B, T, H*K), (B, T, G*K) x 2
+        q, k, v = q.reshape(b, t, h, kd), k.reshape(b, t, g, kd), v.reshape(b, t, g, kd)
+        if self.rope_base is not None:
+            cos, sin = rotary_angles(jnp.arange(t), kd, self.rope_base)  # (T, K/2) each
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.uses_fused(deterministic=deterministic):
             out = self._fused(q, k, v, mask)  # (B, T, H, K)
         else:
@@ -148,7 +210,8 @@ class Attention(nnx.Module):
         return self.out(out.reshape(b, t, d))
 
     def _fused(self, q, k, v, mask):
-        """q, k, v (B, T, H, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``.
+        """q (B, T, H, K), k, v (B, T, G, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``
+        (which groups the query heads itself when G < H).
 
         On a GPU (bf16/fp16) cuDNN flash attention, else, or where cuDNN refuses the shape,
         jax's XLA path (``implementation=None`` is XLA as of jax 0.11). The (B, 1, T, S)
@@ -177,8 +240,13 @@ class Attention(nnx.Module):
             return attend(implementation=None)
 
     def _explicit(self, q, k, v, mask, *, deterministic, rngs):
-        """q, k, v (B, T, H, K) -> (B, T, H, K) through the logits, softmax and values ops."""
+        """q (B, T, H, K), k, v (B, T, G, K) -> (B, T, H, K) through the logits, softmax and
+        values ops. Each key/value head is repeated for the H / G query heads of its group
+        (the (B, H, T, S) probabilities this path materialises are far larger anyway)."""
         t, kdim = q.shape[1], q.shape[-1]
+        group = q.shape[2] // k.shape[2]
+        if group > 1:
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # (B, T, H, K)
         q = q * jnp.asarray(1.0 / jnp.sqrt(kdim), q.dtype)
         logits = self.logits(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, T, S)
         allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -207,14 +275,30 @@ class MLP(nnx.Module):
         return self.dropout(self.proj(h), deterministic=deterministic, rngs=rngs)
 
 
-class Block(nnx.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)). (B, T, D) -> (B, T, D)."""
+class SwiGLU(nnx.Module):
+    """x (B, T, D) -> down(silu(gate(x)) * up(x)) (B, T, D); gate, up (B, T, F); no biases."""
 
     def __init__(self, config: TransformerConfig, policy: Policy, *, rngs: nnx.Rngs):
-        self.ln1 = _ln(config.d_model, policy, rngs)
+        d, f = config.d_model, config.d_ff
+        self.gate = Linear(d, f, use_bias=False, param_dtype=policy.param_dtype, rngs=rngs)
+        self.up = Linear(d, f, use_bias=False, param_dtype=policy.param_dtype, rngs=rngs)
+        self.down = Linear(f, d, use_bias=False, param_dtype=policy.param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x, *, deterministic: bool = True, rngs=None):
+        h = jax.nn.silu(self.gate(x)) * self.up(x)
+        return self.dropout(self.down(h), deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)). (B, T, D) -> (B, T, D).
+    The layout picks the norms (LayerNorm or RMSNorm) and the MLP (GELU or SwiGLU)."""
+
+    def __init__(self, config: TransformerConfig, policy: Policy, *, rngs: nnx.Rngs):
+        self.ln1 = _norm(config, policy, rngs)
         self.attn = Attention(config, policy, rngs=rngs)
-        self.ln2 = _ln(config.d_model, policy, rngs)
-        self.mlp = MLP(config, policy, rngs=rngs)
+        self.ln2 = _norm(config, policy, rngs)
+        self.mlp = (SwiGLU if config.layout == "llama" else MLP)(config, policy, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
@@ -235,17 +319,19 @@ def _stacked_blocks(config: TransformerConfig, policy: Policy, rngs: nnx.Rngs) -
 
 
 class Decoder(nnx.Module):
-    """Token + position embeddings, N blocks, final norm. tokens (B, T) -> features (B, T, D)."""
+    """Token embeddings (+ learned positions in the gpt2 layout), N blocks, final norm.
+    tokens (B, T) -> features (B, T, D)."""
 
     def __init__(self, config: TransformerConfig, policy: Policy, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.d_model, param_dtype=policy.param_dtype, rngs=rngs)
-        self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=policy.param_dtype, rngs=rngs)
+        if config.layout == "gpt2":  # the llama layout turns q and k in each attention instead
+            self.pos_embed = nnx.Embed(config.max_len, config.d_model, param_dtype=policy.param_dtype, rngs=rngs)
         if config.scan_layers:
             self.blocks = _stacked_blocks(config, policy, rngs)
         else:
             self.blocks = nnx.List([Block(config, policy, rngs=rngs) for _ in range(config.num_layers)])
-        self.ln_f = _ln(config.d_model, policy, rngs)
+        self.ln_f = _norm(config, policy, rngs)
         self.dropout = nnx.Dropout(config.dropout)
         self.loss = CrossEntropy()
 
@@ -253,7 +339,9 @@ class Decoder(nnx.Module):
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len {self.config.max_len} of this model")
-        x = self.embed(tokens) + self.pos_embed(jnp.arange(t))[None]  # (B, T, D)
+        x = self.embed(tokens)  # (B, T, D)
+        if self.config.layout == "gpt2":
+            x = x + self.pos_embed(jnp.arange(t))[None]
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
         # Each block draws its dropout key from a key of its own: the same in both layouts.
         n = self.config.num_layers

@@ -31,6 +31,11 @@ from train.schema.engine import ConfigError, Section, build_section, plain, requ
 class ModelConfig(Section):
     """Decoder shape. ``vocab_size``: None takes the tokenizer's; a larger value pads it.
 
+    ``layout``: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or ``llama``
+    (rotary positions of base ``rope_base``, RMSNorm, SwiGLU MLP, no biases).
+    ``num_kv_heads``: key/value heads shared by groups of query heads (a divisor of
+    ``num_heads``; 1: multi-query; None: ``num_heads``). ``norm_eps``: every norm's epsilon.
+
     ``scan_layers``: the blocks are one stacked module run by ``nnx.scan`` (one block
     compiled, one FP8 meta per layer); ``remat``: recompute block activations in the
     backward pass. Checkpoints of a scanned and an unrolled model are not interchangeable.
@@ -40,17 +45,21 @@ class ModelConfig(Section):
 
     d_model: int = 128
     num_heads: int = 4
+    num_kv_heads: int | None = None
     num_layers: int = 2
     d_ff: int = 512
     max_len: int = 128
     dropout: float = 0.0
     tie_embeddings: bool = True
+    layout: Literal["gpt2", "llama"] = "gpt2"
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
     vocab_size: int | None = None
     scan_layers: bool = False
     remat: bool = False
 
     def _validate(self):
-        self._positive("d_model", "num_heads", "num_layers", "d_ff", "max_len", "vocab_size")
+        self._positive("d_model", "num_heads", "num_layers", "d_ff", "max_len", "vocab_size", "num_kv_heads")
         try:  # the library checks the shape itself; its message, under this section's keys
             self.to_transformer(self.vocab_size or 1)
         except ValueError as e:
@@ -67,6 +76,7 @@ class ModelConfig(Section):
             vocab_size=self.vocab_size or vocab_size, d_model=self.d_model, num_heads=self.num_heads,
             num_layers=self.num_layers, d_ff=self.d_ff, max_len=self.max_len, dropout=self.dropout,
             tie_embeddings=self.tie_embeddings, scan_layers=self.scan_layers, remat=self.remat,
+            layout=self.layout, num_kv_heads=self.num_kv_heads, rope_base=self.rope_base, norm_eps=self.norm_eps,
         )
 
 
