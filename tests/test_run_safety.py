@@ -38,18 +38,23 @@ def snapshot(run_dir: pathlib.Path) -> dict:
 
 
 def test_resuming_with_a_changed_model_is_an_error_that_touches_nothing(tmp_path, data_dir):
-    config = config_for(tmp_path, data_dir)
+    """Also the 8bit preset: the run records the format it resolved to on this CPU (fp8), and
+    the same config resolved for a chip whose 8-bit format is int8 (a TPU v5e) is another run."""
+    config = config_for(tmp_path, data_dir, "precision=8bit")
     loop.train(config, say=lambda _: None)
     run = pathlib.Path(config.run_dir)
     before, recorded = snapshot(run), (run / rundir.CONFIG_FILE).read_text()
-    assert rundir.saved_config(run) == config.to_dict()
-    for changed in (["model.d_model=64"], ["precision=bf16"]):
+    assert rundir.saved_config(run) == config.resolved().to_dict() and rundir.saved_config(run)["precision"] == "fp8"
+    on_v5e = config_for(tmp_path, data_dir, "precision=8bit", "train.steps=6").resolved("v5e")
+    for changed in (["model.d_model=64"], ["precision=bf16"], on_v5e):
         with pytest.raises(identity.ConfigMismatch) as err:
-            loop.train(config_for(tmp_path, data_dir, *changed, "train.steps=6"), say=lambda _: None)
-        key = changed[0].split("=")[0]
+            loop.train(changed if changed is on_v5e else config_for(tmp_path, data_dir, *changed, "train.steps=6"),
+                       say=lambda _: None)
+        key = "precision" if changed is on_v5e else changed[0].split("=")[0]
         assert f"{key}: " in str(err.value) and "new name" in str(err.value)
         assert "train.steps: " not in str(err.value)  # a harmless key is not listed as a difference
         assert snapshot(run) == before and (run / rundir.CONFIG_FILE).read_text() == recorded
+    assert "precision: 'fp8' (the run) -> 'int8; int8.backward=int8' (now)" in str(err.value)
 
 
 def test_a_run_saved_before_a_model_key_existed_is_the_same_run():

@@ -120,9 +120,10 @@ def _resolved(config):
 
         import mpx
 
-        chip = mpx.program.target_of()
-        print(f"precision {config.precision} -> {resolved.precision} (the 8-bit format "
-              f"{chip.name if chip else jax.devices()[0].device_kind} multiplies natively)")
+        chip, device = mpx.program.target_of(), jax.devices()[0]
+        why = (f"the 8-bit format {chip.name if chip else device.device_kind} multiplies natively"
+               if mpx.program.native_8bit(device) else f"{device.platform}: no 8-bit matrix unit; the GPU format")
+        print(f"precision {config.precision} -> {resolved.precision} ({why})")
     return resolved
 
 

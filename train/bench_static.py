@@ -12,9 +12,14 @@ Rows, each a full AdamW train step compiled for the target:
 * mpx's ``TransformerLM`` of the config's shape under the bf16, fp8 and int8 presets: with
   ``--layers`` layers unrolled, and as configured (its layers, scan and remat), if that differs.
 
-Columns: GEMMs (FP8 / int8 / other), non-GEMM kernels launched per step, bytes accessed and
-those outside GEMMs, temp memory, the attention kernel, GEMM TFLOP, a roofline (every kernel at
-the target's bandwidth or peak) and the compile time. Models are built abstractly (shapes
+Columns: GEMMs (FP8 / int8 / other; ``widened_8bit``: 8-bit GEMMs the target's matrix units
+widen), non-GEMM kernels launched per step, bytes accessed and those outside GEMMs, temp
+memory, the attention kernel, GEMM TFLOP, a roofline (every kernel at the target's bandwidth
+or peak, a widened GEMM at the rate it runs at) and the compile time.
+
+For a TPU target (``v5e``, ``v5p``, ``v6e``, ``v7x``; libtpu, `make tpu-compiler`): mpx's
+``TransformerLM`` with ``--layers`` layers unrolled under bf16, fp8, int8 and int8 with int8
+gradients (`TPU_PRESETS`); libtpu takes minutes for each step of this size on a CPU. Models are built abstractly (shapes
 only), so a 1.3B model costs no host memory. No autotuning happens without the device: GEMMs
 are compiled with Triton off (`mpx.program.CUBLAS_ONLY`), what XLA's GEMM rewriter makes of them.
 """
@@ -36,6 +41,8 @@ from train.bench import FlaxFp8Dot, PlainStack
 
 PLAIN_VARIANTS = ("flax_bf16", "flax_fp8_direct", "mpx_bf16", "mpx_fp8")
 LM_PRESETS = ("bf16", "fp8", "int8")
+TPU_PRESETS = {"bf16": "bf16", "fp8": "fp8", "int8": "int8", "int8_bwd_int8": "int8; int8.backward=int8"}
+"""A TPU's rows: its 8-bit path is int8 with int8 gradients (v5e, v5p, v6e) or fp8 (v7x)."""
 
 
 class PlainLM(nnx.Module):
@@ -120,6 +127,7 @@ def row(model: str, variant: str, report: mpx.program.ProgramReport) -> dict[str
         "mode": "static", "model": model, "variant": variant, "target": report.target,
         "fp8_gemms": report.gemms("fp8"), "int8_gemms": report.gemms("int8"),
         "other_gemms": report.gemms() - report.gemms("fp8") - report.gemms("int8"),
+        "widened_8bit": len(report.widened),
         "non_gemm_kernels": s["non_gemm_kernels"], "bytes_gb": s["bytes_accessed"] / 1e9,
         "outside_gemms_gb": s["bytes_outside_gemms"] / 1e9, "temp_gb": s["temp_bytes"] / 1e9,
         "attention": s["attention"], "gemm_tflop": s["gemm_flops"] / 1e12, "roofline_ms": s["roofline_ms"],
@@ -131,6 +139,13 @@ def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, ta
     """One row per program (see the module docstring), in one process."""
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     rows = []
+    if mpx.program.get_target(target).platform == "tpu":  # libtpu compiles big steps slowly: mpx's LM only
+        lm_shape = dataclasses.replace(shape, num_layers=layers, scan_layers=False, remat=False)
+        for variant, spec in TPU_PRESETS.items():
+            fn, state = lm_step(lm_shape, spec)
+            rows.append(row(f"TransformerLM x{layers}", f"mpx_{variant}", mpx.program.report(fn, state, tokens,
+                                                                                             target=target)))
+        return rows
     for variant in PLAIN_VARIANTS:
         fn, state = plain_step(shape, variant, layers=layers)
         rows.append(row(f"plain x{layers}", variant, mpx.program.report(fn, state, tokens, target=target)))

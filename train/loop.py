@@ -76,8 +76,11 @@ def train(
 
     The JAX distributed system is started here if the CLI has not done it already
     (`train.mesh.initialize_distributed`), so that this function can be called from Python.
+    An ``8bit`` precision is then written out for this device (`RunConfig.resolved`): the run
+    records the format it trains in, and a resume on a chip that picks the other is refused.
     """
     mesh_lib.initialize_distributed(config.mesh.distributed)  # a no-op once started
+    config = config.resolved()
     lock = rundir.locked(config.run_dir, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         resuming, saved, config, changes = _check_identity(config, say, change_optim=change_optim)
