@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mpx
 import train.loop as loop
 from train import evaluation
 from train.build import build
@@ -210,6 +211,22 @@ def test_start_of_run_reports_precisions_and_a_rule_that_matches_nothing(tmp_pat
     with pytest.raises(ConfigError, match="block/\\*/mlp/\\*->fp32.*--strict"):
         loop.train(config_for(tmp_path, data_dir, typo, f"run_dir={tmp_path / 'strict'}"), say=lambda _: None,
                    strict=True)
+
+
+def test_start_of_run_warns_of_an_8bit_format_the_chip_only_widens(tmp_path, data_dir):
+    """The fp8 preset on a TPU v5e (int8 matrix units): the start of the run says the fp8 ops
+    run widened and names the chip's format; the format 8bit resolves to there, no warning."""
+    config = config_for(tmp_path, data_dir)
+    model = build(config, say=lambda _: None).model()
+    said: list[str] = []
+    loop.precision_report(model, mpx.parse_policy("fp8"), "fp8", say=said.append, strict=False, device="v5e")
+    assert [line for line in said if line.startswith("warning: ")] == [
+        "warning: 4 ops run in fp8, which v5e's matrix units do not multiply in 8 bits: they run widened, slower "
+        "than bf16 on a TPU; v5e has int8 (precision '8bit' picks it)"]
+    said.clear()
+    loop.precision_report(model, mpx.parse_policy("8bit", device="v5e"), "8bit", say=said.append, strict=False,
+                          device="v5e")
+    assert said == ["precision 8bit: bf16 5, fp32 5, int8 (int8 bwd) 4 ops"]
 
 
 def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_dir):

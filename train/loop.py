@@ -245,15 +245,18 @@ def _start_report(built: Built, config: RunConfig, *, say, strict: bool) -> dict
     return refs
 
 
-def precision_report(model, policy: mpx.Policy, precision, *, say: Callable[[str], None], strict: bool) -> None:
+def precision_report(model, policy: mpx.Policy, precision, *, say: Callable[[str], None], strict: bool,
+                     device=None) -> None:
     """Say how many ops of ``model`` run in each precision under ``policy`` (the config's
     ``precision``, as written); unmatched path rules are warnings, or with ``strict`` a
-    `ConfigError`. On an accelerator each 8-bit op is checked against what its matrix units
-    multiply natively (`describe`'s ``device``): a widened format is a warning."""
-    device = jax.devices()[0]
+    `ConfigError`. On an accelerator (``device``, default this process's first unless a CPU)
+    each 8-bit op is checked against what its matrix units multiply natively (`describe`'s
+    ``device``): a widened format is a warning."""
+    if device is None and jax.devices()[0].platform != "cpu":
+        device = jax.devices()[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Widened8Bit)
-        table = describe(model, policy, device=device if device.platform != "cpu" else None)
+        table = describe(model, policy, device=device)
     counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(table.by_precision().items()))
     say(f"precision {precision if isinstance(precision, str) else 'policy'}: {counts} ops")
     for warning in caught:
