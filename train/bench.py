@@ -362,7 +362,7 @@ def format_record(record: dict[str, Any]) -> str:
         rows = [r for r in record["rows"] if r["mode"] == mode]
         if not rows:
             continue
-        keys = [k for k in rows[0] if k not in ("mode",)]
+        keys = list(dict.fromkeys(k for r in rows for k in r if k != "mode"))  # a row may say why it has no figures
         lines += ["", f"[{mode}]"] + format_table(keys, [[_cell(r.get(k)) for k in keys] for r in rows])
     if "crossover" in record:
         lines.append(f"crossover: {record['crossover']}")

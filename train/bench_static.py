@@ -135,6 +135,18 @@ def row(model: str, variant: str, report: mpx.program.ProgramReport) -> dict[str
     }
 
 
+def _report_or_error(model: str, variant: str, fn, state, tokens, target: str) -> dict[str, Any]:
+    """The row of one program, or a row that says why it does not compile for the target (a
+    step whose temporaries exceed the chip's memory: XLA's RESOURCE_EXHAUSTED message)."""
+    try:
+        return row(model, variant, mpx.program.report(fn, state, tokens, target=target))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"mode": "static", "model": model, "variant": variant, "target": target,
+                "error": str(e).splitlines()[0]}
+
+
 def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, target: str) -> list[dict[str, Any]]:
     """One row per program (see the module docstring), in one process."""
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
@@ -143,8 +155,7 @@ def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, ta
         lm_shape = dataclasses.replace(shape, num_layers=layers, scan_layers=False, remat=False)
         for variant, spec in TPU_PRESETS.items():
             fn, state = lm_step(lm_shape, spec)
-            rows.append(row(f"TransformerLM x{layers}", f"mpx_{variant}", mpx.program.report(fn, state, tokens,
-                                                                                             target=target)))
+            rows.append(_report_or_error(f"TransformerLM x{layers}", f"mpx_{variant}", fn, state, tokens, target))
         return rows
     for variant in PLAIN_VARIANTS:
         fn, state = plain_step(shape, variant, layers=layers)
