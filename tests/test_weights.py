@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import pathlib
 import re
 
 import jax
@@ -23,6 +24,9 @@ from flax import nnx
 import mpx
 import mpx.nn as mn
 from train import weights
+from train.data.tokenizers import SentencePieceTokenizer, import_tokenizer, load_tokenizer
+
+from helpers import paragraph
 
 # ----------------------------------------------------------------------------- hub checkpoints, built here
 
@@ -261,3 +265,59 @@ def test_every_problem_of_a_file_is_in_one_error():
         weights.from_hub(gpt2_checkpoint(), untied)
     with pytest.raises(weights.WeightsError, match="names its tensors as a llama model does"):
         weights.from_hub(llama_checkpoint(), GPT2)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable bytes are themselves, the others are
+    shifted past 255 in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
+
+
+def write_bpe(directory: pathlib.Path, merges=(("t", "h"), ("th", "e"), ("Ġ", "a"), ("o", "r"), ("Ġ", "th"))):
+    """A byte-level BPE as GPT-2 ships one: vocab.json (the 256 byte pieces, then each merge's
+    result) and merges.txt (a version line, one merge a line)."""
+    chars = _byte_chars()
+    vocab = {chars[b]: b for b in range(256)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return directory / "vocab.json", directory / "merges.txt"
+
+
+def test_a_byte_level_bpe_from_vocab_and_merges_round_trips_text(tmp_path):
+    vocab, merges = write_bpe(tmp_path / "bpe")
+    tok = import_tokenizer([merges, vocab])  # either order
+    assert tok.kind == "bpe" and tok.vocab_size == 261
+    text = "the thought\n\tthé  naïve 🙂 <|endoftext|>"
+    ids = tok.encode(text)
+    assert ids[:3] == [257, 260, ord("o")] and tok.decode(ids) == text  # "the", " th", "o"
+    assert tok.decode(ids + [999]) == text  # an id past the vocabulary (a padded model row) is skipped
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.encode(text) == ids and again.definition == tok.definition
+    assert import_tokenizer([tmp_path / "bpe"]).encode(text) == ids  # a directory holding the pair
+    (tmp_path / "bad.txt").write_text("x y\n")
+    with pytest.raises(ValueError, match="out of vocabulary"):
+        import_tokenizer([vocab, tmp_path / "bad.txt"])
+    with pytest.raises(ValueError, match="cannot tell the tokenizer"):
+        import_tokenizer([vocab])
+
+
+def test_a_sentencepiece_model_file_imports(tmp_path):
+    trained = SentencePieceTokenizer.train([paragraph(i) for i in range(30)], vocab_size=300)
+    directory = tmp_path
+    (directory / "tokenizer.model").write_bytes(trained.model_proto)
+    text = paragraph(3)
+    for given in ([directory / "tokenizer.model"], [directory]):
+        tok = import_tokenizer(given)
+        assert tok.kind == "sentencepiece" and tok.encode(text) == trained.encode(text) and tok.decode(tok.encode(text)) == text
+    (directory / "other.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot read .*other.model as a SentencePiece model"):
+        import_tokenizer([directory / "other.model"])

