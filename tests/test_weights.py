@@ -26,7 +26,7 @@ import mpx.nn as mn
 from train import weights
 from train.data.tokenizers import SentencePieceTokenizer, import_tokenizer, load_tokenizer
 
-from helpers import paragraph
+from helpers import paragraph, tiny_lm_run
 
 # ----------------------------------------------------------------------------- hub checkpoints, built here
 
@@ -267,6 +267,33 @@ def test_every_problem_of_a_file_is_in_one_error():
         weights.from_hub(llama_checkpoint(), GPT2)
 
 
+def test_a_config_the_weights_contradict_is_one_error_naming_its_keys(tmp_path):
+    """Read from the file before any tensor is matched: each model.* key the weights
+    contradict, with both values."""
+    from train.config import load_config
+    from train.hub import check_shape
+
+    (tmp_path / "run.yaml").write_text(tiny_lm_run("w", tmp_path))
+    config = load_config(tmp_path / "run.yaml", ["model.d_model=32", "model.num_layers=3", "data.seq_len=8",
+                                                 "model.layout=llama", "model.num_heads=4"])
+    hub = llama_checkpoint()
+    with pytest.raises(ValueError) as raised:
+        check_shape(hub, config, vocab_size=40, weights="w.safetensors")
+    message = str(raised.value)
+    for line in ("model.d_model: the weights have 16, the config says 32", "model.num_layers: the weights have 2, "
+                 "the config says 3", "model.d_ff: the weights have 24, the config says 64",
+                 "model.vocab_size: the weights have 50, the config says null (the tokenizer's 40); set "
+                 "model.vocab_size=50", "model.tie_embeddings: the weights have false, the config says true"):
+        assert line in message, message
+    config = load_config(tmp_path / "run.yaml", ["model.d_model=16", "model.num_layers=2", "model.d_ff=24", "model.max_len=8", "data.seq_len=8",
+                                                 "model.layout=llama", "model.num_heads=4",
+                                                 "model.tie_embeddings=false"])
+    with pytest.raises(ValueError, match="model.num_kv_heads: the weights have 2, the config says null"):
+        check_shape(hub, config, vocab_size=50)
+    with pytest.raises(ValueError, match="the weights have 50 token rows and the tokenizer 60 ids"):
+        check_shape(hub, config, vocab_size=60)
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
@@ -321,3 +348,65 @@ def test_a_sentencepiece_model_file_imports(tmp_path):
     (directory / "other.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="cannot read .*other.model as a SentencePiece model"):
         import_tokenizer([directory / "other.model"])
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_an_imported_run_generates_exports_resumes_and_fine_tunes(tmp_path, capsys):
+    """import (a GPT-2 file with its BPE; a config it contradicts is refused, leaving nothing)
+    -> generate samples the GPT-2's own greedy tokens
+    -> export --format safetensors gives the file's tensors back bit for bit -> train resumes
+    from step 0 for 2 steps -> the sentiment fine-tune config starts from the imported run
+    with its tokenizer."""
+    from train.__main__ import main
+
+    vocab, merges = write_bpe(tmp_path / "bpe")
+    bpe = import_tokenizer([vocab, merges])
+    hub = gpt2_checkpoint(v=bpe.vocab_size, d=32, f=64, layers=1, positions=32)
+    path = weights.write_safetensors(tmp_path / "gpt2.safetensors", hub)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraph(i) for i in range(40)))
+    (tmp_path / "run.yaml").write_text(tiny_lm_run("imported", tmp_path / "data", precision="fp32"))
+    run = tmp_path / "run"
+    shape = [f"run_dir={run}", f"data.files=[{corpus}]", "data.batch_size=2", "data.validation_fraction=0.2",
+             "model.num_heads=4"]
+    files = ["--weights", str(path), "--tokenizer", str(vocab), "--tokenizer", str(merges)]
+    assert main(["import", str(tmp_path / "run.yaml"), *shape, "model.d_model=64", *files]) == 2
+    assert "model.d_model: the weights have 32, the config says 64" in capsys.readouterr().err and not run.exists()
+    assert main(["import", str(tmp_path / "run.yaml"), *shape, *files]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 tensors that hold no parameters" in out and f"into {run} at step 0, tokenizer bpe (261 ids)" in out
+    assert (run / "tokenizer" / "vocab.json").is_file() and "imported" in (run / "history.jsonl").read_text()
+
+    prompt = "the other"
+    assert main(["generate", str(tmp_path / "run.yaml"), *shape, "--prompt", prompt, "--tokens", "3",
+                 "--temperature", "0"]) == 0
+    ids = bpe.encode(prompt)
+    for _ in range(3):
+        ids.append(int(np.argmax(gpt2_logits(hub, ids, heads=4)[-1])))
+    assert capsys.readouterr().out.endswith(prompt + bpe.decode(ids[len(bpe.encode(prompt)):]) + "\n")
+
+    assert main(["export", str(tmp_path / "run.yaml"), *shape, "--format", "safetensors",
+                 "--out", str(tmp_path / "out.safetensors")]) == 0
+    exported, _ = weights.read_safetensors(tmp_path / "out.safetensors")
+    original = {k.removeprefix("transformer."): a for k, a in hub.items() if not re.search(r"\.attn\.bias$", k)}
+    assert exported.keys() == original.keys() and all(np.array_equal(exported[k], original[k]) for k in original)
+
+    assert main(["train", str(tmp_path / "run.yaml"), *shape, "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from checkpoint at step 0 in {run}" in out and "finished at step 2" in out, out
+
+    csv = tmp_path / "tweets.csv"
+    csv.write_text("text,sentiment\n" + "".join(f"{w} day,{'positive' if i % 2 else 'negative'}\n"
+                                                for i, w in enumerate(["good", "bad", "fine", "awful"] * 10)))
+    finetune = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune_sentiment.yaml"
+    tiny = ["model.d_model=32", "model.num_heads=4", "model.num_layers=1", "model.d_ff=64", "model.max_len=32",
+            "data.seq_len=32", "data.source=local", f"data.path={csv}", f"data.data_dir={tmp_path / 'data'}",
+            "data.batch_size=2", "data.validation_fraction=0.2", "train.steps=2", "train.eval_every=0",
+            "train.log_every=1", "optim.warmup_steps=1", "checkpoint.every=2", "logging.tensorboard=false",
+            "logging.progress=false", "precision=fp32", "model.dropout=0"]
+    assert main(["train", str(finetune), f"finetune.init_from={run}", f"run_dir={tmp_path / 'ft'}", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert f"encoding with the tokenizer of {run} (bpe, 261 ids)" in out, out
+    assert f"fine-tuning from {run} (step 2): body params loaded, new head" in out and "finished at step 2" in out, out

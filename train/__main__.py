@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {train,eval,generate,quantize,export,data,bench} CONFIG [key=value ...]``."""
+"""Command line: ``python -m train {train,eval,generate,quantize,export,import,data,bench} CONFIG [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -50,8 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", default="absmax", help="input clip value: absmax or percentile (default absmax)")
     q.add_argument("--percentile", type=float, default=99.99, help="percentile of |x| for --calibration percentile")
     q.add_argument("--batches", type=int, default=8, help="training batches to calibrate on (default 8)")
-    x = command("export", "Write a run's params and FP8 meta (newest checkpoint) with its config and tokenizer.")
-    x.add_argument("--out", required=True, help="a new directory to write to")
+    x = command("export", "Write a run's params and FP8 meta (newest checkpoint) with its config and tokenizer, "
+                "or (--format safetensors) a language model's params in GPT-2's or Llama's naming.")
+    x.add_argument("--format", default="orbax", choices=("orbax", "safetensors"),
+                   help="orbax: params, FP8 meta, config and tokenizer in a new directory; safetensors: the params in "
+                        "the naming of the run's model.layout (gpt2: GPT-2's, llama: Llama's), one file (default orbax)")
+    x.add_argument("--out", default=None, help="a new directory (orbax, required) or file (safetensors; default "
+                   "<run_dir>/model_step<N>.safetensors) to write to")
+    i = command("import", "Create the run a config describes from weights another tool wrote: params from a "
+                ".safetensors file in the naming of model.layout (gpt2: GPT-2's, llama: Llama's), a fresh "
+                "optimizer at step 0; train continues it, eval and generate read it, finetune.init_from starts "
+                "from it.")
+    i.add_argument("--weights", required=True, metavar="FILE", help="the .safetensors file")
+    i.add_argument("--tokenizer", action="append", default=[], metavar="PATH",
+                   help="the tokenizer the weights were trained with: a SentencePiece .model, or a byte-level BPE's "
+                        "vocab.json and merges.txt (--tokenizer twice), or a directory holding either (default: the "
+                        "one the config's data section describes)")
     d = command("data", "Prepare a run's dataset and tokenizer, or inspect them.")
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
@@ -296,14 +310,28 @@ def _bench(config, args) -> int:
 def _export(config, args) -> int:
     from train.evaluation import export_trained, load_model
 
+    if args.format == "orbax" and args.out is None:
+        raise ValueError("export --format orbax needs --out DIR (a new directory to write to)")
     trained = load_model(config)
-    out = export_trained(trained, args.out)
+    if args.format == "safetensors":
+        from train.hub import export_safetensors
+
+        out = export_safetensors(trained, args.out)
+    else:
+        out = export_trained(trained, args.out)
     print(f"exported step {trained.step} of {config.run_dir} to {out}")
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "quantize": _quantize,
-             "data": _data, "bench": _bench}
+def _import(config, args) -> int:
+    from train.hub import import_run
+
+    import_run(config, args.weights, tokenizer=args.tokenizer)
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "import": _import,
+             "quantize": _quantize, "data": _data, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

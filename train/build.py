@@ -103,16 +103,18 @@ class Built:
         return nnx.merge(self.graphdef, state.params, state.fp8_meta)
 
 
-def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bool = False) -> Built:
+def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bool = False,
+          tokenizer=None) -> Built:
     """Policy, task (data prepared), model, optimizer, mesh and a step-0 state on it.
 
     The data is encoded with the run's own tokenizer once the run directory has one,
-    before that with the tokenizer of the run it fine-tunes from (`tokenizer_of`). With
-    ``finetune`` and ``finetune.init_from`` set, the body params come from that
-    pre-training run and the task's new collections (a classifier head) stay fresh.
+    before that with the tokenizer of the run it fine-tunes from (`tokenizer_of`);
+    ``tokenizer`` (a run being imported: the one its weights were trained with) comes
+    before either. With ``finetune`` and ``finetune.init_from`` set, the body params come
+    from that pre-training run and the task's new collections (a classifier head) stay fresh.
     """
     policy = config.policy()
-    task = task_for(config, tokenizer_of(config.run_dir, config.finetune.init_from, say))
+    task = task_for(config, tokenizer or tokenizer_of(config.run_dir, config.finetune.init_from, say))
     model = build_model(task, config.model, policy, seed=config.train.seed)
     params = model.params
     if finetune and config.finetune.init_from:

@@ -3,13 +3,15 @@
     <run_dir>/
       .lock            the live run that holds the directory (pid, host, start time)
       config.yaml      the config the run was created with (or last --change-optim'ed to)
-      history.jsonl    each --change-optim: the keys changed and the step they took effect at
+      history.jsonl    each --change-optim: the keys changed and the step they took effect at;
+                       an imported run's first line: the weights file (and sha256) it came from
       data.json        the data the run trains on, by content (`train.identity.data_fingerprint`)
       tokenizer/       the tokenizer the run encodes with, kept once the run has started
       metrics.jsonl    one row per log and eval step (`train.logger` writes and reads it)
       tensorboard/     the same rows for TensorBoard
       checkpoints/     orbax checkpoints, one per saved step (`train.checkpoint`)
       diverged/ damaged/  checkpoints set aside by a divergence or a failed restore
+      model_step<N>.safetensors  ``export --format safetensors`` without ``--out``
 
 Every name of that layout, and every read or write of the files the run keeps about itself,
 is here, so a change to the layout is a change to one module. Writes are atomic (a temporary
@@ -93,7 +95,7 @@ def record_config(run_dir: Path, config: Mapping[str, Any]) -> None:
 
 
 def append_history(run_dir: Path, entry: Mapping[str, Any]) -> None:
-    """One line of ``history.jsonl`` (a change of the run's config, and when)."""
+    """One line of ``history.jsonl`` (a change of the run's config, and when; an import)."""
     with open(pathlib.Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(dict(entry)) + "\n")
 
