@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=int, default=200, help="how many tokens to sample (default 200)")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="then among the likeliest tokens that make up this probability (nucleus); 1 = all (default 1)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the positive logits of tokens already in the text by this (multiply the negative "
+                        "ones); 1 = none (default 1)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (not printed); may be given several times")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     q = command("quantize", "Post-training quantization of a run's newest checkpoint (int8 or fp8 weights, "
                 "optionally calibrated int8/fp8 matmul inputs), compared with the float model.")
@@ -217,16 +224,17 @@ def _quantize(config, args) -> int:
 
 def _generate(config, args) -> int:
     from train.evaluation import load_model
-    from train.generate import check_sampling, generate
+    from train.generate import Sampling, check_sampling, generate_text
     from train.tasks import task_class
 
     if not task_class(config.data).generates:
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
-    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, vocab_size=None)
+    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty)
+    check_sampling(new_tokens=args.tokens, stop=args.stop, **flags)
     trained = load_model(config)
     tokenizer = trained.task.tokenizer
-    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                   vocab_size=tokenizer.vocab_size)
+    check_sampling(top_k=args.top_k, vocab_size=tokenizer.vocab_size)
     graphdef, params, meta = trained.graphdef, trained.state.params, trained.state.fp8_meta
     if args.quantized:
         from train import quantize
@@ -234,9 +242,14 @@ def _generate(config, args) -> int:
         model = quantize.load_quantized(args.quantized, params)
         reference = quantize.float_reference(trained, precision=model.precision)
         graphdef, params, meta = reference.graphdef, model.params, reference.fp8_meta
-    out = generate(graphdef, params, meta, tokenizer.encode(args.prompt), max_len=trained.config.model.max_len,
-                   new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
-    print(args.prompt + tokenizer.decode(out))
+    print(args.prompt, end="", flush=True)
+    out = generate_text(graphdef, params, meta, tokenizer, [args.prompt], max_len=trained.config.model.max_len,
+                        new_tokens=args.tokens, sampling=Sampling(**flags, seed=args.seed), stop=args.stop,
+                        on_text=lambda _, piece: print(piece, end="", flush=True))
+    print()
+    n, speed = len(out.tokens[0]), out.tokens_per_second()
+    rate = f"{speed:.1f} tokens/s after the first two (compile and prompt)" if speed else "too few to time"
+    print(f"{n} tokens in {out.times[-1]:.2f} s: {rate}", file=sys.stderr)
     return 0
 
 

@@ -465,7 +465,10 @@ class TransformerLM(Decoder):
 
         Over a prompt (``mask``: its valid tokens, padded on either side) this is the
         prefill; with one token per row, a decode step. Logits equal a full call's on the
-        whole sequence (up to float rounding), at a cost of T positions instead of all:
+        whole sequence (up to float rounding), at a cost of T positions instead of all.
+        Each row needs room for the T tokens (``cache.index + T <= cache.length``; padding
+        takes slots too): a write past the end is clamped back over older tokens (the
+        index is traced, so this is not checked).
 
         >>> import mpx, mpx.nn as mn
         >>> from flax import nnx
