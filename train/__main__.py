@@ -63,12 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
                 "config's model shape (model.*, data.batch_size, data.seq_len; model.vocab_size or 256).")
-    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, all (the timed four), or a "
-                   "comma list (default all)")
+    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, generate, all (the timed "
+                   "four), or a comma list (default all)")
     b.add_argument("--target", default="h100", help="the device --mode static compiles for, without it (default h100)")
     b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
     b.add_argument("--sizes", default=None, help="crossover sizes n,... (square n^3 GEMMs)")
     b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
+    b.add_argument("--new-tokens", default=None, help="generate mode: tokens to sample, n,... (default 256,1024)")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")
     b.add_argument("--out", default=None, help="write the JSON record here")
@@ -293,11 +294,13 @@ def _bench(config, args) -> int:
         modes=modes, shapes=ints(args.shapes, "x") if args.shapes else defaults.shapes,
         sizes=ints(args.sizes, None) if args.sizes else defaults.sizes, layers=args.layers,
         repeats=args.repeats, warmup=args.warmup, target=args.target,
+        new_tokens=ints(args.new_tokens, None) if args.new_tokens else defaults.new_tokens,
     )
     if "static" in modes:
         _load_compiler(args.target)
     shape = config.model.to_transformer(config.model.vocab_size or 256)
-    record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings)
+    record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings,
+                       policy=config.policy())
     print(bench.format_record(record))
     if args.out:
         bench.write(record, args.out)
