@@ -159,6 +159,11 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, max(8, 1 << (n - 1).bit_length()))
 
 
+def _refill(max_len: int) -> int:
+    """How many of each row's last tokens a full cache is filled again with."""
+    return max(1, max_len // 2)
+
+
 def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, max_len: int, new_tokens: int,
                   sampling: Sampling = Sampling()) -> Iterator[np.ndarray]:
     """The next token of every row (B,), step by step, ``new_tokens`` times; stop early by
@@ -179,18 +184,23 @@ def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, m
     vocab = model.config.vocab_size
     histories = [list(p) for p in prompts]
 
+    # When the window will shift, the first prefill pads to the width of the later ones:
+    # one compiled prefill, not two.
+    shifts = max(len(p) for p in prompts) + new_tokens - 1 > max_len
+    least = _bucket(_refill(max_len), max_len) if shifts else 1
+
     def fill(seen, keep: int, i: int):
         """A fresh cache holding each row's last ``keep`` tokens (right-padded), and the
         ``i``-th new token sampled from it; the rows' next slots."""
         contexts = [h[-keep:] for h in histories]
-        width = _bucket(max(map(len, contexts)), max_len)
+        width = max(least, _bucket(max(map(len, contexts)), max_len))
         tokens, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), bool)
         for row, context in enumerate(contexts):
             tokens[row, : len(context)], mask[row, : len(context)] = context, True
         cache = model.init_cache(batch, max_len)
         return prefill(params, meta, cache, tokens, mask, seen, key, np.int32(i), settings), [len(c) for c in contexts]
 
-    (tokens, cache, seen), index = fill(jnp.zeros((batch, vocab), bool), max_len, 0)
+    (tokens, cache, seen), index = fill(np.zeros((batch, vocab), bool), max_len, 0)
     for i in range(1, new_tokens + 1):
         ahead = None
         if i < new_tokens and max(index) < max_len:  # dispatched before this step's tokens are read
@@ -203,7 +213,9 @@ def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, m
         if i == new_tokens:
             return
         if ahead is None:  # the cache is full: fill it again from the last half of each row
-            ahead, index = fill(seen, max(1, max_len // 2), i)
+            # seen through the host, like the first call's: an array the steps left on the
+            # params' devices (a run's mesh) would compile the prefill again.
+            ahead, index = fill(np.asarray(seen), _refill(max_len), i)
         tokens, cache, seen = ahead
 
 
