@@ -162,6 +162,29 @@ def test_past_the_cache_the_window_shifts_and_decoding_goes_on():
     assert [row[shift:] for row in out] == again
 
 
+def test_an_int8_cache_stores_codes_and_scales_and_stays_close_to_the_float_cache():
+    """Keys and values as int8 with one f32 scale per token and head: each vector is off by
+    at most half a step (amax / 254), about 0.4% rms of a head's 8 features; over a 100-token
+    prefill of two rows the logits differ from the f32 cache's by 0.7% norm-wise (measured);
+    bound 3%. (Greedy decoding of the three prompts gives the same 64 tokens either way:
+    measured, not asserted, to spare two compiles.)"""
+    graphdef, params, meta = model("llama-gqa-scan-fp32")
+
+    @jax.jit
+    def prefill_both(params, meta, tokens):
+        lm = nnx.merge(graphdef, params, meta)
+        exact, _ = lm.decode(tokens, lm.init_cache(2, MAX_LEN))
+        coded, cache = lm.decode(tokens, lm.init_cache(2, MAX_LEN, int8=True))
+        return exact, coded, cache
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 100)), jnp.int32)
+    exact, coded, cache = prefill_both(params, meta, tokens)
+    assert cache.is_int8 and cache.keys.dtype == cache.values.dtype == jnp.int8
+    assert cache.key_scales.shape == cache.value_scales.shape == (2, 2, MAX_LEN, 2, 1)
+    err = float(jnp.linalg.norm(exact - coded) / jnp.linalg.norm(exact))
+    assert 0 < err < 0.03, err
+
+
 # ----------------------------------------------------------------------------- sampling rules
 
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02])

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (not printed); may be given several times")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--int8-cache", action="store_true",
+                   help="keep the key/value cache as int8 with a scale per token and head (half a bf16 cache's memory)")
     q = command("quantize", "Post-training quantization of a run's newest checkpoint (int8 or fp8 weights, "
                 "optionally calibrated int8/fp8 matmul inputs), compared with the float model.")
     q.add_argument("--out", required=True, help="a new directory to write the quantized model to")
@@ -246,7 +248,7 @@ def _generate(config, args) -> int:
     print(args.prompt, end="", flush=True)
     out = generate_text(graphdef, params, meta, tokenizer, [args.prompt], max_len=trained.config.model.max_len,
                         new_tokens=args.tokens, sampling=Sampling(**flags, seed=args.seed), stop=args.stop,
-                        on_text=lambda _, piece: print(piece, end="", flush=True))
+                        on_text=lambda _, piece: print(piece, end="", flush=True), int8_cache=args.int8_cache)
     print()
     n, speed = len(out.tokens[0]), out.tokens_per_second()
     rate = f"{speed:.1f} tokens/s after the first two (compile and prompt)" if speed else "too few to time"

@@ -165,10 +165,11 @@ def _refill(max_len: int) -> int:
 
 
 def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, max_len: int, new_tokens: int,
-                  sampling: Sampling = Sampling()) -> Iterator[np.ndarray]:
+                  sampling: Sampling = Sampling(), int8_cache: bool = False) -> Iterator[np.ndarray]:
     """The next token of every row (B,), step by step, ``new_tokens`` times; stop early by
     leaving the loop. ``max_len``: the cache length (at most the model's ``max_len``); a
-    prompt longer than it keeps its last ``max_len`` tokens.
+    prompt longer than it keeps its last ``max_len`` tokens. ``int8_cache``: keys and
+    values as int8 codes with a scale per token and head (`mpx.nn.KVCache`).
 
     While the host reads one step's tokens the next step already runs (its input stays on
     the device), so a caller that stops after step n has paid for step n + 1 too.
@@ -197,7 +198,7 @@ def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, m
         tokens, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), bool)
         for row, context in enumerate(contexts):
             tokens[row, : len(context)], mask[row, : len(context)] = context, True
-        cache = model.init_cache(batch, max_len)
+        cache = model.init_cache(batch, max_len, int8=int8_cache)
         return prefill(params, meta, cache, tokens, mask, seen, key, np.int32(i), settings), [len(c) for c in contexts]
 
     (tokens, cache, seen), index = fill(np.zeros((batch, vocab), bool), max_len, 0)
@@ -220,10 +221,10 @@ def decode_tokens(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, m
 
 
 def generate(graphdef, params, meta, prompts: Sequence[Sequence[int]], *, max_len: int, new_tokens: int,
-             sampling: Sampling = Sampling()) -> list[list[int]]:
+             sampling: Sampling = Sampling(), int8_cache: bool = False) -> list[list[int]]:
     """``new_tokens`` token ids continuing each prompt (see `decode_tokens`)."""
     steps = list(decode_tokens(graphdef, params, meta, prompts, max_len=max_len, new_tokens=new_tokens,
-                               sampling=sampling))
+                               sampling=sampling, int8_cache=int8_cache))
     return np.stack(steps, axis=1).tolist()
 
 
@@ -252,7 +253,7 @@ class Generation:
 
 def generate_text(graphdef, params, meta, tokenizer, prompts: Sequence[str], *, max_len: int, new_tokens: int,
                   sampling: Sampling = Sampling(), stop: Sequence[str] = (),
-                  on_text: Callable[[int, str], None] | None = None) -> Generation:
+                  on_text: Callable[[int, str], None] | None = None, int8_cache: bool = False) -> Generation:
     """Continue each of ``prompts`` by up to ``new_tokens`` tokens of ``tokenizer``'s text.
 
     A row stops at the first of the ``stop`` strings its text contains; generation ends
@@ -269,7 +270,7 @@ def generate_text(graphdef, params, meta, tokenizer, prompts: Sequence[str], *, 
     times: list[float] = []
     start = time.perf_counter()
     for step_tokens in decode_tokens(graphdef, params, meta, ids, max_len=max_len, new_tokens=new_tokens,
-                                     sampling=sampling):
+                                     sampling=sampling, int8_cache=int8_cache):
         times.append(time.perf_counter() - start)
         for row, token in enumerate(step_tokens):
             if done[row]:

@@ -13,6 +13,11 @@ the right give the same positions, and the same logits. ``valid`` marks the slot
 hold a token: padding is written like a token (finite, from the padding id) but never
 attended, and the next tokens of a right-padded row overwrite it.
 
+An int8 cache (``KVCache.init(..., int8=True)``) keeps each key and value vector of a
+token and head as int8 codes with one f32 scale (absmax / 127, `mpx.int8.quantize`): half
+the bytes of a bf16 cache (plus 4 bytes per token and head); attention reads it
+dequantized to the compute dtype, the new tokens' own keys and values included.
+
 Shapes: L layers, B batch, S slots (the cache length), G key/value heads, K head size, T
 tokens appended at once.
 """
@@ -25,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mpx.int8 import dequantize as dequantize_int8, quantize as quantize_int8
+
 
 @struct.dataclass
 class KVCache:
@@ -35,7 +42,9 @@ class KVCache:
     compute dtype under the presets: bf16 under bf16, fp8 and int8, f32 under fp32).
     ``valid`` (B, S) bool: the slots that hold a token. ``index`` (B,) int32: the slot of
     each row's next token. ``positions`` (B,) int32: the position of each row's next
-    token (its count of valid tokens so far).
+    token (its count of valid tokens so far). An int8 cache: ``keys`` and ``values`` are
+    int8 codes, ``key_scales`` and ``value_scales`` (L, B, S, G, 1) f32 their scales (None
+    otherwise); attention reads them in the dtype its ``qkv`` projection computes in.
     """
 
     keys: jax.Array
@@ -43,18 +52,36 @@ class KVCache:
     valid: jax.Array
     index: jax.Array
     positions: jax.Array
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
     @classmethod
-    def init(cls, *, layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-        """An empty cache of ``length`` slots per row."""
+    def init(cls, *, layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype,
+             int8: bool = False) -> KVCache:
+        """An empty cache of ``length`` slots per row, in ``dtype`` or (``int8``) as int8 codes
+        and f32 scales."""
         for name, value in (("layers", layers), ("batch", batch), ("length", length), ("kv_heads", kv_heads),
                             ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KVCache {name} must be a positive integer, got {value!r}")
         shape = (layers, batch, length, kv_heads, head_dim)
+        stored = jnp.int8 if int8 else dtype
         # A buffer of its own per field: a donated cache must not alias one array twice.
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
-                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        scales = [jnp.zeros(shape[:-1] + (1,), jnp.float32) for _ in range(2)] if int8 else [None, None]
+        return cls(jnp.zeros(shape, stored), jnp.zeros(shape, stored), jnp.zeros((batch, length), bool),
+                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), *scales)
+
+    @property
+    def is_int8(self) -> bool:
+        return self.key_scales is not None
+
+    def layers(self) -> LayerKV:
+        """Every layer's `LayerKV`, stacked along a leading layer axis."""
+        return LayerKV(self.keys, self.values, self.key_scales, self.value_scales)
+
+    def with_layers(self, layers: LayerKV) -> KVCache:
+        return self.replace(keys=layers.keys, values=layers.values, key_scales=layers.key_scales,
+                            value_scales=layers.value_scales)
 
     @property
     def length(self) -> int:
@@ -64,6 +91,33 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.valid.shape[0]
+
+
+class LayerKV(NamedTuple):
+    """One layer's keys and values (B, S, G, K) and, in an int8 cache, their scales
+    (B, S, G, 1); None otherwise. Stacked: every array with a leading layer axis."""
+
+    keys: jax.Array
+    values: jax.Array
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
+
+
+def store(layer: LayerKV, keys: jax.Array, values: jax.Array, start: jax.Array) -> LayerKV:
+    """``layer`` with new ``keys``, ``values`` (B, T, G, K) written from slot ``start`` (B,)
+    of each row: cast to its dtype, or as int8 codes with one scale per token and head."""
+    if layer.key_scales is None:
+        return LayerKV(write(layer.keys, keys, start), write(layer.values, values, start))
+    (kq, ks), (vq, vs) = quantize_int8(keys, axes=-1), quantize_int8(values, axes=-1)
+    return LayerKV(write(layer.keys, kq, start), write(layer.values, vq, start),
+                   write(layer.key_scales, ks, start), write(layer.value_scales, vs, start))
+
+
+def load(layer: LayerKV, dtype) -> tuple[jax.Array, jax.Array]:
+    """(keys, values) (B, S, G, K) of ``layer`` in ``dtype`` (dequantized in an int8 cache)."""
+    if layer.key_scales is None:
+        return layer.keys, layer.values
+    return dequantize_int8(layer.keys, layer.key_scales, dtype), dequantize_int8(layer.values, layer.value_scales, dtype)
 
 
 class Placement(NamedTuple):

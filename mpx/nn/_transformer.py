@@ -28,7 +28,7 @@ from mpx import program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
-from mpx.nn._kvcache import KVCache, place, write
+from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.nn._rotary import apply_rotary, rotary_angles
@@ -212,12 +212,12 @@ class Attention(nnx.Module):
             out = self._explicit(q, k, v, mask, deterministic=deterministic, rngs=rngs)  # (B, T, H, K)
         return self.out(out.reshape(b, t, d))
 
-    def cached(self, x, keys, values, *, positions, start, allowed):
+    def cached(self, x, layer: LayerKV, *, positions, start, allowed):
         """Attention of new tokens over a cache: x (B, T, D) at ``positions`` (B, T) -> (out
-        (B, T, D), keys, values).
+        (B, T, D), layer).
 
-        Their keys and values are written into this layer's ``keys``, ``values`` (B, S, G,
-        K) from slot ``start`` (B,) of each row (in the cache's dtype), and each token
+        Their keys and values are written into this layer's cache ``layer`` (B, S, G, K)
+        from slot ``start`` (B,) of each row (`mpx.nn._kvcache.store`), and each token
         attends to the slots ``allowed`` (B, T, S) gives it (`mpx.nn._kvcache.place`). The
         same ``qkv``, ``logits``, ``softmax``, ``values`` and ``out`` ops as a full call, on
         the same path (fused or explicit); an FP8 op's meta is only read (delayed scaling
@@ -225,12 +225,13 @@ class Attention(nnx.Module):
         """
         b, t, d = x.shape
         q, k, v = self._project(x, positions)
-        keys, values = write(keys, k, start), write(values, v, start)
+        layer = store(layer, k, v, start)
+        keys, values = load(layer, k.dtype)
         if self.uses_fused():
             out = self._fused(q, keys, values, allowed, causal=False)
         else:
             out = self._explicit(q, keys, values, allowed, causal=False, deterministic=True, rngs=None)
-        return self.out(out.reshape(b, t, d)), keys, values
+        return self.out(out.reshape(b, t, d)), layer
 
     def _project(self, x, positions):
         """x (B, T, D) -> q (B, T, H, K), k, v (B, T, G, K); q and k turned by ``positions``
@@ -335,11 +336,11 @@ class Block(nnx.Module):
         a = self.attn(self.ln1(x), mask, deterministic=deterministic, rngs=rngs)
         return self._rest(x, a, deterministic=deterministic, rngs=rngs)
 
-    def cached(self, x, keys, values, **placement):
+    def cached(self, x, layer: LayerKV, **placement):
         """The block over new tokens whose attention reads and extends this layer's cache
-        (`Attention.cached`): (x, keys, values) -> (x, keys, values)."""
-        a, keys, values = self.attn.cached(self.ln1(x), keys, values, **placement)
-        return self._rest(x, a), keys, values
+        (`Attention.cached`): (x, layer) -> (x, layer)."""
+        a, layer = self.attn.cached(self.ln1(x), layer, **placement)
+        return self._rest(x, a), layer
 
     def _rest(self, x, a, *, deterministic: bool = True, rngs=None):
         """The residuals around the attention output ``a`` and the MLP."""
@@ -411,22 +412,23 @@ class Decoder(nnx.Module):
         placement, cache = place(cache, mask)
         where = placement._asdict()
         x = self._embed(tokens, placement.positions)
+        layers = cache.layers()
         if self.config.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
-            def scanned(block, x, keys, values):
-                return block.cached(x, keys, values, **where)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def scanned(block, x, layer):
+                return block.cached(x, layer, **where)
 
-            x, keys, values = scanned(self.blocks, x, cache.keys, cache.values)
+            x, layers = scanned(self.blocks, x, layers)
         else:
-            keys, values = cache.keys, cache.values
             for i, block in enumerate(self.blocks):
-                x, k, v = block.cached(x, keys[i], values[i], **where)
-                keys, values = keys.at[i].set(k), values.at[i].set(v)
-        return self.ln_f(x), cache.replace(keys=keys, values=values)
+                x, layer = block.cached(x, jax.tree.map(lambda a: a[i], layers), **where)
+                layers = jax.tree.map(lambda a, new: a.at[i].set(new), layers, layer)
+        return self.ln_f(x), cache.with_layers(layers)
 
-    def init_cache(self, batch: int, length: int | None = None) -> KVCache:
+    def init_cache(self, batch: int, length: int | None = None, *, int8: bool = False) -> KVCache:
         """An empty `KVCache` for ``batch`` rows of ``length`` slots (default and at most
-        ``max_len``), in the dtype the blocks' ``qkv`` projection computes in."""
+        ``max_len``), in the dtype the blocks' ``qkv`` projection computes in, or (``int8``)
+        as int8 codes with a scale per token and head, read in that dtype."""
         c = self.config
         length = c.max_len if length is None else length
         if not is_int(length) or not 1 <= length <= c.max_len:
@@ -434,7 +436,7 @@ class Decoder(nnx.Module):
                              f"model's max_len were never trained), got {length!r}")
         qkv = (self.blocks.attn if c.scan_layers else self.blocks[0].attn).qkv
         return KVCache.init(layers=c.num_layers, batch=batch, length=length, kv_heads=c.kv_heads,
-                            head_dim=c.d_model // c.num_heads, dtype=qkv.dtype or qkv.param_dtype)
+                            head_dim=c.d_model // c.num_heads, dtype=qkv.dtype or qkv.param_dtype, int8=int8)
 
     def _embed(self, tokens, positions):
         """tokens (B, T) at ``positions`` ((T,) or (B, T)) -> (B, T, D): the token embedding,
