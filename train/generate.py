@@ -12,6 +12,8 @@ what top-k left; temperature 0 is greedy (the likeliest token after the penalty)
 
 Past the cache's length the window shifts: the cache is filled again from each row's
 last ``length // 2`` tokens (positions start over from 0 there), and decoding goes on.
+``int8_cache``: the cache holds int8 codes with a scale per token and head (half a bf16
+cache's memory; its cost is measured in the README).
 
 `reference_generate` is the sampler without a cache (the whole window recomputed for
 every token): the reference the cached path is tested and timed against.
