@@ -92,3 +92,17 @@ def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path):
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert target.returncode == 2 and target.stderr.strip().splitlines() == [
         "error: unknown target 'h1000'; expected one of h100"], target.stderr
+
+
+def test_generate_mode_times_the_cached_and_the_recomputing_sampler():
+    """A row per length: tokens/s with the key/value cache and without, their ratio; the
+    record names the CPU. Not part of ``all`` (minutes at 1024 tokens on a CPU)."""
+    settings = bench.BenchSettings(modes=("generate",), new_tokens=(4,))
+    record = bench.run(SHAPE, batch=1, seq=16, settings=settings)
+    [row] = record["rows"]
+    assert row["mode"] == "generate" and row["new_tokens"] == row["max_len"] == 4
+    assert row["cached_tokens_per_s"] > 0 and row["recompute_tokens_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["cached_tokens_per_s"] / row["recompute_tokens_per_s"])
+    assert record["cpu"] and "generate" not in bench.TIMED_MODES
+    with pytest.raises(ValueError, match="--new-tokens must be positive integers, got 0"):
+        bench.BenchSettings(modes=("generate",), new_tokens=(0,))

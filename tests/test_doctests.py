@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["mpx.policy._core", "mpx.policy._parsing", "mpx.policy._paths", "mpx._checks", "mpx._naming", "mpx.fp8._numerics",
-           "mpx.fp8._meta", "mpx.int8._numerics", "mpx.loss_scale"]
+           "mpx.fp8._meta", "mpx.int8._numerics", "mpx.loss_scale",
+           "mpx.nn._transformer"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -33,7 +33,7 @@ FACES = {
     ],
     "mpx.nn": [
         "GPT2_MEDIUM", "GPT2_SMALL", "Attention", "CrossEntropy", "DotGeneral", "Einsum", "FoundOp", "Fp8MetaVariable",
-        "Linear", "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",
+        "KVCache", "Linear", "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",
         "split",
     ],
     "mpx.linen": [

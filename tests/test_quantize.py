@@ -67,7 +67,7 @@ def test_int8_weight_only_is_4x_smaller_and_as_good_as_float(run, capsys):
     assert text.startswith("ROMEO:") and len(text.strip()) > len("ROMEO:") + 20
 
 
-def test_weight_and_input_quantization_int8_and_fp8(run):
+def test_weight_and_input_quantization_int8_and_fp8(run, capsys):
     """Calibrated int8 inputs (99.99th percentile of |x|) and E4M3 inputs (absmax) add the
     input rounding to the weights': within 0.1 nats of float (measured: 0.0001 and 0.002);
     the clip values are saved with the model and the rows say how they were calibrated."""
@@ -80,6 +80,11 @@ def test_weight_and_input_quantization_int8_and_fp8(run):
         assert abs(r[label]["loss"] - r["float32"]["loss"]) < 0.1, r
         clips = json.loads((out / "quantization.json").read_text())["activation_amax"]
         assert set(clips) == {f"blocks/{i}/{m}" for i in range(2) for m in ("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")} | {"head"}
+    # The cached sampler runs on the quantized weights with the calibrated input grids too.
+    capsys.readouterr()
+    assert cli(run, "generate", "--quantized", str(out), "--tokens", "24", "--temperature", "0", "--prompt", "ROMEO:") == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("ROMEO:") and len(said.out.strip()) > len("ROMEO:") + 8 and "tokens in" in said.err
 
 
 def test_bad_quantization_input_is_a_clear_error(run, capsys):

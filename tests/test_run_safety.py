@@ -273,16 +273,22 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_p
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--tokens", "0"], "--tokens must be >= 1"),
     (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a number > 0"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty must be a number > 0"),
+    (["--stop", "\n", "--stop", ""], "--stop must be a non-empty string"),
 ])
 def test_bad_sampling_flags_are_clear_errors_before_anything_loads(tmp_path, data_dir, capsys, flags, message):
     from train.__main__ import main
 
     (tmp_path / "run.yaml").write_text(tiny_lm_run("safety", data_dir))
     assert main(["generate", str(tmp_path / "run.yaml"), f"run_dir={tmp_path / 'none'}", *flags]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err  # one line
 
 
 def test_top_k_beyond_the_vocabulary_is_a_clear_error():

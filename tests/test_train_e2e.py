@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -67,8 +68,14 @@ def test_cli_train_eval_generate(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     ev = cli("eval", config, "run_dir=runs/a", cwd=tmp_path)
     assert "eval at step 8: loss" in ev.stdout
-    gen = cli("generate", config, "run_dir=runs/a", "--prompt", "ROMEO", "--tokens", "12", "--seed", "1", cwd=tmp_path)
+    # The cached sampler (an int8 cache): 40 tokens in the model's 32-token window (it shifts),
+    # streamed, every sampling flag; the text after the prompt ends before the first stop string.
+    gen = cli("generate", config, "run_dir=runs/a", "--prompt", "ROMEO", "--tokens", "40", "--seed", "1",
+              "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.2", "--stop", "\n\n", "--stop", "zz",
+              "--int8-cache", cwd=tmp_path)
     assert gen.stdout.startswith("ROMEO") and len(gen.stdout.rstrip("\n")) >= len("ROMEO")
+    assert "\n\n" not in gen.stdout[len("ROMEO"):].rstrip("\n") and "zz" not in gen.stdout[len("ROMEO"):]
+    assert re.search(r"^\d+ tokens in [\d.]+ s: ([\d.]+ tokens/s after the first two|too few)", gen.stderr, re.M), gen.stderr
     # Training again with the same run dir resumes at the end and has nothing left to do.
     again = cli("train", config, "run_dir=runs/a", cwd=tmp_path)
     assert "resumed from checkpoint at step 8" in again.stdout
@@ -172,8 +179,6 @@ def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     ],
 )
 def test_bad_config_on_the_command_line(tmp_path, override, message):
-    import re
-
     config = write_config(tmp_path)
     out = cli("train", config, override, cwd=tmp_path, check=False)
     assert out.returncode == 2
@@ -184,7 +189,8 @@ def test_bad_config_on_the_command_line(tmp_path, override, message):
 def test_help_is_useful():
     out = subprocess.run([sys.executable, "-m", "train", "generate", "-h"], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0
-    for word in ("--temperature", "--top-k", "--prompt", "key=value"):
+    for word in ("--temperature", "--top-k", "--top-p", "--repetition-penalty", "--stop", "--int8-cache", "--prompt",
+                 "key=value"):
         assert word in out.stdout
 
 

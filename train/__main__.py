@@ -41,7 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=int, default=200, help="how many tokens to sample (default 200)")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="then among the likeliest tokens that make up this probability (nucleus); 1 = all (default 1)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the positive logits of tokens already in the text by this (multiply the negative "
+                        "ones); 1 = none (default 1)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (not printed); may be given several times")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--int8-cache", action="store_true",
+                   help="keep the key/value cache as int8 with a scale per token and head (half a bf16 cache's memory)")
     q = command("quantize", "Post-training quantization of a run's newest checkpoint (int8 or fp8 weights, "
                 "optionally calibrated int8/fp8 matmul inputs), compared with the float model.")
     q.add_argument("--out", required=True, help="a new directory to write the quantized model to")
@@ -70,12 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
                 "config's model shape (model.*, data.batch_size, data.seq_len; model.vocab_size or 256).")
-    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, all (the timed four), or a "
-                   "comma list (default all)")
+    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, generate, all (the timed "
+                   "four), or a comma list (default all)")
     b.add_argument("--target", default="h100", help="the device --mode static compiles for, without it (default h100)")
     b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
     b.add_argument("--sizes", default=None, help="crossover sizes n,... (square n^3 GEMMs)")
     b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
+    b.add_argument("--new-tokens", default=None, help="generate mode: tokens to sample, n,... (default 256,1024)")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")
     b.add_argument("--out", default=None, help="write the JSON record here")
@@ -232,16 +242,17 @@ def _quantize(config, args) -> int:
 
 def _generate(config, args) -> int:
     from train.evaluation import load_model
-    from train.generate import check_sampling, generate
+    from train.generate import Sampling, check_sampling, generate_text
     from train.tasks import task_class
 
     if not task_class(config.data).generates:
         raise ValueError(f"generate needs a language-model run (data.task=lm), this one is {config.data.task!r}")
-    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, vocab_size=None)
+    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty)
+    check_sampling(new_tokens=args.tokens, stop=args.stop, **flags)
     trained = load_model(config)
     tokenizer = trained.task.tokenizer
-    check_sampling(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                   vocab_size=tokenizer.vocab_size)
+    check_sampling(top_k=args.top_k, vocab_size=tokenizer.vocab_size)
     graphdef, params, meta = trained.graphdef, trained.state.params, trained.state.fp8_meta
     if args.quantized:
         from train import quantize
@@ -249,9 +260,14 @@ def _generate(config, args) -> int:
         model = quantize.load_quantized(args.quantized, params)
         reference = quantize.float_reference(trained, precision=model.precision)
         graphdef, params, meta = reference.graphdef, model.params, reference.fp8_meta
-    out = generate(graphdef, params, meta, tokenizer.encode(args.prompt), max_len=trained.config.model.max_len,
-                   new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
-    print(args.prompt + tokenizer.decode(out))
+    print(args.prompt, end="", flush=True)
+    out = generate_text(graphdef, params, meta, tokenizer, [args.prompt], max_len=trained.config.model.max_len,
+                        new_tokens=args.tokens, sampling=Sampling(**flags, seed=args.seed), stop=args.stop,
+                        on_text=lambda _, piece: print(piece, end="", flush=True), int8_cache=args.int8_cache)
+    print()
+    n, speed = len(out.tokens[0]), out.tokens_per_second()
+    rate = f"{speed:.1f} tokens/s after the first two (compile and prompt)" if speed else "too few to time"
+    print(f"{n} tokens in {out.times[-1]:.2f} s: {rate}", file=sys.stderr)
     return 0
 
 
@@ -295,11 +311,13 @@ def _bench(config, args) -> int:
         modes=modes, shapes=ints(args.shapes, "x") if args.shapes else defaults.shapes,
         sizes=ints(args.sizes, None) if args.sizes else defaults.sizes, layers=args.layers,
         repeats=args.repeats, warmup=args.warmup, target=args.target,
+        new_tokens=ints(args.new_tokens, None) if args.new_tokens else defaults.new_tokens,
     )
     if "static" in modes:
         _load_compiler(args.target)
     shape = config.model.to_transformer(config.model.vocab_size or 256)
-    record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings)
+    record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings,
+                       policy=config.policy())
     print(bench.format_record(record))
     if args.out:
         bench.write(record, args.out)

@@ -16,6 +16,10 @@ Modes (each returns rows; `run` collects them into one JSON-ready record):
   step time, tokens/s, MFU, compiled memory.
 * ``crossover``: square GEMMs of growing size, forward + backward: the smallest size
   at which mpx FP8 beats bf16, as the policy override ``fp8.min_size=N``.
+* ``generate`` (not part of ``all``): sampling N new tokens from a one-token prompt on a
+  random model of the config's shape and policy whose window (``max_len``) is N: tokens/s
+  with the key/value cache and by recomputing the window for every token
+  (`train.generate.reference_generate`), and the speedup.
 
 Timing: compile and ``warmup`` runs are excluded; each of ``repeats`` runs is timed to
 ``block_until_ready``; median, min and max are reported. Compare ratios inside one run.
@@ -296,17 +300,51 @@ def step(shape: mn.TransformerConfig, *, batch: int, seq: int, repeats: int, war
     return rows
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def generation(shape: mn.TransformerConfig, *, new_tokens: Sequence[int], policy: mpx.Policy) -> list[dict[str, Any]]:
+    """For each N: a random model of ``shape`` with ``max_len`` N under ``policy`` samples N
+    tokens (temperature 1, all tokens) from a one-token prompt, with the cache and by
+    recomputing the window; tokens/s of each after compiling (`train.generate.tokens_per_second`)."""
+    from train.generate import tokens_per_second
+
+    rows = []
+    for n in new_tokens:
+        lm = mn.TransformerLM(dataclasses.replace(shape, max_len=n), policy=policy, rngs=nnx.Rngs(0))
+        graphdef, params, meta, _ = mn.split(lm)
+        cached = tokens_per_second(graphdef, params, meta, max_len=n, new_tokens=n)
+        recompute = tokens_per_second(graphdef, params, meta, max_len=n, new_tokens=n, reference=True)
+        rows.append({"mode": "generate", "new_tokens": n, "max_len": n, "recompute_tokens_per_s": recompute,
+                     "cached_tokens_per_s": cached, "speedup": cached / recompute})
+    return rows
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), or the platform's word for it."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ----------------------------------------------------------------------------- the record
 
 
 TIMED_MODES = ("gemm", "layer", "step", "crossover")
-MODES = (*TIMED_MODES, "static")  # "all" is the timed modes; static compiles for a target (train/bench_static.py)
+# "all" is the timed modes; static compiles for a target (train/bench_static.py); generate
+# times sampling, minutes on a CPU at 1024 tokens (its recomputing reference is quadratic).
+MODES = (*TIMED_MODES, "static", "generate")
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
     """What to run. ``shapes``: (M, K, N) of the gemm mode; ``sizes``: the crossover ladder;
-    ``target``: the device the static mode compiles for."""
+    ``target``: the device the static mode compiles for; ``new_tokens``: the generate
+    mode's lengths."""
 
     modes: tuple[str, ...] = TIMED_MODES
     shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (16384, 2048, 8192), (16384, 8192, 2048))
@@ -315,6 +353,7 @@ class BenchSettings:
     repeats: int = 20
     warmup: int = 3
     target: str = "h100"
+    new_tokens: tuple[int, ...] = (256, 1024)
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -322,10 +361,14 @@ class BenchSettings:
             raise ValueError(f"unknown bench mode {bad[0]!r}; expected one of {', '.join(MODES)} or all")
         if self.repeats < 1 or self.warmup < 0 or self.layers < 1:
             raise ValueError("bench needs repeats >= 1, warmup >= 0 and layers >= 1")
+        if not self.new_tokens or min(self.new_tokens) < 1:
+            raise ValueError(f"--new-tokens must be positive integers, got {','.join(map(str, self.new_tokens))}")
 
 
-def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSettings) -> dict[str, Any]:
-    """Every requested mode in this process; a JSON-ready record with device and versions."""
+def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSettings,
+        policy: mpx.Policy | None = None) -> dict[str, Any]:
+    """Every requested mode in this process; a JSON-ready record with device and versions.
+    ``policy``: the generate mode's (default fp32)."""
     import flax
     import optax as optax_mod
 
@@ -352,6 +395,10 @@ def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSet
         from train.bench_static import static
 
         record["rows"] += static(shape, batch=batch, seq=seq, layers=settings.layers, target=settings.target)
+    if "generate" in settings.modes:
+        policy = policy or mpx.parse_policy("fp32")
+        record["cpu"], record["policy"] = cpu_model(), dataclasses.asdict(policy)
+        record["rows"] += generation(shape, new_tokens=settings.new_tokens, policy=policy)
     return record
 
 

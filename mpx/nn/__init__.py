@@ -6,11 +6,13 @@
   `Softmax`, `CrossEntropy`) and the FP8 state they hold (`Fp8MetaVariable`);
 * `mpx.nn._layers`: `Linear` and `Einsum` with a policy ``kind``;
 * `mpx.nn._transformer`: a decoder in the GPT-2 or the Llama layout (`TransformerLM`,
-  `SequenceClassifier`) and its parts; `mpx.nn._rotary`: the Llama layout's rotary positions.
+  `SequenceClassifier`) and its parts; `mpx.nn._rotary`: the Llama layout's rotary positions;
+* `mpx.nn._kvcache`: `KVCache`, the keys and values `TransformerLM.decode` reads and extends.
 """
 
 from mpx.nn._apply import apply_policy, split
 from mpx.nn._discover import FoundOp, find_ops
+from mpx.nn._kvcache import KVCache
 from mpx.nn._layers import Einsum, Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Fp8MetaVariable, Softmax
 from mpx.nn._transformer import GPT2_MEDIUM, GPT2_SMALL, Attention, SequenceClassifier, TransformerConfig, TransformerLM
@@ -24,6 +26,7 @@ __all__ = [
     "Einsum",
     "FoundOp",
     "Fp8MetaVariable",
+    "KVCache",
     "Linear",
     "SequenceClassifier",
     "Softmax",

@@ -28,6 +28,7 @@ from mpx import program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
+from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.nn._rotary import apply_rotary, rotary_angles
@@ -197,21 +198,57 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
         b, t, d = x.shape
+        q, k, v = self._project(x, jnp.arange(t))
+        if self.uses_fused(deterministic=deterministic):
+            if mask is not None:
+                # Valid keys; a query with none at or before it (a leading padding query)
+                # attends to itself instead, so no row is empty whatever the backend does there.
+                mask = mask.astype(bool)
+                empty = jnp.cumsum(mask, axis=1) == 0  # (B, T)
+                mask = mask[:, None, :] | (empty[:, :, None] & jnp.eye(t, dtype=bool))  # (B, T, S)
+            out = self._fused(q, k, v, mask)  # (B, T, H, K)
+        else:
+            mask = None if mask is None else mask.astype(bool)[:, None, :]  # (B, 1, S)
+            out = self._explicit(q, k, v, mask, deterministic=deterministic, rngs=rngs)  # (B, T, H, K)
+        return self.out(out.reshape(b, t, d))
+
+    def cached(self, x, layer: LayerKV, *, positions, start, allowed):
+        """Attention of new tokens over a cache: x (B, T, D) at ``positions`` (B, T) -> (out
+        (B, T, D), layer).
+
+        Their keys and values are written into this layer's cache ``layer`` (B, S, G, K)
+        from slot ``start`` (B,) of each row (`mpx.nn._kvcache.store`), and each token
+        attends to the slots ``allowed`` (B, T, S) gives it (`mpx.nn._kvcache.place`). The
+        same ``qkv``, ``logits``, ``softmax``, ``values`` and ``out`` ops as a full call, on
+        the same path (fused or explicit); an FP8 op's meta is only read (delayed scaling
+        quantizes with the stored scale).
+        """
+        b, t, d = x.shape
+        q, k, v = self._project(x, positions)
+        layer = store(layer, k, v, start)
+        keys, values = load(layer, k.dtype)
+        if self.uses_fused():
+            out = self._fused(q, keys, values, allowed, causal=False)
+        else:
+            out = self._explicit(q, keys, values, allowed, causal=False, deterministic=True, rngs=None)
+        return self.out(out.reshape(b, t, d)), layer
+
+    def _project(self, x, positions):
+        """x (B, T, D) -> q (B, T, H, K), k, v (B, T, G, K); q and k turned by ``positions``
+        ((T,) or (B, T)) in the llama layout."""
+        b, t, d = x.shape
         h, g, kd = self.num_heads, self.num_kv_heads, d // self.num_heads
         q, k, v = jnp.split(self.qkv(x), [h * kd, (h + g) * kd], axis=-1)  # (B, T, H*K), (B, T, G*K) x 2
         q, k, v = q.reshape(b, t, h, kd), k.reshape(b, t, g, kd), v.reshape(b, t, g, kd)
         if self.rope_base is not None:
-            cos, sin = rotary_angles(jnp.arange(t), kd, self.rope_base)  # (T, K/2) each
+            cos, sin = rotary_angles(positions, kd, self.rope_base)  # (T, K/2) or (B, T, K/2) each
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.uses_fused(deterministic=deterministic):
-            out = self._fused(q, k, v, mask)  # (B, T, H, K)
-        else:
-            out = self._explicit(q, k, v, mask, deterministic=deterministic, rngs=rngs)  # (B, T, H, K)
-        return self.out(out.reshape(b, t, d))
+        return q, k, v
 
-    def _fused(self, q, k, v, mask):
-        """q (B, T, H, K), k, v (B, T, G, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``
-        (which groups the query heads itself when G < H).
+    def _fused(self, q, k, v, mask, *, causal: bool = True):
+        """q (B, T, H, K), k, v (B, S, G, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``
+        (which groups the query heads itself when G < H). ``mask`` (B, T, S) bool or None:
+        the keys each query may read, besides the causal mask when ``causal``.
 
         On a GPU (bf16/fp16) cuDNN flash attention, else, or where cuDNN refuses the shape,
         jax's XLA path (``implementation=None`` is XLA as of jax 0.11). The (B, 1, T, S)
@@ -219,16 +256,9 @@ class Attention(nnx.Module):
         """
         dtype = self.logits.dtype
         q, k, v = (a.astype(dtype) for a in (q, k, v))
-        allowed = None
-        if mask is not None:
-            # Valid keys; a query with none at or before it (a leading padding query)
-            # attends to itself instead, so no row is empty whatever the backend does there.
-            mask = mask.astype(bool)
-            empty = jnp.cumsum(mask, axis=1) == 0  # (B, T)
-            self_only = empty[:, :, None] & jnp.eye(q.shape[1], dtype=bool)  # (B, T, S)
-            allowed = (mask[:, None, :] | self_only)[:, None]  # (B, 1, T, S)
+        allowed = None if mask is None else mask[:, None]  # (B, 1, T, S)
         attend = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=allowed,
-                                   scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=True)
+                                   scale=1.0 / float(q.shape[-1]) ** 0.5, is_causal=causal)
         # Named as the logits op: its matmuls are this layer's policy ops (mpx.capture and
         # fp8_gemms read the name), not matmuls left outside the policy.
         with jax.named_scope(op_scope(self.logits.precision.path)):
@@ -239,19 +269,20 @@ class Attention(nnx.Module):
                     pass  # a shape or version cuDNN does not take: the XLA path below
             return attend(implementation=None)
 
-    def _explicit(self, q, k, v, mask, *, deterministic, rngs):
-        """q (B, T, H, K), k, v (B, T, G, K) -> (B, T, H, K) through the logits, softmax and
-        values ops. Each key/value head is repeated for the H / G query heads of its group
-        (the (B, H, T, S) probabilities this path materialises are far larger anyway)."""
-        t, kdim = q.shape[1], q.shape[-1]
+    def _explicit(self, q, k, v, mask, *, causal: bool = True, deterministic, rngs):
+        """q (B, T, H, K), k, v (B, S, G, K) -> (B, T, H, K) through the logits, softmax and
+        values ops; ``mask`` as for `_fused` ((B, 1, S) broadcasts over the queries). Each
+        key/value head is repeated for the H / G query heads of its group (the (B, H, T, S)
+        probabilities this path materialises are far larger anyway)."""
+        t, s, kdim = q.shape[1], k.shape[1], q.shape[-1]
         group = q.shape[2] // k.shape[2]
         if group > 1:
-            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # (B, T, H, K)
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # (B, S, H, K)
         q = q * jnp.asarray(1.0 / jnp.sqrt(kdim), q.dtype)
         logits = self.logits(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, T, S)
-        allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        allowed = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else jnp.ones((1, 1, t, s), bool)
         if mask is not None:
-            allowed = allowed & mask[:, None, None, :]
+            allowed = allowed & mask[:, None]
         # A large finite negative keeps a fully masked row (a padding query) free of NaN;
         # finite in the softmax's dtype too (float32's min would become -inf in bf16/fp16).
         lowest = jnp.finfo(self.softmax.dtype or jnp.float32).min
@@ -303,6 +334,16 @@ class Block(nnx.Module):
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
         a = self.attn(self.ln1(x), mask, deterministic=deterministic, rngs=rngs)
+        return self._rest(x, a, deterministic=deterministic, rngs=rngs)
+
+    def cached(self, x, layer: LayerKV, **placement):
+        """The block over new tokens whose attention reads and extends this layer's cache
+        (`Attention.cached`): (x, layer) -> (x, layer)."""
+        a, layer = self.attn.cached(self.ln1(x), layer, **placement)
+        return self._rest(x, a), layer
+
+    def _rest(self, x, a, *, deterministic: bool = True, rngs=None):
+        """The residuals around the attention output ``a`` and the MLP."""
         x = x + self.dropout(a, deterministic=deterministic, rngs=rngs).astype(x.dtype)
         return x + self.mlp(self.ln2(x), deterministic=deterministic, rngs=rngs).astype(x.dtype)
 
@@ -339,10 +380,7 @@ class Decoder(nnx.Module):
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len {self.config.max_len} of this model")
-        x = self.embed(tokens)  # (B, T, D)
-        if self.config.layout == "gpt2":
-            x = x + self.pos_embed(jnp.arange(t))[None]
-        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        x = self.dropout(self._embed(tokens, jnp.arange(t)), deterministic=deterministic, rngs=rngs)
         # Each block draws its dropout key from a key of its own: the same in both layouts.
         n = self.config.num_layers
         keys = jax.random.split(rngs.dropout(), n) if rngs is not None and not deterministic else [None] * n
@@ -366,6 +404,48 @@ class Decoder(nnx.Module):
                 x = run(block, x, key)
         return self.ln_f(x)
 
+    def features_cached(self, tokens, cache: KVCache, mask=None):
+        """tokens (B, T) appended to ``cache`` (mask (B, T) bool: the valid ones, default
+        all) -> (features (B, T, D), the cache with them). Inference only: no dropout."""
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        placement, cache = place(cache, mask)
+        where = placement._asdict()
+        x = self._embed(tokens, placement.positions)
+        layers = cache.layers()
+        if self.config.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def scanned(block, x, layer):
+                return block.cached(x, layer, **where)
+
+            x, layers = scanned(self.blocks, x, layers)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, layer = block.cached(x, jax.tree.map(lambda a: a[i], layers), **where)
+                layers = jax.tree.map(lambda a, new: a.at[i].set(new), layers, layer)
+        return self.ln_f(x), cache.with_layers(layers)
+
+    def init_cache(self, batch: int, length: int | None = None, *, int8: bool = False) -> KVCache:
+        """An empty `KVCache` for ``batch`` rows of ``length`` slots (default and at most
+        ``max_len``), in the dtype the blocks' ``qkv`` projection computes in, or (``int8``)
+        as int8 codes with a scale per token and head, read in that dtype."""
+        c = self.config
+        length = c.max_len if length is None else length
+        if not is_int(length) or not 1 <= length <= c.max_len:
+            raise ValueError(f"cache length must be an integer in [1, max_len={c.max_len}] (positions beyond the "
+                             f"model's max_len were never trained), got {length!r}")
+        qkv = (self.blocks.attn if c.scan_layers else self.blocks[0].attn).qkv
+        return KVCache.init(layers=c.num_layers, batch=batch, length=length, kv_heads=c.kv_heads,
+                            head_dim=c.d_model // c.num_heads, dtype=qkv.dtype or qkv.param_dtype, int8=int8)
+
+    def _embed(self, tokens, positions):
+        """tokens (B, T) at ``positions`` ((T,) or (B, T)) -> (B, T, D): the token embedding,
+        plus the position table's rows in the gpt2 layout."""
+        x = self.embed(tokens)
+        if self.config.layout == "gpt2":  # the llama layout turns q and k in each attention instead
+            x = x + self.pos_embed(positions)
+        return x
+
 
 class TransformerLM(Decoder):
     """Decoder LM. tokens (B, T) int -> logits (B, T, V). Built under ``policy``."""
@@ -380,7 +460,32 @@ class TransformerLM(Decoder):
         apply_nnx(self, policy)
 
     def __call__(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
-        x = self.features(tokens, mask, deterministic=deterministic, rngs=rngs)
+        return self._logits(self.features(tokens, mask, deterministic=deterministic, rngs=rngs))
+
+    def decode(self, tokens, cache: KVCache, mask=None):
+        """tokens (B, T) appended to ``cache`` -> (logits (B, T, V), the cache with them).
+
+        Over a prompt (``mask``: its valid tokens, padded on either side) this is the
+        prefill; with one token per row, a decode step. Logits equal a full call's on the
+        whole sequence (up to float rounding), at a cost of T positions instead of all.
+        Each row needs room for the T tokens (``cache.index + T <= cache.length``; padding
+        takes slots too): a write past the end is clamped back over older tokens (the
+        index is traced, so this is not checked).
+
+        >>> import mpx, mpx.nn as mn
+        >>> from flax import nnx
+        >>> lm = mn.TransformerLM(mn.TransformerConfig(vocab_size=32, d_model=16, num_heads=2, num_layers=1,
+        ...                       d_ff=32, max_len=8), policy=mpx.parse_policy("fp32"), rngs=nnx.Rngs(0))
+        >>> tokens = jnp.array([[3, 1, 4, 1, 5]])
+        >>> logits, cache = lm.decode(tokens[:, :4], lm.init_cache(1))
+        >>> step, cache = lm.decode(tokens[:, 4:], cache)
+        >>> bool(jnp.allclose(step[:, 0], lm(tokens)[:, 4], atol=1e-5)), cache.index.tolist()
+        (True, [5])
+        """
+        x, cache = self.features_cached(tokens, cache, mask)
+        return self._logits(x), cache
+
+    def _logits(self, x):
         if isinstance(self.head, DotGeneral):
             return self.head(x, self.embed.embedding[...], (((2,), (1,)), ((), ())))  # (B, T, V)
         return self.head(x)
