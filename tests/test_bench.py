@@ -91,7 +91,7 @@ def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path):
     target = subprocess.run([sys.executable, "-m", "train", "bench", str(config), "--mode", "static", "--target", "h1000"],
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert target.returncode == 2 and target.stderr.strip().splitlines() == [
-        "error: unknown target 'h1000'; expected one of h100"], target.stderr
+        "error: unknown target 'h1000'; expected one of h100, v5e, v5p, v6e, v7x"], target.stderr
 
 
 def test_generate_mode_times_the_cached_and_the_recomputing_sampler():
