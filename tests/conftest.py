@@ -33,7 +33,7 @@ def pytest_unconfigure(config):
 # loadfile hands whole modules to whichever worker is free, in collection order, so a long
 # module collected last would run alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_train_e2e", "test_notebooks", "test_h100", "test_run_safety", "test_finetune", "test_nn",
-                 "test_any_model", "test_scan", "test_bench")
+                 "test_any_model", "test_scan", "test_bench", "test_generate", "test_weights", "test_tpu", "test_llama")
 
 
 def pytest_collection_modifyitems(config, items):
