@@ -2,11 +2,15 @@
 
 import dataclasses
 import functools
+import os
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import mpx
@@ -100,3 +104,14 @@ train: {{{train}}}
 checkpoint: {{{checkpoint}}}
 logging: {{tensorboard: false, progress: false}}
 """
+
+
+def require_compiler(target: str, overlay: str, tier: str) -> None:
+    """Load the compiler for ``target`` from ``sys.prefix/overlay`` (where the Makefile installs
+    it) for a compile tier: a failure in CI (the tier must run there), a skip elsewhere."""
+    try:
+        mpx.program.ensure_compiler(target, pathlib.Path(sys.prefix) / overlay)
+    except RuntimeError as missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the {tier} compile tier must run in CI: {missing}")
+        pytest.skip(f"no {tier} compiler: {missing}")

@@ -10,9 +10,6 @@ no other process prints CUDA driver lines)."""
 
 import dataclasses
 import functools
-import os
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +22,11 @@ import mpx
 import mpx.linen as ml
 from mpx.inspect import describe
 
-from helpers import CONFIG, lm_step
-
-PLUGIN = pathlib.Path(sys.prefix) / "cuda-compiler"  # where the Makefile installs it
-
+from helpers import CONFIG, lm_step, require_compiler
 
 @pytest.fixture(scope="module", autouse=True)
 def h100():
-    try:
-        mpx.program.ensure_compiler("h100", PLUGIN)
-    except RuntimeError as missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the H100 compile tier must run in CI: {missing}")
-        pytest.skip(f"no CUDA compiler plugin: {missing}")
+    require_compiler("h100", "cuda-compiler", "H100")
 
 
 def ops_of(model, policy, precision: str) -> set[str]:

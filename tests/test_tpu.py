@@ -9,9 +9,6 @@ says what the matrix unit runs (``vmatmul.s8``: int8 in 8 bits; fp8 operands unp
 from the CPU jax, so that no other process loads it)."""
 
 import functools
-import os
-import pathlib
-import sys
 import warnings
 
 import jax
@@ -21,20 +18,14 @@ import pytest
 import mpx
 from mpx.inspect import Widened8Bit, describe
 
-from helpers import CONFIG, lm_step
+from helpers import CONFIG, lm_step, require_compiler
 
-PLUGIN = pathlib.Path(sys.prefix) / "tpu-compiler"  # where the Makefile installs libtpu
 CHIPS = ("v5e", "v6e", "v7x")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def libtpu():
-    try:
-        mpx.program.ensure_compiler("v5e", PLUGIN)
-    except RuntimeError as missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the TPU compile tier must run in CI: {missing}")
-        pytest.skip(f"no libtpu: {missing}")
+    require_compiler("v5e", "tpu-compiler", "TPU")  # libtpu, one for every chip
 
 
 @functools.cache
