@@ -104,16 +104,21 @@ def test_cli_train_eval_generate(fp8_run):
     assert "resumed from checkpoint at step 8" in again.stdout
 
 
+# CONFIG KILL_AT WHOLE CUT [key=value ...]: the run in CUT killed (SIGKILL, no clean exit)
+# right after step KILL_AT; first, unless WHOLE is "-", the same run in WHOLE trained to its
+# end, uninterrupted (train.loop.train, as python -m train train runs it): one process for
+# both saves an interpreter start and the imports.
 KILL = textwrap.dedent("""
     import os, signal, sys
     from train.config import load_config
     from train.loop import train
-    config = load_config(sys.argv[1], sys.argv[3:])
-    kill_at = int(sys.argv[2])
+    path, kill_at, whole, cut, *overrides = sys.argv[1:]
+    if whole != "-":
+        train(load_config(path, [f"run_dir={whole}", *overrides]))
     def on_step(step, state):
-        if step == kill_at:
+        if step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
-    train(config, on_step=on_step)
+    train(load_config(path, [f"run_dir={cut}", *overrides]), on_step=on_step)
 """)
 
 
@@ -134,16 +139,17 @@ def test_killed_run_resumes_bit_identically(tmp_path, request, precision, overri
     optimizer state, FP8 meta, loss scale and RNG at step 8 are bit-identical to an
     uninterrupted run, and so are the losses of every step after the resume point. The
     scanned case also pins that every layer keeps its own, moving FP8 meta."""
-    if precision == "fp8" and not overrides:
-        _, config, whole, _ = request.getfixturevalue("fp8_run")  # its data_dir is prepared already
-    else:
-        config, whole = write_config(tmp_path, precision=precision), tmp_path / "runs" / "whole"
-        cli("train", config, f"run_dir={whole}", *overrides, cwd=tmp_path)
-
     cut = tmp_path / "runs" / "cut"
-    killed = subprocess.run([sys.executable, "-c", KILL, str(config), "5", f"run_dir={cut}", *overrides],
+    if precision == "fp8" and not overrides:  # the uninterrupted run: the module's
+        _, config, whole, _ = request.getfixturevalue("fp8_run")
+        train_whole = "-"
+    else:  # trained to its end by the killed process, before the run it kills
+        config, whole = write_config(tmp_path, precision=precision), tmp_path / "runs" / "whole"
+        train_whole = whole
+    killed = subprocess.run([sys.executable, "-c", KILL, str(config), "5", str(train_whole), str(cut), *overrides],
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(whole)[-1] == 8 and sorted(losses(whole)) == list(range(1, 9))
     resume_at = max(checkpoint_steps(cut))
     assert resume_at in (2, 4)
     out = cli("train", config, f"run_dir={cut}", *overrides, cwd=tmp_path)
