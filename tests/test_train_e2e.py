@@ -182,7 +182,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, fp8_run)
     latest = run / "checkpoints" / "8" / "state"
     for f in latest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f) and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated data files
+            # Truncated data files, to nothing: with half of each file kept, every array that
+            # eval's model-only load reads (params, FP8 meta) can lie in the halves kept, and
+            # whether they do depends on the order of the save's writes.
+            f.write_bytes(b"")
     said = []
     trained = load_trained(load_config(config, [f"run_dir={run}"]), say=said.append)
     assert trained.step == 6
