@@ -3,6 +3,7 @@ before anything is restored, a diverged run stops, non-finite state is never sav
 checkpoints that cannot be restored are an error, not a fresh start."""
 
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,23 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 def config_for(tmp_path, data_dir, *overrides):
     (tmp_path / "run.yaml").write_text(tiny_lm_run("safety", data_dir))
     return load_config(tmp_path / "run.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> pathlib.Path:
+    """The run of `config_for` with no overrides (4 steps, checkpoints 2 and 4), trained once
+    for the module; the tests that start from it take a copy (`trained_copy`)."""
+    config = config_for(tmp_path_factory.mktemp("trained"), data_dir)
+    loop.train(config, say=lambda _: None)
+    return pathlib.Path(config.run_dir)
+
+
+def trained_copy(trained, tmp_path, data_dir, *overrides):
+    """`config_for(tmp_path, data_dir, *overrides)` whose run directory is a copy of the
+    module's trained run: the state a test that trained that run itself would have."""
+    config = config_for(tmp_path, data_dir, *overrides)
+    shutil.copytree(trained, config.run_dir)
+    return config
 
 
 def snapshot(run_dir: pathlib.Path) -> dict:
@@ -74,9 +92,8 @@ def test_a_run_saved_before_a_model_key_existed_is_the_same_run():
     assert identity.differences(saved, llama) == {"model.layout": ("gpt2", "llama")}
 
 
-def test_resuming_with_harmless_changes_continues_and_says_so(tmp_path, data_dir):
-    config = config_for(tmp_path, data_dir)
-    loop.train(config, say=lambda _: None)
+def test_resuming_with_harmless_changes_continues_and_says_so(tmp_path, data_dir, trained):
+    trained_copy(trained, tmp_path, data_dir)
     said: list[str] = []
     out = loop.train(config_for(tmp_path, data_dir, "train.steps=6", "train.log_every=3"), say=said.append)
     assert out["step"] == 6
@@ -154,13 +171,11 @@ def test_non_finite_params_are_never_saved(tmp_path, data_dir):
         checkpointer.close()
 
 
-def test_checkpoints_that_cannot_be_restored_are_an_error_not_a_fresh_start(tmp_path, data_dir):
+def test_checkpoints_that_cannot_be_restored_are_an_error_not_a_fresh_start(tmp_path, data_dir, trained):
     """A run directory from before config.yaml (so the config check cannot run first) with
     a changed model: every checkpoint is incompatible; the run says so and stops, and the
     checkpoints are still there."""
-    config = config_for(tmp_path, data_dir)
-    loop.train(config, say=lambda _: None)
-    run = pathlib.Path(config.run_dir)
+    run = pathlib.Path(trained_copy(trained, tmp_path, data_dir).run_dir)
     (run / rundir.CONFIG_FILE).unlink()
     before = snapshot(run)
     with pytest.raises(RestoreError, match=r"(?s)step 4: incompatible.*step 2: incompatible"):
@@ -253,12 +268,11 @@ def test_eval_on_other_text_uses_the_runs_config_and_tokenizer(tmp_path, data_di
     assert np.isfinite(out["loss"]) and out["loss"] < np.log(400) + 1.0  # not worse than near-uniform
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path, data_dir):
+def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path, data_dir, trained):
     """Steps 2 and 4 saved, step 4's data truncated: the resumed run restores step 2,
     moves step 4 to damaged/ (kept, out of the way), trains steps 3-4 again and saves a
     step 4 that reads back, so eval and the run agree on the newest step."""
-    config = config_for(tmp_path, data_dir)
-    loop.train(config, say=lambda _: None)
+    config = trained_copy(trained, tmp_path, data_dir)
     run = pathlib.Path(config.run_dir)
     for f in (run / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f) and f.parent.name == "d":
@@ -316,7 +330,6 @@ def test_a_resumed_run_keeps_its_skip_count_and_logs_each_step_once(tmp_path, da
     was written) resumes at 2: its metrics hold each step once, and its skip count at every
     logged step equals that of a run that never stopped."""
     import json
-    import shutil
 
     def poisoned(*args, **kwargs):
         loss, aux = lm_loss(*args, **kwargs)
@@ -336,8 +349,20 @@ def test_a_resumed_run_keeps_its_skip_count_and_logs_each_step_once(tmp_path, da
     expected = rows(straight.run_dir)
     assert 0 < expected[-1][1] < 6, expected  # a mix of skipped and applied steps
 
-    stopped = config_for(tmp_path, data_dir, *overrides[:1], "train.steps=4", "train.max_consecutive_skips=0")
-    loop.train(stopped, say=lambda _: None)
+    # The same run stopped after step 4 (its save of step 4 done, the way a kill after it
+    # would find it; the same program as the straight run's: a run of other train.steps has
+    # another learning-rate schedule, so another compile).
+    class Stopped(Exception):
+        pass
+
+    def stop_after_4(step, state):
+        if step == 4:
+            raise Stopped
+
+    stopped = config_for(tmp_path, data_dir, *overrides)
+    with pytest.raises(Stopped):
+        loop.train(stopped, say=lambda _: None, on_step=stop_after_4)
+    assert [s for s, _ in rows(stopped.run_dir)] == [1, 2, 3, 4]
     shutil.rmtree(pathlib.Path(stopped.run_dir) / "checkpoints" / "4")
     loop.train(config_for(tmp_path, data_dir, *overrides), say=lambda _: None)
     assert rows(stopped.run_dir) == expected
@@ -380,15 +405,14 @@ def test_a_run_directory_that_cannot_be_written_is_a_clear_error(tmp_path, data_
         loop.train(config, say=lambda _: None)
 
 
-def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data_dir):
+def test_export_writes_params_and_fp8_meta_readable_without_train(tmp_path, data_dir, trained):
     """The export is read back with orbax alone (no train/ code) and equals the run's
     newest state; the run's config and tokenizer are beside it; an existing directory is
     refused."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    config = config_for(tmp_path, data_dir)
-    loop.train(config, say=lambda _: None)
+    config = trained_copy(trained, tmp_path, data_dir)
     trained = evaluation.load_trained(config, say=lambda _: None)
     out = evaluation.export_trained(trained, tmp_path / "export")
     with ocp.StandardCheckpointer() as checkpointer:
