@@ -62,4 +62,5 @@ def check_choice(what: str, value, choices: Iterable[str]) -> None:
     ``value`` is one of ``choices``."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"{what} {value!r} is not supported; expected one of {', '.join(choices)}")
+        raise ValueError(f"{what} {value!r} is not supported; expected one of {', '.join(choices)}"
+                         f"{did_you_mean(value, choices)}")

@@ -75,7 +75,8 @@ def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
                 f"op {op.path!r} ({op.kind}): its Fp8Meta was made for {meta.config} but the policy says "
                 f"{op.fp8}; build the meta under this policy (Fp8Meta.init(policy.fp8), or apply the policy again)"
             )
-        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, out_dtype=op.dtype)
+        return fp8_dot_general(lhs, rhs, dimension_numbers, meta, out_dtype=op.dtype,
+                               rhs_is_weight=op.kind in WEIGHT_RHS_KINDS)
     out = lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers)
     return out, meta
 

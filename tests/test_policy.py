@@ -1,5 +1,6 @@
 """Precision policies: presets, rule order, path patterns, parsing, hashing, errors, casts."""
 
+import dataclasses
 import typing
 
 import jax
@@ -49,7 +50,7 @@ PRESET_DTYPES = {"fp32": ("fp32", "fp32", "fp32"), "bf16": ("fp32", "bf16", "fp3
                  "fp16": ("fp32", "fp16", "fp32"), "fp8": ("fp32", "bf16", "fp32"), "int8": ("fp32", "bf16", "fp32")}
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_DTYPES)
 def test_preset_dtypes_loss_scale_and_per_kind_precision(name):
     """Each preset's (params, compute, output), loss-scale kind and the full kind table."""
     policy = parse(name)
@@ -60,6 +61,51 @@ def test_preset_dtypes_loss_scale_and_per_kind_precision(name):
     assert resolved(policy) == PRESET_TABLES[name]
     assert policy.for_op("blocks/0/mlp/fc1", "dense").is_fp8 is (name == "fp8")
     assert policy.for_op("blocks/0/mlp/fc1", "dense").is_int8 is (name == "int8")
+
+
+RECIPE_CONFIGS = {
+    "fp8-rowwise": Fp8Config(granularity="row"),
+    "fp8-rowwise-gw-hp": Fp8Config(granularity="row", weight_grad="compute"),
+    "fp8-block": Fp8Config(granularity="block", format="e4m3", block_size=128),
+    "mxfp8": Fp8Config(granularity="mx", format="e4m3"),
+}
+
+
+def test_the_presets_are_the_five_precisions_and_the_fp8_recipes():
+    assert PRESETS == (*PRESET_DTYPES, *RECIPE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", RECIPE_CONFIGS)
+def test_recipe_presets_are_the_fp8_preset_with_their_scaling(name):
+    """Each recipe preset is the fp8 preset's table with its own Fp8Config (written out here)
+    on the fp8 ops; its label in describe names the granularity."""
+    policy = parse(name)
+    config = RECIPE_CONFIGS[name]
+    assert policy.fp8 == config and not config.per_tensor
+    expected = {k: (p, d, config if c is not None else None, r) for k, (p, d, c, r) in PRESET_TABLES["fp8"].items()}
+    assert resolved(policy) == expected
+    label = policy.for_op("blocks/0/mlp/fc1", "dense").label
+    assert label == {"fp8-rowwise": "fp8 (row)", "fp8-rowwise-gw-hp": "fp8 (row; weight_grad compute)",
+                     "fp8-block": "fp8 (block)", "mxfp8": "fp8 (mx)"}[name]
+    # A preset's recipe takes further keys like any other preset.
+    assert parse(f"{name}; fp8.weight_grad=tensor").fp8 == dataclasses.replace(config, weight_grad="tensor")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("fp8; fp8.granularity=rows", r"fp8 granularity 'rows' is not supported; expected one of tensor, row, block, "
+                                      r"mx \(did you mean 'row'\?\)"),
+        ("fp8; fp8.weight_grad=bf16", r"fp8 weight_grad 'bf16' is not supported; expected one of tensor, row, block, "
+                                      r"mx, compute \(did you mean 'compute'\?"),
+        ("fp8; fp8.block_size=0", r"fp8 block_size must be an integer >= 1, got 0"),
+        ("fp8; fp8.forward=compute; fp8.input_grad=compute; fp8.weight_grad=compute",
+         r"all 'compute': no GEMM of the op is FP8"),
+    ],
+)
+def test_bad_recipe_keys_name_the_key_and_the_choices(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse(spec)
 
 
 def test_first_matching_rule_wins_and_reports_its_index():
@@ -235,7 +281,8 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8, int8, or 8bit \(the 8-bit format "
+        ("fp9", r"unknown policy preset 'fp9'; expected one of fp32, bf16, fp16, fp8, int8, fp8-rowwise, "
+                r"fp8-rowwise-gw-hp, fp8-block, mxfp8, or 8bit \(the 8-bit format "
          r"the chip has\) \(did you mean 'fp8'\?\)"),
         ("bf16; head->float32", r"rule 0: unknown precision 'float32' for rule head->float32; "
                                 r"expected one of fp8, bf16, fp16, fp32, int8 \(did you mean 'fp32'\?\)"),
@@ -257,7 +304,8 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
                             r"\(did you mean 'fp32'\?\)"),
         ({"params": jnp.int32}, r"unsupported dtype .*int32.* for params; expected one of bf16, fp16, fp32"),
         ("bf16; fp8.histroy=4", r"unknown key 'histroy' in fp8; accepted keys: recipe, format, amax_history, "
-                                r"amax_compute, margin, min_size \(did you mean 'amax_history'\?\)"),
+                                r"amax_compute, margin, min_size, granularity, forward, input_grad, weight_grad, block_size "
+                                r"\(did you mean 'amax_history'\?\)"),
         ("bf16; fp8.recipe=later", r"fp8 recipe 'later' is not supported; expected one of delayed, current"),
         ("fp16; loss_scale.period=0", r"loss_scale period must be an integer >= 1, got 0"),
         ("fp16; loss_scale.factor=1", r"loss_scale factor must be > 1 for a dynamic scale, got 1"),

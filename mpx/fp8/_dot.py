@@ -23,6 +23,7 @@ from jax import lax
 from mpx._dims import normalize_dims, transpose_dims
 from mpx.fp8._meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
 from mpx.fp8._numerics import amax, observe, quantize
+from mpx.fp8._recipes import recipe_dot
 
 
 class Fp8FanoutWarning(UserWarning):
@@ -96,7 +97,8 @@ def _warn_if_reused(meta: Fp8Meta, lhs, rhs) -> None:
         _CONSUMED[id(leaf)] = leaf
 
 
-def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8Meta, *, out_dtype=None):
+def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8Meta, *, out_dtype=None,
+                    rhs_is_weight: bool = False):
     """``lax.dot_general`` with both operands quantized to FP8; returns ``(out, meta)``.
 
     Forward: lhs and rhs are quantized to E4M3 with the scales of ``meta`` (see
@@ -106,6 +108,10 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     The cotangent of ``meta`` is this call's observation (plus those of later calls that
     received the returned meta, combined by max): feed it to `Fp8Meta.advance` once per
     step. A non-finite operand or gradient gives NaN, never a clipped finite value.
+
+    A config with scales finer than one per tensor (``granularity`` ``row``, ``block``,
+    ``mx``, or a GEMM of its own: `Fp8Config.gemm`) runs `mpx.fp8._recipes.recipe_dot`:
+    each GEMM scales its operands along its own contraction.
 
     The returned ``meta`` equals the input; pass it to the next call of the same op in
     this step (weight sharing, a loop) so that their amaxes combine by max. A meta fed
@@ -118,6 +124,8 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
       dimension_numbers: as for ``lax.dot_general``; batch dimensions are supported.
       meta: the op's `Fp8Meta` (its config says recipe, format, history and margin).
       out_dtype: dtype of the result.
+      rhs_is_weight: ``rhs`` is a weight (``block`` scales it in square blocks, an
+        activation in tiles along the contraction).
     """
     if not isinstance(meta, Fp8Meta):
         raise TypeError(f"meta must be an Fp8Meta (Fp8Meta.init(config)), got {type(meta).__name__}")
@@ -136,6 +144,9 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     dims = normalize_dims(dimension_numbers)
     out_dtype = jnp.dtype(out_dtype if out_dtype is not None else lhs.dtype)
     _warn_if_reused(meta, lhs, rhs)
+    if not meta.config.per_tensor:
+        return recipe_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
+                          bool(rhs_is_weight))
     return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping())
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mpx._checks import check_choice, check_int
+from mpx._checks import check_choice, check_int, did_you_mean
 from mpx.fp8._numerics import E4M3, E5M2, fp8_max, scale_from_amax
 
 Recipe = Literal["delayed", "current"]
@@ -44,6 +44,9 @@ Format = Literal["hybrid", "e4m3"]
 AmaxCompute = Literal["max", "most_recent"]
 
 _RECIPES = ("delayed", "current")
+GRANULARITIES = ("tensor", "row", "block", "mx")
+ROLES = ("forward", "input_grad", "weight_grad")
+_ROLE_CHOICES = (*GRANULARITIES, "compute")
 _FORMATS = ("hybrid", "e4m3")
 _AMAX_COMPUTE = ("max", "most_recent")
 
@@ -61,6 +64,16 @@ class Fp8Config:
       min_size: a matmul whose smallest dimension (M, K or N) is below this runs in the
         compute dtype instead: FP8 GEMMs only pay off when they are large (``python -m
         train bench CONFIG --mode crossover`` measures the size on a device). 0: no limit.
+      granularity: how finely the three GEMMs of a matmul scale their operands
+        (`mpx.fp8._granular`): ``tensor`` (one scale per tensor, ``recipe`` decides how it is
+        found), ``row`` (one per row along the contraction: per token, per output channel),
+        ``block`` (DeepSeek-V3: ``1 x block_size`` tiles of activations and gradients,
+        ``block_size x block_size`` blocks of weights) or ``mx`` (OCP MXFP8: ``1 x 32`` tiles,
+        power-of-two scales). ``row``, ``block`` and ``mx`` scale from this step's amaxes
+        (current scaling; the amax history still records each tensor's amax for the logs).
+      forward, input_grad, weight_grad: a granularity for one GEMM alone (x.w, dy.w^T and
+        x^T.dy), or ``compute`` to run that GEMM in the compute dtype; empty: ``granularity``.
+      block_size: the tile and block length of ``block`` (MX fixes its own, 32).
     """
 
     recipe: Recipe = "delayed"
@@ -69,6 +82,11 @@ class Fp8Config:
     amax_compute: AmaxCompute = "max"
     margin: int = 0
     min_size: int = 0
+    granularity: str = "tensor"
+    forward: str = ""
+    input_grad: str = ""
+    weight_grad: str = ""
+    block_size: int = 128
 
     def __post_init__(self):
         check_choice("fp8 recipe", self.recipe, _RECIPES)
@@ -77,6 +95,44 @@ class Fp8Config:
         check_int("fp8 amax_history", self.amax_history, low=1)
         check_int("fp8 margin", self.margin, low=0, high=32)
         check_int("fp8 min_size", self.min_size, low=0)
+        check_choice("fp8 granularity", self.granularity, GRANULARITIES)
+        for role in ROLES:
+            value = getattr(self, role)
+            if value != "" and value not in _ROLE_CHOICES:  # empty: the op's granularity
+                hint = " (did you mean 'compute'?: the GEMM in the op's compute dtype)" if value in (
+                    "bf16", "fp16", "fp32", "high", "hp") else did_you_mean(value, _ROLE_CHOICES)
+                raise ValueError(f"fp8 {role} {value!r} is not supported; expected one of "
+                                 f"{', '.join(_ROLE_CHOICES)}{hint}")
+        check_int("fp8 block_size", self.block_size, low=1)
+        if all(self.gemm(role) == "compute" for role in ROLES):
+            raise ValueError("fp8 forward, input_grad and weight_grad are all 'compute': no GEMM of the op is FP8; "
+                             "give the op the compute precision instead (a rule '<path>->bf16')")
+
+    def gemm(self, role: str) -> str:
+        """The granularity of one GEMM (`ROLES`), or ``compute``.
+
+        >>> Fp8Config(granularity="row", weight_grad="compute").gemm("weight_grad")
+        'compute'
+        """
+        return getattr(self, role) or self.granularity
+
+    @property
+    def per_tensor(self) -> bool:
+        """Every GEMM in FP8 with one scale per tensor (the delayed-scaling program)."""
+        return all(self.gemm(role) == "tensor" for role in ROLES)
+
+    @property
+    def label(self) -> str:
+        """The recipe as `mpx.inspect.describe` shows it: empty for one scale per tensor, else
+        each GEMM's granularity (``row``, ``block; weight_grad compute``).
+
+        >>> Fp8Config(granularity="row", weight_grad="compute").label
+        'row; weight_grad compute'
+        """
+        if self.per_tensor:
+            return ""
+        odd = [f"{role} {self.gemm(role)}" for role in ROLES if self.gemm(role) != self.granularity]
+        return "; ".join([self.granularity, *odd])
 
     @property
     def forward_dtype(self):

@@ -157,8 +157,11 @@ class OpPrecision:
     @property
     def label(self) -> str:
         """The precision as `mpx.inspect.describe` shows it: an int8 op with its recipe
-        (``int8 (qat)``), any other its precision."""
+        (``int8 (qat)``), an fp8 op with scales finer than per tensor with its granularity
+        (``fp8 (row; weight_grad compute)``), any other its precision."""
         label = self.int8.label if self.is_int8 else self.precision
+        if self.is_fp8 and self.fp8.label:  # a scaling recipe other than one scale per tensor
+            label = f"fp8 ({self.fp8.label})"
         return f"{label} ({self.input_format} inputs)" if self.input_clip is not None else label
 
 
