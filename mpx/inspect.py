@@ -163,6 +163,20 @@ class Widened8Bit(UserWarning):
     widened, slower than the chip's own 8-bit format (and on a TPU slower than bf16)."""
 
 
+class SpelledOutBlocks(UserWarning):
+    """A policy scales FP8 in blocks (``block``, ``mx``) on a chip whose FP8 GEMMs take one
+    scale per operand: each block of the contraction is a GEMM of its own, with its partial
+    products rescaled and summed outside the GEMMs: correct numerics, several times the
+    traffic of one scale per tensor (README, "FP8 scaling recipes")."""
+
+
+def _spelled_out(label: str) -> list[str]:
+    """The block granularities (``block``, ``mx``) an fp8 op's label names (``fp8 (mx)``)."""
+    inner = label[label.find("(") + 1:label.rfind(")")] if label.startswith("fp8 (") else ""
+    words = inner.replace(";", " ").split()
+    return [g for g in ("block", "mx") if g in words]
+
+
 def _device_name(device) -> str:
     """A short name for a device: a target's name (``v5e``, ``h100``), else jax's device kind."""
     if isinstance(device, (str, program.Target)):
@@ -193,6 +207,15 @@ def _on_device(table: PrecisionTable, device) -> PrecisionTable:
                    f"widened, slower than bf16 on a TPU; {name} has {has}"
                    + (f" (precision '{FASTEST_8BIT}' picks it)" if native else ""))
         warnings.warn(message, Widened8Bit, stacklevel=3)
+        notes.append(message)
+    blocked = [r for r in rows if _spelled_out(r.precision)]
+    if blocked:
+        kinds = sorted({g for r in blocked for g in _spelled_out(r.precision)})
+        message = (f"{len(blocked)} fp8 ops scale in blocks ({', '.join(kinds)}): {name}'s FP8 GEMMs take one scale "
+                   f"per operand, so every block of the contraction is a GEMM of its own and its partial products are "
+                   f"rescaled and summed outside the GEMMs: the numerics of the recipe, at several times the memory "
+                   f"traffic of one scale per tensor (fp8, fp8-rowwise)")
+        warnings.warn(message, SpelledOutBlocks, stacklevel=3)
         notes.append(message)
     return dataclasses.replace(table, rows=tuple(rows), notes=tuple(notes))
 
@@ -349,6 +372,7 @@ __all__ = [
     "GemmRow",
     "OpRow",
     "PrecisionTable",
+    "SpelledOutBlocks",
     "TensorStats",
     "Widened8Bit",
     "describe",

@@ -422,3 +422,24 @@ def test_a_captured_model_runs_every_recipe():
 
         n_fp8 = sum(all("float8" in d for d in dtypes) for _, dtypes in mpx.inspect.dot_generals(jax.grad(loss), params, rest))
         assert n_fp8 == per_op, (name, n_fp8)
+
+
+def test_describe_names_each_recipe_and_warns_of_blocks_spelled_out_on_an_h100():
+    """The precision column names the recipe; for an H100 (whose FP8 GEMMs take one scale per
+    operand) a block or MX recipe is a `SpelledOutBlocks` warning and a note; row scales are not."""
+    import warnings
+
+    from helpers import lm_step
+
+    from mpx.inspect import SpelledOutBlocks, describe
+
+    model, policy, _, _ = lm_step("mxfp8", layers=1)
+    with pytest.warns(SpelledOutBlocks, match=r"4 fp8 ops scale in blocks \(mx\): h100's FP8 GEMMs take one scale"):
+        table = describe(model, policy, device="h100")
+    assert {r.precision for r in table.rows if r.precision.startswith("fp8")} == {"fp8 (mx)"}
+    assert any("scale in blocks" in n for n in table.notes)
+    model, policy, _, _ = lm_step("fp8-rowwise-gw-hp", layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpelledOutBlocks)
+        table = describe(model, policy, device="h100")
+    assert {r.precision for r in table.rows if r.precision.startswith("fp8")} == {"fp8 (row; weight_grad compute)"}

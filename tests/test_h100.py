@@ -221,6 +221,22 @@ def test_fp8_gemms_report_for_the_h100_finds_nothing_missing():
     assert report.fp8_gemms == report.fp8_dots == 3 * len(ops_of(model, policy, "fp8"))
 
 
+@pytest.mark.parametrize("spec, per_op", [("fp8-rowwise", {"fp8": 3}), ("fp8-rowwise-gw-hp", {"fp8": 2, "bf16": 1}),
+                                          ("fp8-block", {"fp8": 3}), ("mxfp8", {"fp8": 3})])
+def test_every_scaling_recipe_keeps_its_gemms_fp8(spec, per_op):
+    """The unrolled LM step under each recipe preset: every GEMM the recipe puts in FP8 is an
+    FP8 cuBLASLt GEMM (row scales: one GEMM rescaled per row and column; blocks and MX: one
+    batched GEMM over the contraction's blocks), a weight gradient left in the compute dtype a
+    bf16 GEMM. Extra bytes around the GEMMs are measured by the bench (README table), not here."""
+    model, policy, step, args = lm_step(spec, layers=1)
+    report = mpx.program.report(step, *args, target="h100")
+    by_op = report.gemms_by_op()
+    fp8_ops = {p for p in ops_of(model, policy, "fp8")}
+    assert len(fp8_ops) == 4
+    for op in fp8_ops:
+        assert dict(by_op.get(op, {})) == per_op, (op, dict(by_op.get(op, {})))
+
+
 def test_bench_static_mode_compares_the_programs_for_the_target():
     """`bench --mode static`: the plain-Flax decoder (bf16, Flax Fp8Direct, under mpx bf16 and
     fp8) and the config's TransformerLM (bf16, fp8, int8) as full train steps compiled for the

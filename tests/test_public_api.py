@@ -41,7 +41,8 @@ FACES = {
         "policy_context", "split_variables",
     ],
     "mpx.inspect": [
-        "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "TensorStats", "Widened8Bit",
+        "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "SpelledOutBlocks", "TensorStats",
+        "Widened8Bit",
         "describe", "dot_generals", "format_fp8_stats", "fp8_gemms", "fp8_stats",
     ],
     "mpx.policy": [

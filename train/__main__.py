@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
     b.add_argument("--sizes", default=None, help="crossover sizes n,... (square n^3 GEMMs)")
     b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
+    b.add_argument("--presets", default=None, help="static mode: the TransformerLM rows' policies, a comma list (default "
+                   "bf16,fp8,int8; e.g. fp8,fp8-rowwise,fp8-block,mxfp8 for the FP8 scaling recipes)")
     b.add_argument("--new-tokens", default=None, help="generate mode: tokens to sample, n,... (default 256,1024)")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")
@@ -312,6 +314,7 @@ def _bench(config, args) -> int:
         sizes=ints(args.sizes, None) if args.sizes else defaults.sizes, layers=args.layers,
         repeats=args.repeats, warmup=args.warmup, target=args.target,
         new_tokens=ints(args.new_tokens, None) if args.new_tokens else defaults.new_tokens,
+        presets=tuple(s.strip() for s in args.presets.split(",")) if args.presets else (),
     )
     if "static" in modes:
         _load_compiler(args.target)

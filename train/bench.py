@@ -344,7 +344,8 @@ MODES = (*TIMED_MODES, "static", "generate")
 class BenchSettings:
     """What to run. ``shapes``: (M, K, N) of the gemm mode; ``sizes``: the crossover ladder;
     ``target``: the device the static mode compiles for; ``new_tokens``: the generate
-    mode's lengths."""
+    mode's lengths; ``presets``: the policies of the static mode's ``TransformerLM`` rows
+    (empty: bf16, fp8 and int8 on a GPU, the TPU's 8-bit paths on a TPU)."""
 
     modes: tuple[str, ...] = TIMED_MODES
     shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (16384, 2048, 8192), (16384, 8192, 2048))
@@ -354,6 +355,7 @@ class BenchSettings:
     warmup: int = 3
     target: str = "h100"
     new_tokens: tuple[int, ...] = (256, 1024)
+    presets: tuple[str, ...] = ()
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -363,6 +365,11 @@ class BenchSettings:
             raise ValueError("bench needs repeats >= 1, warmup >= 0 and layers >= 1")
         if not self.new_tokens or min(self.new_tokens) < 1:
             raise ValueError(f"--new-tokens must be positive integers, got {','.join(map(str, self.new_tokens))}")
+        for spec in self.presets:
+            try:
+                mpx.parse_policy(spec)
+            except ValueError as e:
+                raise ValueError(f"--presets: {e}") from None
 
 
 def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSettings,
@@ -394,7 +401,8 @@ def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSet
     if "static" in settings.modes:
         from train.bench_static import static
 
-        record["rows"] += static(shape, batch=batch, seq=seq, layers=settings.layers, target=settings.target)
+        record["rows"] += static(shape, batch=batch, seq=seq, layers=settings.layers, target=settings.target,
+                                 presets=settings.presets)
     if "generate" in settings.modes:
         policy = policy or mpx.parse_policy("fp32")
         record["cpu"], record["policy"] = cpu_model(), dataclasses.asdict(policy)

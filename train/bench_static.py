@@ -147,13 +147,15 @@ def _report_or_error(model: str, variant: str, fn, state, tokens, target: str) -
                 "error": str(e).splitlines()[0]}
 
 
-def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, target: str) -> list[dict[str, Any]]:
-    """One row per program (see the module docstring), in one process."""
+def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, target: str,
+           presets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One row per program (see the module docstring), in one process; ``presets``: the
+    ``TransformerLM`` rows' policies instead of `LM_PRESETS` (`TPU_PRESETS` on a TPU)."""
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     rows = []
     if mpx.program.get_target(target).platform == "tpu":  # libtpu compiles big steps slowly: mpx's LM only
         lm_shape = dataclasses.replace(shape, num_layers=layers, scan_layers=False, remat=False)
-        for variant, spec in TPU_PRESETS.items():
+        for variant, spec in ({p: p for p in presets} or TPU_PRESETS).items():
             fn, state = lm_step(lm_shape, spec)
             rows.append(_report_or_error(f"TransformerLM x{layers}", f"mpx_{variant}", fn, state, tokens, target))
         return rows
@@ -164,7 +166,7 @@ def static(shape: mn.TransformerConfig, *, batch: int, seq: int, layers: int, ta
     for lm_shape in dict.fromkeys([unrolled, shape]):  # the config's own shape too, if it differs
         lm = f"TransformerLM x{lm_shape.num_layers}" + (" scan" if lm_shape.scan_layers else "") + (
             " remat" if lm_shape.remat else "")
-        for preset in LM_PRESETS:
+        for preset in presets or LM_PRESETS:
             fn, state = lm_step(lm_shape, preset)
             rows.append(row(lm, f"mpx_{preset}", mpx.program.report(fn, state, tokens, target=target)))
     return rows

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import mpx
-from mpx.inspect import Widened8Bit, describe, fp8_stats
+from mpx.inspect import SpelledOutBlocks, Widened8Bit, describe, fp8_stats
 from mpx.nn import TransformerConfig
 from train import checkpoint as ckpt
 from train import data as data_lib
@@ -251,16 +251,18 @@ def precision_report(model, policy: mpx.Policy, precision, *, say: Callable[[str
     ``precision``, as written); unmatched path rules are warnings, or with ``strict`` a
     `ConfigError`. On an accelerator (``device``, default this process's first unless a CPU)
     each 8-bit op is checked against what its matrix units multiply natively (`describe`'s
-    ``device``): a widened format is a warning."""
+    ``device``): a widened format is a warning, and so are FP8 block scales, which no chip's
+    GEMM takes from mpx yet."""
     if device is None and jax.devices()[0].platform != "cpu":
         device = jax.devices()[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Widened8Bit)
+        warnings.simplefilter("always", SpelledOutBlocks)
         table = describe(model, policy, device=device)
     counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(table.by_precision().items()))
     say(f"precision {precision if isinstance(precision, str) else 'policy'}: {counts} ops")
     for warning in caught:
-        if issubclass(warning.category, Widened8Bit):
+        if issubclass(warning.category, (Widened8Bit, SpelledOutBlocks)):
             say(f"warning: {warning.message}")
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

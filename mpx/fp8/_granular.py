@@ -90,14 +90,14 @@ def _tile_amax(x: jax.Array, block: int) -> jax.Array:
     return jnp.max(_magnitude(tiles), axis=-1)
 
 
-def _block_amax(x: jax.Array, block: int) -> jax.Array:
-    """Absolute maximum of each ``block x block`` block of (B, F, K), repeated over the
-    block's ``block`` rows: (B, F, nb), rows sharing a block sharing its value."""
+def _block_amax(x: jax.Array, block: int, rows: int) -> jax.Array:
+    """Absolute maximum of each ``rows x block`` block of (B, F, K), repeated over the block's
+    rows: (B, F, nb), rows sharing a block sharing its value."""
     b, f, k = x.shape
     tiles = _tile_amax(x, block)  # (B, F, nb)
-    rows = _pad_to(tiles, 1, block).reshape(b, -1, block, tiles.shape[-1])
-    shared = jnp.max(rows, axis=2)  # (B, ceil(F / block), nb)
-    return jnp.repeat(shared, block, axis=1)[:, :f]
+    grouped = _pad_to(tiles, 1, rows).reshape(b, -1, rows, tiles.shape[-1])
+    shared = jnp.max(grouped, axis=2)  # (B, ceil(F / rows), nb)
+    return jnp.repeat(shared, rows, axis=1)[:, :f]
 
 
 def mx_scale(tile_amax: jax.Array, dtype) -> jax.Array:
@@ -118,8 +118,10 @@ def mx_scale(tile_amax: jax.Array, dtype) -> jax.Array:
 
 
 def block_of(granularity: str, k: int, block_size: int) -> int:
-    """The contraction's block length of a granularity for a contraction of ``k``."""
-    return {"tensor": max(k, 1), "row": max(k, 1), "block": block_size, "mx": MX_BLOCK}[granularity]
+    """The contraction's block length of a granularity for a contraction of ``k`` (a contraction
+    no longer than one block is that one block, unpadded)."""
+    size = {"tensor": k, "row": k, "block": block_size, "mx": MX_BLOCK}[granularity]
+    return max(min(size, k), 1)
 
 
 def scales(x: jax.Array, granularity: str, dtype, *, weight: bool, block_size: int) -> jax.Array:
@@ -128,7 +130,7 @@ def scales(x: jax.Array, granularity: str, dtype, *, weight: bool, block_size: i
     block = block_of(granularity, x.shape[-1], block_size)
     if granularity == "mx":
         return mx_scale(_tile_amax(x, block), dtype)
-    peak = _block_amax(x, block) if granularity == "block" and weight else _tile_amax(x, block)
+    peak = _block_amax(x, block, block_size) if granularity == "block" and weight else _tile_amax(x, block)
     limit = fp8_max(dtype)
     scale = scale_from_amax(peak, jnp.float32(1.0), limit)
     # fp8_max / amax rounds up half the time: the step below it puts the amax itself on the
