@@ -68,6 +68,11 @@ def test_fp8_and_int8_numerics(tmp_path, monkeypatch, compile_cache):
     assert s["sr_bias_nearest"] >= 0.45 and s["sr_bias_stochastic"] < s["sr_bias_bound"]
     assert s["sum_nearest"] == 0  # 1000 updates of 0.3 steps all round away
     assert abs(s["sum_stochastic"] - 300) < 5 * math.sqrt(1000 * 0.3 * 0.7)
+    # Outlier channels: one scale per tensor or per row flushes the ordinary values (error ~1);
+    # 1x128 tiles lose a quarter of the channels (~sqrt(1/4)), 1x32 MX tiles one in 16 (~sqrt(1/16)).
+    e = s["recipe_error"]
+    assert e["tensor"] > 0.95 and e["row"] > 0.95 and 0.4 < e["block"] < 0.6 and 0.2 < e["mx"] < 0.3, e
+    assert {"bf16", "fp8", "fp8-rowwise", "fp8-block", "mxfp8"} <= set(s["recipe_runs"])
 
 
 def test_bf16_vs_fp8_vs_fp16(tmp_path, monkeypatch, compile_cache):
