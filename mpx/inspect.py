@@ -3,6 +3,7 @@
     print(mpx.inspect.describe(model, policy))     # every op, its precision, the deciding rule
     print(mpx.inspect.fp8_stats(state.fp8_meta))   # amax, scale, saturated / flushed fractions
     print(mpx.inspect.fp8_gemms(step, state, batch))  # which fp8 matmuls became FP8 GEMMs
+    print(mpx.inspect.sensitivity(model, loss_fn, batches))  # which matmuls can take 8 bits
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from mpx import program
 from mpx.fp8 import Fp8Meta
 from mpx._naming import equations, op_paths
 from mpx.policy import FASTEST_8BIT, Policy, Rule, key_name
+from mpx._sensitivity import FormatError, OpSensitivity, SensitivityReport, sensitivity
+from mpx._speed_model import SpeedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,10 +348,14 @@ def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
 
 __all__ = [
     "NOT_UNDER_POLICY",
+    "FormatError",
     "Fp8GemmReport",
     "GemmRow",
     "OpRow",
+    "OpSensitivity",
     "PrecisionTable",
+    "SensitivityReport",
+    "SpeedModel",
     "TensorStats",
     "Widened8Bit",
     "describe",
@@ -356,4 +363,5 @@ __all__ = [
     "format_fp8_stats",
     "fp8_gemms",
     "fp8_stats",
+    "sensitivity",
 ]
