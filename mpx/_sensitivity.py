@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from mpx import _probe
+from mpx._models import apply_policy, kinds_of
+from mpx._table import format_table
 from mpx._speed_model import SpeedModel
 from mpx.ops import gemm_dims
 from mpx.policy import MATMUL_KINDS, Policy, parse
@@ -136,8 +138,6 @@ class SensitivityReport:
         return clean(d)
 
     def __str__(self) -> str:
-        from mpx.inspect import format_table
-
         formats = [f for f, _ in self.ops[0].errors] if self.ops else []
         header = ["path", "kind", "MxKxN", "flops"]
         for f in formats:
@@ -281,9 +281,6 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
     if not batches:
         raise ValueError("sensitivity needs at least one batch")
     ref_policy = parse(reference)
-    from mpx import apply_policy
-    from mpx._models import kinds_of
-
     copy = nnx.clone(model)
     apply_policy(copy, ref_policy, kinds=kinds_of(model) or None)
     graphdef, state = nnx.split(copy)

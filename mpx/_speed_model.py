@@ -31,13 +31,17 @@ DEFAULT_SOURCE = ("assumed from FP8_ON_XLA.md's H100 measurements: dense fwd+bwd
 @dataclasses.dataclass(frozen=True)
 class SpeedModel:
     """An op gains ``speedup`` if its smallest GEMM dimension is at least ``min_size``,
-    else nothing; ``source`` says where the two numbers come from (see the module doc)."""
+    else nothing; ``source`` says where the two numbers come from (see the module doc;
+    default: the assumption for the default numbers, ``"given"`` for others)."""
 
     min_size: int = DEFAULT_MIN_SIZE
     speedup: float = DEFAULT_SPEEDUP
-    source: str = DEFAULT_SOURCE
+    source: str | None = None
 
     def __post_init__(self):
+        if self.source is None:
+            defaults = (self.min_size, self.speedup) == (DEFAULT_MIN_SIZE, DEFAULT_SPEEDUP)
+            object.__setattr__(self, "source", DEFAULT_SOURCE if defaults else "given")
         if not isinstance(self.min_size, int) or isinstance(self.min_size, bool) or self.min_size < 0:
             raise ValueError(f"min_size must be an integer >= 0 (0: every matmul gains), got {self.min_size!r}")
         if not isinstance(self.speedup, (int, float)) or not math.isfinite(self.speedup) or self.speedup < 1:
