@@ -104,7 +104,8 @@ class SensitivityReport:
     """`sensitivity`'s result. ``ops`` most sensitive first (the target format's loss change
     alone); ``losses``: mean loss of ``reference``, ``all <format>`` and ``suggested``;
     ``policy``: the suggested policy string, whose measured loss change is ``loss_change``
-    and estimated gain ``gain`` (fraction of the matmul time saved)."""
+    and estimated gain ``gain`` (fraction of the matmul time saved). ``traces``: programs
+    compiled (one per format); ``runs``: calls of them (one per batch and variant)."""
 
     reference: str
     target: str
@@ -117,6 +118,7 @@ class SensitivityReport:
     loss_change: float
     gain: float
     traces: int
+    runs: int
 
     def loss(self, name: str) -> float:
         return dict(self.losses)[name]
@@ -175,7 +177,8 @@ class _Runner:
 
     def __init__(self, graphdef, state, loss_fn, batches, reference: Policy, ops: dict[str, int]):
         self.state, self.batches, self.index = state, batches, ops
-        self.traces = 0
+        self.traces = 0  # compiled programs
+        self.runs = 0  # calls of them
         self._reference, self._fns = reference, {}
         self._graphdef, self._loss_fn = graphdef, loss_fn
 
@@ -204,6 +207,7 @@ class _Runner:
         losses, stats = [], np.zeros((n, len(_probe.STATS)))
         for batch in self.batches:
             loss, s = self._fn(fmt)(self.state, batch, jnp.asarray(mask), taps)
+            self.runs += 1
             losses.append(float(loss))
             stats += np.asarray(s, np.float64)
         return float(np.mean(losses)), stats
@@ -332,7 +336,8 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
     ops.sort(key=lambda o: (-o.error(target).loss_change, o.error(target).out_sqnr))
     losses = (("reference", base), *((f"all {f}", all_on[f]) for f in formats), ("suggested", suggested_loss))
     return SensitivityReport(reference, target, float(budget), len(batches), speed, tuple(ops), losses, policy,
-                             relative_change(suggested_loss, base), sum(gains[i] for i in chosen), run.traces)
+                             relative_change(suggested_loss, base), sum(gains[i] for i in chosen), run.traces,
+                             run.runs)
 
 
 def _choose(run, target: str, base: float, budget: float, gains: Sequence[float],

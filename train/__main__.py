@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest relative loss change the suggested policy may cost (default 0.005 = 0.5%%)")
     s.add_argument("--reference", default="bf16", help="the float policy to compare with: bf16 or fp32 (default bf16)")
     s.add_argument("--target", default="fp8", help="the 8-bit format of the suggested policy: fp8 or int8 (default fp8)")
+    s.add_argument("--formats", default="fp8,int8",
+                   help="the 8-bit formats to measure, a comma list that includes --target (default fp8,int8; each "
+                        "is one compiled program)")
     s.add_argument("--min-size", type=int, default=None,
                    help="the speed model's crossover: a matmul with a smaller M, K or N gains nothing (default 2048, "
                         "assumed from H100 measurements; 0: every matmul gains)")
@@ -344,7 +347,8 @@ def _sensitivity(config, args) -> int:
     from train import sensitivity
 
     settings = sensitivity.SensitivitySettings(batches=args.batches, budget=args.budget, reference=args.reference,
-                                               target=args.target, min_size=args.min_size, bench=args.bench)
+                                               target=args.target, formats=tuple(f.strip() for f in args.formats.split(",")),
+                                               min_size=args.min_size, bench=args.bench)
     report, step = sensitivity.run(config, settings)
     print(f"at {'step ' + str(step) if step is not None else 'init'}, {report.batches} validation batches:")
     print(report)

@@ -27,13 +27,14 @@ from train.schema import RunConfig
 @dataclasses.dataclass(frozen=True)
 class SensitivitySettings:
     """The command's flags, checked: ``batches`` >= 1, ``budget`` >= 0 (relative),
-    ``reference`` a float policy, ``target`` fp8 or int8, ``min_size`` >= 0 or None (the
+    ``reference`` a float policy, ``target`` fp8 or int8 and among ``formats``, ``min_size`` >= 0 or None (the
     speed model's default), ``bench`` a bench JSON record with a crossover, or None."""
 
     batches: int = 4
     budget: float = 0.005
     reference: str = "bf16"
     target: str = "fp8"
+    formats: tuple[str, ...] = ("fp8", "int8")
     min_size: int | None = None
     bench: str | None = None
 
@@ -44,6 +45,9 @@ class SensitivitySettings:
             raise ValueError(f"--budget: expected a relative loss change >= 0 (0.005 = 0.5%), got {self.budget!r}")
         if self.target not in ("fp8", "int8"):
             raise ValueError(f"--target: expected fp8 or int8, got {self.target!r}")
+        if not self.formats or any(f not in ("fp8", "int8") for f in self.formats) or self.target not in self.formats:
+            raise ValueError(f"--formats: expected fp8, int8 or fp8,int8, including --target ({self.target}), got "
+                             f"{','.join(self.formats)!r}")
         if self.min_size is not None and self.min_size < 0:
             raise ValueError(f"--min-size: expected an integer >= 0 (0: every matmul gains), got {self.min_size!r}")
         if self.min_size is not None and self.bench is not None:
@@ -95,7 +99,7 @@ def run(config: RunConfig, settings: SensitivitySettings, *, say: Callable[[str]
         return task.loss(graphdef, params, meta, batch, jax.random.key(0), dropout=False)[0]
 
     report = mpx.inspect.sensitivity(model, loss_fn, batches, reference=settings.reference, target=settings.target,
-                                     budget=settings.budget, speed=speed)
+                                     formats=settings.formats, budget=settings.budget, speed=speed)
     return report, step
 
 
