@@ -58,7 +58,7 @@ def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
     if op.input_clip is not None:  # the policy's static input grid (post-training quantization)
         lhs = ptq.fake_quantize_input(lhs, op.input_clip, op.input_format)
     probe = _probe.active()  # None unless `mpx.inspect.sensitivity` is tracing: then nothing below changes
-    if probe is not None and op.kind in MATMUL_KINDS and not op.is_quantized:
+    if probe is not None and op.kind in MATMUL_KINDS:
         out = _probe.probed(probe, lhs, rhs, dimension_numbers, op.path, op.kind, op.kind in WEIGHT_RHS_KINDS)
         if out is not None:
             return out, meta

@@ -210,6 +210,17 @@ def test_without_the_probe_the_program_is_unchanged(study):
     assert "custom_vjp" in str(probed)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"reference": "fp8"}, "the reference must keep every matmul in a float precision"),
+    ({"budget": -0.1}, "budget must be a relative loss change >= 0"),
+    ({"formats": ("fp4",)}, "unknown format 'fp4'"),
+    ({"formats": ("int8",)}, "target 'fp8' must be one of the measured formats"),
+])
+def test_bad_arguments_name_the_cause(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mpx.inspect.sensitivity(planted("bf16"), loss_fn, [batch_of(0)], **kwargs)
+
+
 # ----------------------------------------------------------------------------- policy strings and the speed model
 
 LM_OPS = [("blocks/0/attn/qkv", "dense"), ("blocks/0/mlp/fc", "dense"), ("blocks/1/attn/qkv", "dense"),
