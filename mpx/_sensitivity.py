@@ -255,9 +255,10 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
     the loss change with every op but that one in 8 bits.
 
     FP8 here is *current* scaling: each tensor scaled from its own amax (a fresh meta under
-    the bootstrap rule, `mpx.fp8._meta.bootstrap`), so no saturation by construction; what a
-    measurement in one shot can say honestly, without a delayed-scaling history. Under delayed
-    scaling an op can saturate where its amax grows, which this does not see.
+    the bootstrap rule, `mpx.fp8._meta.bootstrap`), which saturates at most the amax itself (by
+    rounding); what a measurement in one shot can say honestly, without a delayed-scaling
+    history. Under delayed scaling an op can saturate where its amax grows, which this does not
+    see. A scanned stack of layers is one op (all its layers at once, ``calls`` of them).
 
     The suggestion (``target``: fp8 or int8): among the ops that gain under ``speed``
     (`SpeedModel`), those whose loss change alone is within ``budget`` (relative, 0.005 =
