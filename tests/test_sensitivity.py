@@ -210,6 +210,26 @@ def test_without_the_probe_the_program_is_unchanged(study):
     assert "custom_vjp" in str(probed)
 
 
+class HandWritten(nnx.Module):
+    """A matmul written as ``@`` (captured by mpx.apply_policy with example inputs) and a layer."""
+
+    def __init__(self, rngs):
+        self.w1 = nnx.Param(jax.random.normal(rngs.params(), (16, 32)) / 4)
+        self.fc = nnx.Linear(32, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(jax.nn.relu(x @ self.w1[...]))
+
+
+def test_a_hand_written_matmul_is_measured_too():
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    model = mpx.apply_policy(HandWritten(nnx.Rngs(0)), mpx.parse_policy("fp8"), x)
+    report = mpx.inspect.sensitivity(model, lambda m, b: jnp.mean(m(b).astype(jnp.float32) ** 2), [x],
+                                     reference="fp32", formats=("fp8",), speed=SpeedModel(min_size=0))
+    assert {o.path for o in report.ops} == {"dot_general_0", "fc"}  # describe's names for them
+    assert all(15 < o.error("fp8").out_sqnr < 40 for o in report.ops)  # E4M3 rounding, as for a layer
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"reference": "fp8"}, "the reference must keep every matmul in a float precision"),
     ({"budget": -0.1}, "budget must be a relative loss change >= 0"),
