@@ -281,7 +281,11 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
         raise ValueError(f"budget must be a relative loss change >= 0 (0.005 = 0.5%), got {budget!r}")
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"sensitivity takes an NNX module, got {type(model).__name__}")
+        raise TypeError(f"sensitivity takes an NNX module (it measures a copy put under the reference policy), got "
+                        f"{type(model).__name__}")
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a preset name or a compact policy string ('bf16', 'fp32', "
+                        f"'bf16; fp8.margin=1'): the suggested policy is written from it; got {type(reference).__name__}")
     batches = list(batches)
     if not batches:
         raise ValueError("sensitivity needs at least one batch")
