@@ -3,6 +3,7 @@
     print(mpx.inspect.describe(model, policy))     # every op, its precision, the deciding rule
     print(mpx.inspect.fp8_stats(state.fp8_meta))   # amax, scale, saturated / flushed fractions
     print(mpx.inspect.fp8_gemms(step, state, batch))  # which fp8 matmuls became FP8 GEMMs
+    print(mpx.inspect.sensitivity(model, loss_fn, batches))  # which matmuls can take 8 bits
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import numpy as np
 from mpx import program
 from mpx.fp8 import Fp8Meta
 from mpx._naming import equations, op_paths
+from mpx._table import format_table
 from mpx.policy import FASTEST_8BIT, Policy, Rule, key_name
+from mpx._sensitivity import FormatError, OpSensitivity, SensitivityReport, sensitivity
+from mpx._speed_model import SpeedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +73,6 @@ class PrecisionTable:
             lines.append(f"warning: rule '{rule}' matches no op of this model (a typo in its path or kind?)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]]
 
 
 def _row(policy: Policy, path: str, kind: str, note: str = "") -> OpRow:
@@ -368,10 +365,14 @@ def fp8_gemms(fn, *args, target: str | None = None, **kwargs) -> Fp8GemmReport:
 
 __all__ = [
     "NOT_UNDER_POLICY",
+    "FormatError",
     "Fp8GemmReport",
     "GemmRow",
     "OpRow",
+    "OpSensitivity",
     "PrecisionTable",
+    "SensitivityReport",
+    "SpeedModel",
     "SpelledOutBlocks",
     "TensorStats",
     "Widened8Bit",
@@ -380,4 +381,5 @@ __all__ = [
     "format_fp8_stats",
     "fp8_gemms",
     "fp8_stats",
+    "sensitivity",
 ]

@@ -10,9 +10,9 @@ from jax import lax
 
 from mpx.fp8 import Fp8Meta, fp8_dot_general
 from mpx.int8 import int8_dot_general
-from mpx import ptq
+from mpx import _probe, ptq
 from mpx._naming import op_scope
-from mpx.policy import WEIGHT_RHS_KINDS, OpPrecision
+from mpx.policy import MATMUL_KINDS, WEIGHT_RHS_KINDS, OpPrecision
 
 
 def dot_general(
@@ -57,6 +57,11 @@ def _dot_general(lhs, rhs, dimension_numbers, op: OpPrecision, meta):
         ptq.record(op.path, lhs)  # a no-op unless `mpx.ptq.calibrate` is running
     if op.input_clip is not None:  # the policy's static input grid (post-training quantization)
         lhs = ptq.fake_quantize_input(lhs, op.input_clip, op.input_format)
+    probe = _probe.active()  # None unless `mpx.inspect.sensitivity` is tracing: then nothing below changes
+    if probe is not None and op.kind in MATMUL_KINDS:
+        out = _probe.probed(probe, lhs, rhs, dimension_numbers, op.path, op.kind, op.kind in WEIGHT_RHS_KINDS)
+        if out is not None:
+            return out, meta
     min_size = op.fp8.min_size if op.is_fp8 else op.int8.min_size if op.is_int8 else 0
     if min_size and min(gemm_dims(lhs.shape, rhs.shape, dimension_numbers)) < min_size:
         return lax.dot_general(lhs.astype(op.dtype), rhs.astype(op.dtype), dimension_numbers), meta

@@ -41,9 +41,9 @@ FACES = {
         "policy_context", "split_variables",
     ],
     "mpx.inspect": [
-        "NOT_UNDER_POLICY", "Fp8GemmReport", "GemmRow", "OpRow", "PrecisionTable", "SpelledOutBlocks", "TensorStats",
-        "Widened8Bit",
-        "describe", "dot_generals", "format_fp8_stats", "fp8_gemms", "fp8_stats",
+        "NOT_UNDER_POLICY", "FormatError", "Fp8GemmReport", "GemmRow", "OpRow", "OpSensitivity", "PrecisionTable",
+        "SensitivityReport", "SpeedModel", "SpelledOutBlocks", "TensorStats", "Widened8Bit", "describe", "dot_generals",
+        "format_fp8_stats", "fp8_gemms", "fp8_stats", "sensitivity",
     ],
     "mpx.policy": [
         "DTYPES", "FASTEST_8BIT", "KINDS", "MATMUL_KINDS", "OpPrecision", "PRECISIONS", "PRESETS", "Policy", "Rule",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {train,eval,generate,quantize,export,import,data,bench} CONFIG [key=value ...]``."""
+"""Command line: ``python -m train {train,eval,generate,quantize,sensitivity,export,import,data,bench} CONFIG [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", default="absmax", help="input clip value: absmax or percentile (default absmax)")
     q.add_argument("--percentile", type=float, default=99.99, help="percentile of |x| for --calibration percentile")
     q.add_argument("--batches", type=int, default=8, help="training batches to calibrate on (default 8)")
+    s = command("sensitivity", "Which matmuls of a run's model (newest checkpoint, else at init) can take 8 bits: "
+                "each op's error in fp8 and int8 alone, its estimated speed gain, and the fastest policy within a "
+                "loss budget.")
+    s.add_argument("--batches", type=int, default=4, help="validation batches to measure on (default 4)")
+    s.add_argument("--budget", type=float, default=0.005,
+                   help="largest relative loss change the suggested policy may cost (default 0.005 = 0.5%%)")
+    s.add_argument("--reference", default="bf16", help="the float policy to compare with: bf16 or fp32 (default bf16)")
+    s.add_argument("--target", default="fp8", help="the 8-bit format of the suggested policy: fp8 or int8 (default fp8)")
+    s.add_argument("--formats", default="fp8,int8",
+                   help="the 8-bit formats to measure, a comma list that includes --target (default fp8,int8; each "
+                        "is one compiled program)")
+    s.add_argument("--min-size", type=int, default=None,
+                   help="the speed model's crossover: a matmul with a smaller M, K or N gains nothing (default 2048, "
+                        "assumed from H100 measurements; 0: every matmul gains)")
+    s.add_argument("--bench", default=None, metavar="FILE",
+                   help="take the crossover and speedup from this bench record (python -m train bench --mode crossover "
+                        "--out FILE)")
+    s.add_argument("--out", default=None, help="write the report as JSON here")
     x = command("export", "Write a run's params and FP8 meta (newest checkpoint) with its config and tokenizer, "
                 "or (--format safetensors) a language model's params in GPT-2's or Llama's naming.")
     x.add_argument("--format", default="orbax", choices=("orbax", "safetensors"),
@@ -328,6 +346,21 @@ def _bench(config, args) -> int:
     return 0
 
 
+def _sensitivity(config, args) -> int:
+    from train import sensitivity
+
+    settings = sensitivity.SensitivitySettings(batches=args.batches, budget=args.budget, reference=args.reference,
+                                               target=args.target, formats=tuple(f.strip() for f in args.formats.split(",")),
+                                               min_size=args.min_size, bench=args.bench)
+    report, step = sensitivity.run(config, settings)
+    print(f"at {'step ' + str(step) if step is not None else 'init'}, {report.batches} validation batches:")
+    print(report)
+    if args.out:
+        sensitivity.write_record(report, step, config, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _export(config, args) -> int:
     from train.evaluation import export_trained, load_model
 
@@ -352,7 +385,7 @@ def _import(config, args) -> int:
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "export": _export, "import": _import,
-             "quantize": _quantize, "data": _data, "bench": _bench}
+             "quantize": _quantize, "sensitivity": _sensitivity, "data": _data, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

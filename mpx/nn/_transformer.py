@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpx import program
+from mpx import _probe, program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
@@ -191,10 +191,12 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def uses_fused(self, *, deterministic: bool = True) -> bool:
-        """Whether a call with this ``deterministic`` takes the fused path."""
+        """Whether a call with this ``deterministic`` takes the fused path. Never while
+        `mpx.inspect.sensitivity` traces the model: it measures the two attention matmuls,
+        which only the explicit path runs as ops of their own."""
         dropout_active = self.dropout.rate > 0 and not deterministic
         allowed = fused_attention_allowed(self.logits.precision, self.softmax.precision, self.values.precision)
-        return allowed and not dropout_active
+        return allowed and not dropout_active and _probe.active() is None
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
         b, t, d = x.shape
