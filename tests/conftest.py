@@ -1,6 +1,6 @@
 """Suite-wide settings.
 
-XLA compiles with LLVM at -O0 (`FAST_COMPILE`). Every test process, and every command-line run a test starts, shares one persistent JAX
+Every test process, and every command-line run a test starts, shares one persistent JAX
 compilation cache for the session: the end-to-end tests start the same tiny training
 program in many fresh processes (a run, its resume, its eval), and each would otherwise
 compile it again. The cache key holds the program, the compile options and XLA_FLAGS, so a
@@ -14,21 +14,9 @@ import shutil
 import tempfile
 
 CACHE = "JAX_COMPILATION_CACHE_DIR"
-# LLVM at -O0 for the programs XLA compiles: the tests' programs are tiny, so compiling them is
-# most of their time, and -O0 compiles them in about two thirds of the CPU time (measured:
-# test_scan 75 -> 52 s, the recipe matmuls 28 -> 18 s) while running them barely slower. XLA's
-# own passes (fusion, GEMM rewriting, layouts: what the H100 and TPU tiers read) are the same.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
-def with_fast_compile(flags: str) -> str:
-    """``flags`` (an XLA_FLAGS value) with `FAST_COMPILE`, unless it sets an optimization level."""
-    return flags if "xla_backend_optimization_level" in flags else f"{flags} {FAST_COMPILE}".strip()
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # xdist workers and command-line runs inherit it
-        os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
     if getattr(config.option, "loadscopereorder", False):
         # pytest-xdist >= 3.6 hands out --dist loadfile's modules sorted by how many tests each
         # has, not in collection order: LONGEST_FIRST below would be ignored and a long module

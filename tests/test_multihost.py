@@ -327,7 +327,7 @@ def test_two_processes_shard_the_data_and_build_one_global_batch(tmp_path):
     checkpoint's data position holds both processes' and gives each its own back."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", PYTHONPATH=str(ROOT),
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(ROOT),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
     procs = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=tmp_path, env={**env, "JAX_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

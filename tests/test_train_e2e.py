@@ -247,7 +247,7 @@ def test_data_parallel_and_fsdp_mesh_on_8_simulated_devices(tmp_path, fp8_run):
     device (restore against the new, unsharded layout)."""
     _, config, single, _ = fp8_run
     mesh, schedule = tmp_path / "runs" / "mesh", "optim.decay_steps=8"
-    eight = {**ENV, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"}
+    eight = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     cli("train", config, f"run_dir={mesh}", "train.steps=4", schedule, "mesh.data=4", "mesh.fsdp=2", cwd=tmp_path,
         env=eight)
     sharded, reference = losses(mesh), losses(single)
