@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import linen, nnx
 
 from mpx import _probe
 from mpx._models import apply_policy, kinds_of
+from mpx.linen._module import PolicyModule
 from mpx._table import format_table
 from mpx._speed_model import SpeedModel
 from mpx.ops import gemm_dims
@@ -173,14 +174,15 @@ def _db(x: float) -> str:
 # ----------------------------------------------------------------------------- measurement
 
 class _Runner:
-    """The probed loss of one model, one compiled function per format (``traces`` counts them)."""
+    """The probed loss of one model, one compiled function per format (``traces`` counts them).
+    ``loss(state, batch)``: the model's loss from its ``state`` (a pytree, the jitted argument)."""
 
-    def __init__(self, graphdef, state, loss_fn, batches, reference: Policy, ops: dict[str, int]):
+    def __init__(self, state, loss: Callable[[Any, Any], jax.Array], batches, reference: Policy,
+                 ops: dict[str, int]):
         self.state, self.batches, self.index = state, batches, ops
         self.traces = 0  # compiled programs
         self.runs = 0  # calls of them
-        self._reference, self._fns = reference, {}
-        self._graphdef, self._loss_fn = graphdef, loss_fn
+        self._reference, self._fns, self._loss = reference, {}, loss
 
     def _fn(self, fmt: str):
         if fmt not in self._fns:
@@ -191,7 +193,7 @@ class _Runner:
                     probe = _probe.Probe(self.index, mask, taps, fmt, self._reference.compute_dtype,
                                          self._reference.fp8, self._reference.int8)
                     with _probe.probing(probe):
-                        return jnp.asarray(self._loss_fn(nnx.merge(self._graphdef, state), batch), jnp.float32)
+                        return jnp.asarray(self._loss(state, batch), jnp.float32)
 
                 return jax.value_and_grad(loss_of)(taps)
 
@@ -213,20 +215,48 @@ class _Runner:
         return float(np.mean(losses)), stats
 
 
-def discover(graphdef, state, loss_fn, batch) -> list[tuple[str, str, tuple, tuple, Any]]:
-    """The matmuls the loss traces, first call of each path in trace order: (path, kind,
-    lhs shape, rhs shape, dimension numbers). Nothing is computed."""
+def discover(loss: Callable[[Any, Any], jax.Array], state, batch) -> list[tuple[str, str, tuple, tuple, Any]]:
+    """The matmuls ``loss(state, batch)`` traces, first call of each path in trace order:
+    (path, kind, lhs shape, rhs shape, dimension numbers). Nothing is computed."""
     probe = _probe.Probe({}, jnp.zeros((0,)), jnp.zeros((0, len(_probe.STATS))), "fp8", jnp.float32)
 
     def run(state, batch):
         with _probe.probing(probe):
-            return loss_fn(nnx.merge(graphdef, state), batch)
+            return loss(state, batch)
 
     jax.eval_shape(run, state, batch)
     first: dict[str, tuple] = {}
     for call in probe.seen:
         first.setdefault(call[0], call)
     return list(first.values())
+
+
+def _under_reference(model, loss_fn, variables, reference: Policy) -> tuple[Any, Callable[[Any, Any], jax.Array]]:
+    """``model`` under ``reference`` as (state, ``loss(state, batch)``): what the measurement
+    differentiates and jits; the model itself is not changed."""
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise TypeError("variables= is for a linen module; an NNX module holds its own state: "
+                            "sensitivity(model, loss_fn, batches)")
+        copy = nnx.clone(model)
+        apply_policy(copy, reference, kinds=kinds_of(model) or None)
+        graphdef, state = nnx.split(copy)
+        return state, lambda state, batch: loss_fn(nnx.merge(graphdef, state), batch)
+    if isinstance(model, (linen.Module, PolicyModule)):
+        if not (isinstance(variables, Mapping) and "params" in variables):
+            got = "none" if variables is None else f"a {type(variables).__name__} without 'params'"
+            raise TypeError(f"sensitivity of a linen module needs its variables (got {got}): "
+                            f"sensitivity(model, loss_fn, batches, variables=model.init(key, x)); "
+                            f"loss_fn(apply, batch) then gets apply(*inputs), the module applied with them")
+        # A bf16/fp32 reference reads no FP8 state (the probe makes its own), so params suffice.
+        under = apply_policy(model, reference, kinds=kinds_of(model) or None)
+
+        def loss(variables, batch):
+            return loss_fn(lambda *args, **kwargs: under.apply(variables, *args, **kwargs), batch)
+
+        return variables, loss
+    raise TypeError(f"sensitivity takes an NNX module or a linen module (or the mpx.linen.PolicyModule "
+                    f"mpx.apply_policy made of one), got {type(model).__name__}")
 
 
 def _errors(stats_row: np.ndarray, loss_change: float, loss_change_rest: float) -> FormatError:
@@ -239,15 +269,27 @@ def _errors(stats_row: np.ndarray, loss_change: float, loss_change_rest: float) 
                        loss_change, loss_change_rest, frac("saturated"), frac("flushed"))
 
 
-def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Array], batches: Sequence[Any], *,
-                reference: str = "bf16", formats: Sequence[str] = ("fp8", "int8"), target: str = "fp8",
-                budget: float = 0.005, speed: SpeedModel = SpeedModel()) -> SensitivityReport:
+def sensitivity(model: nnx.Module | linen.Module | PolicyModule, loss_fn: Callable[[Any, Any], jax.Array],
+                batches: Sequence[Any], *, variables: Mapping[str, Any] | None = None, reference: str = "bf16",
+                formats: Sequence[str] = ("fp8", "int8"), target: str = "fp8", budget: float = 0.005,
+                speed: SpeedModel = SpeedModel()) -> SensitivityReport:
     """How much each matmul of ``model`` suffers in 8 bits, and the fastest policy that stays
     within ``budget``.
 
-    ``model``: an NNX module (not changed: a copy is put under the ``reference`` policy, a
-    preset name or compact policy string with no 8-bit matmul, e.g. ``"bf16"`` or ``"fp32"``).
-    ``loss_fn(model, batch)``: a scalar loss; ``batches``: a few fixed batches (the same
+    ``model`` is measured under the ``reference`` policy (a preset name or compact policy
+    string with no 8-bit matmul, e.g. ``"bf16"`` or ``"fp32"``) and not changed:
+
+    - an NNX module: a copy is put under the reference; ``loss_fn(model, batch)``.
+    - a linen module (or the `mpx.linen.PolicyModule` `mpx.apply_policy` made of one, for
+      its ``kinds``): ``variables`` (what ``model.init`` returns; an ``fp8_meta``
+      collection in them is not needed) is required, and ``loss_fn(apply, batch)`` gets
+      ``apply``, with the module's call signature: ``apply(*args, **kwargs)`` is
+      ``model.apply(variables, *args, **kwargs)`` under the reference policy::
+
+          report = sensitivity(MLP(), lambda apply, b: jnp.mean((apply(b["x"]) - b["y"]) ** 2),
+                               batches, variables=MLP().init(key, x))
+
+    ``loss_fn`` returns a scalar loss; ``batches``: a few fixed batches (the same
     batches give the same report). For each format in ``formats`` and each matmul (the kinds
     `mpx.policy.MATMUL_KINDS`; attention runs its explicit path so that its two matmuls are
     ops), with only that op in 8 bits: the SQNR and cosine of its output, input gradient and
@@ -280,9 +322,6 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
         raise ValueError(f"target {target!r} must be one of the measured formats {formats}")
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
         raise ValueError(f"budget must be a relative loss change >= 0 (0.005 = 0.5%), got {budget!r}")
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"sensitivity takes an NNX module (it measures a copy put under the reference policy), got "
-                        f"{type(model).__name__}")
     if not isinstance(reference, str):
         raise TypeError(f"reference must be a preset name or a compact policy string ('bf16', 'fp32', "
                         f"'bf16; fp8.margin=1'): the suggested policy is written from it; got {type(reference).__name__}")
@@ -290,20 +329,18 @@ def sensitivity(model: nnx.Module, loss_fn: Callable[[nnx.Module, Any], jax.Arra
     if not batches:
         raise ValueError("sensitivity needs at least one batch")
     ref_policy = parse(reference)
-    copy = nnx.clone(model)
-    apply_policy(copy, ref_policy, kinds=kinds_of(model) or None)
-    graphdef, state = nnx.split(copy)
-    found = [f for f in discover(graphdef, state, loss_fn, batches[0]) if f[1] in MATMUL_KINDS]
+    state, loss = _under_reference(model, loss_fn, variables, ref_policy)
+    found = [f for f in discover(loss, state, batches[0]) if f[1] in MATMUL_KINDS]
     if not found:
         raise ValueError("the loss traces no policy matmul: is the model's matmul in a layer mpx knows (nnx.Linear, "
-                         "nnx.Einsum, mpx.nn) or put under a policy with example inputs (mpx.apply_policy)?")
+                         "nnx.Einsum, nn.Dense, mpx.nn) or put under a policy with example inputs (mpx.apply_policy)?")
     for path, kind, *_ in found:
         if ref_policy.for_op(path, kind).is_quantized:
             raise ValueError(f"reference {reference!r} puts {path} ({kind}) in "
                              f"{ref_policy.for_op(path, kind).precision}; the reference must keep every matmul in a "
                              f"float precision, e.g. 'bf16' or 'fp32'")
     index = {f[0]: i for i, f in enumerate(found)}
-    run = _Runner(graphdef, state, loss_fn, batches, ref_policy, index)
+    run = _Runner(state, loss, batches, ref_policy, index)
     n = len(found)
     base, stats0 = run(target, ())
     calls = stats0[:, _probe.STAT["calls"]] / len(batches)

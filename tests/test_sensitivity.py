@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 import mpx
 import mpx.nn as mn
@@ -228,6 +228,105 @@ def test_a_hand_written_matmul_is_measured_too():
                                      reference="fp32", formats=("fp8",), speed=SpeedModel(min_size=0))
     assert {o.path for o in report.ops} == {"dot_general_0", "fc"}  # describe's names for them
     assert all(15 < o.error("fp8").out_sqnr < 40 for o in report.ops)  # E4M3 rounding, as for a layer
+
+
+# ----------------------------------------------------------------------------- the planted op in linen
+
+
+class PlantedLinen(linen.Module):
+    """`Planted` in nn.Dense layers: ``sensitive`` takes the outlier channels itself (its
+    kernel's rows for them are zeroed in the variables, see `planted_linen`)."""
+
+    @linen.compact
+    def __call__(self, x):
+        h = jax.nn.gelu(linen.Dense(H, name="fc_in")(x))  # (B, H)
+        z = jnp.concatenate([h, jnp.full((x.shape[0], 2), OUTLIER, h.dtype)], axis=1)  # (B, H + 2)
+        return linen.Dense(C, name="head")(jax.nn.gelu(linen.Dense(H, name="sensitive")(z)))
+
+
+class PlantedTwin(nnx.Module):
+    """`PlantedLinen` written in NNX, with its weights."""
+
+    def __init__(self, params):
+        for name in ("fc_in", "sensitive", "head"):
+            k, b = params[name]["kernel"], params[name]["bias"]
+            layer = nnx.Linear(*k.shape, rngs=nnx.Rngs(0))
+            layer.kernel[...], layer.bias[...] = k, b
+            setattr(self, name, layer)
+
+    def __call__(self, x):
+        h = jax.nn.gelu(self.fc_in(x))
+        z = jnp.concatenate([h, jnp.full((x.shape[0], 2), OUTLIER, h.dtype)], axis=1)
+        return self.head(jax.nn.gelu(self.sensitive(z)))
+
+
+def planted_linen():
+    """(the module, its variables with the outlier rows zeroed, two batches whose targets
+    are its own f32 output plus noise: every change of the output raises the loss)."""
+    module = PlantedLinen()
+    x = batch_of(0)["x"]
+    params = module.init(jax.random.key(0), x)["params"]
+    sensitive = dict(params["sensitive"], kernel=params["sensitive"]["kernel"].at[H:].set(0.0))
+    variables = {"params": dict(params, sensitive=sensitive)}
+    batches = []
+    for i in range(2):
+        x = batch_of(600 + i)["x"]
+        y = module.apply(variables, x)
+        batches.append({"x": x, "y": y + jnp.std(y) * jax.random.normal(jax.random.key(700 + i), y.shape)})
+    return module, variables, batches
+
+
+def mse(out, b):
+    return jnp.mean((out.astype(jnp.float32) - b["y"]) ** 2)
+
+
+@pytest.fixture(scope="module")
+def linen_study():
+    module, variables, batches = planted_linen()
+    model = mpx.apply_policy(module, mpx.parse_policy("bf16"), kinds=KINDS)
+    options = dict(formats=("fp8",), speed=SpeedModel(min_size=0))
+    report = mpx.inspect.sensitivity(model, lambda apply, b: mse(apply(b["x"]), b), batches, variables=variables,
+                                     **options)
+    twin = mpx.apply_policy(PlantedTwin(variables["params"]), mpx.parse_policy("bf16"), kinds=KINDS)
+    twin_report = mpx.inspect.sensitivity(twin, lambda m, b: mse(m(b["x"]), b), batches, **options)
+    return {"report": report, "twin": twin_report, "model": model, "x": batches[0]["x"]}
+
+
+def test_linen_the_planted_op_ranks_first_and_stays_out_of_fp8(linen_study):
+    report = linen_study["report"]
+    first = report.ops[0]
+    assert first.path == "sensitive" and first.precision == "bf16" and first.reason == "too sensitive"
+    assert first.error("fp8").flushed[0] > 0.9 and first.error("fp8").out_sqnr < 1.0  # as in the NNX model
+    assert all(o.error("fp8").out_sqnr > 20 for o in report.ops[1:])
+    assert {o.path: o.kind for o in report.ops} == {"sensitive": "dense", "fc_in": "dense", "head": "head"}
+    table = mpx.inspect.describe(linen_study["model"], mpx.parse_policy(report.policy), linen_study["x"])
+    assert {o.path: o.precision for o in report.ops} == {r.path: r.precision for r in table.rows}
+    assert any(o.precision == "fp8" for o in report.ops)
+
+
+def test_linen_measures_what_the_same_network_in_nnx_measures(linen_study):
+    # The same matmuls in the same dtypes on the same values: equal to the last bit on CPU
+    # (jax 0.10.2). The bounds leave room for a compiler that fuses the two programs'
+    # elementwise ops differently, and are far below what the report distinguishes (its
+    # table prints 0.1 dB and 0.001%).
+    db, loss = 0.01, 1e-5
+    linen_ops = {o.path: o for o in linen_study["report"].ops}
+    twin_ops = {o.path: o for o in linen_study["twin"].ops}
+    assert linen_ops.keys() == twin_ops.keys()
+    for path, o in linen_ops.items():
+        e, t = o.error("fp8"), twin_ops[path].error("fp8")
+        for name in ("out_sqnr", "lhs_grad_sqnr", "rhs_grad_sqnr"):
+            assert getattr(e, name) == pytest.approx(getattr(t, name), abs=db), (path, name)
+        assert e.loss_change == pytest.approx(t.loss_change, abs=loss), path
+    assert linen_study["report"].policy == linen_study["twin"].policy
+
+
+def test_linen_needs_its_variables_and_nnx_takes_none():
+    module, variables, batches = planted_linen()
+    with pytest.raises(TypeError, match=r"needs its variables \(got none\).*variables=model.init\(key, x\)"):
+        mpx.inspect.sensitivity(module, lambda apply, b: mse(apply(b["x"]), b), batches)
+    with pytest.raises(TypeError, match="variables= is for a linen module"):
+        mpx.inspect.sensitivity(planted("bf16"), loss_fn, batches, variables=variables)
 
 
 @pytest.mark.parametrize("kwargs, message", [
