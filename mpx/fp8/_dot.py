@@ -22,18 +22,12 @@ from jax import lax
 
 from mpx._dims import normalize_dims, transpose_dims
 from mpx.fp8._meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
-from mpx.fp8._numerics import amax, observe, quantize
+from mpx.fp8._numerics import amax, gemm_dtype, observe, quantize
 from mpx.fp8._recipes import recipe_dot
 
 
 class Fp8FanoutWarning(UserWarning):
     """One `Fp8Meta` fed two FP8 matmuls under differentiation without being threaded."""
-
-
-def _gemm_dtype(out_dtype):
-    # The unscaled FP8 product reaches 448 * 448 * K (57344 * 448 * K for gradients):
-    # far beyond fp16's 65504. bf16 and f32 share f32's range.
-    return out_dtype if out_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else jnp.dtype(jnp.float32)
 
 
 def _scaled_dot(qa, qb, dims, scale_a, scale_b, out_dtype):
@@ -43,7 +37,7 @@ def _scaled_dot(qa, qb, dims, scale_a, scale_b, out_dtype):
     error shared by every element), and a GEMM output whose range cannot hold the
     unscaled product (fp16) is produced in f32 and cast after the rescale.
     """
-    out = lax.dot_general(qa, qb, dims, preferred_element_type=_gemm_dtype(out_dtype))
+    out = lax.dot_general(qa, qb, dims, preferred_element_type=gemm_dtype(out_dtype))
     inv = (1.0 / scale_a.astype(jnp.float32)) * (1.0 / scale_b.astype(jnp.float32))
     return (out.astype(jnp.float32) * inv).astype(out_dtype)
 

@@ -147,7 +147,6 @@ def quantize_canonical(x: jax.Array, granularity: str, dtype, *, weight: bool = 
         return Quantized(quantize(x, dtype, tensor_scale), jnp.asarray(tensor_scale, jnp.float32), block)
     scale = scales(x, granularity, dtype, weight=weight, block_size=block_size)
     padded = _pad_to(x, 2, block)
-    b, f, kp = padded.shape
     per_element = jnp.repeat(scale, block, axis=-1)
     return Quantized(quantize(padded, dtype, per_element), scale, block)
 

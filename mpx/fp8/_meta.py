@@ -104,7 +104,7 @@ class Fp8Config:
                 raise ValueError(f"fp8 {role} {value!r} is not supported; expected one of "
                                  f"{', '.join(_ROLE_CHOICES)}{hint}")
         check_int("fp8 block_size", self.block_size, low=1)
-        if all(self.gemm(role) == "compute" for role in ROLES):
+        if set(self.gemms) == {"compute"}:
             raise ValueError("fp8 forward, input_grad and weight_grad are all 'compute': no GEMM of the op is FP8; "
                              "give the op the compute precision instead (a rule '<path>->bf16')")
 
@@ -117,9 +117,14 @@ class Fp8Config:
         return getattr(self, role) or self.granularity
 
     @property
+    def gemms(self) -> tuple[str, ...]:
+        """`gemm` of each of `ROLES`: forward, input gradient, weight gradient."""
+        return tuple(self.gemm(role) for role in ROLES)
+
+    @property
     def per_tensor(self) -> bool:
         """Every GEMM in FP8 with one scale per tensor (the delayed-scaling program)."""
-        return all(self.gemm(role) == "tensor" for role in ROLES)
+        return set(self.gemms) == {"tensor"}
 
     @property
     def label(self) -> str:
@@ -131,7 +136,7 @@ class Fp8Config:
         """
         if self.per_tensor:
             return ""
-        odd = [f"{role} {self.gemm(role)}" for role in ROLES if self.gemm(role) != self.granularity]
+        odd = [f"{role} {g}" for role, g in zip(ROLES, self.gemms) if g != self.granularity]
         return "; ".join([self.granularity, *odd])
 
     @property

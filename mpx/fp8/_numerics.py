@@ -19,6 +19,14 @@ E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 
 
+def gemm_dtype(out_dtype):
+    """The dtype an FP8 GEMM produces for an output in ``out_dtype``: the unscaled product
+    reaches 448 * 448 * K (57344 * 448 * K for gradients), far beyond fp16's 65504, so fp16 (and
+    any narrower type) gets f32; bf16 and f32 share f32's range and are kept."""
+    out_dtype = jnp.dtype(out_dtype)
+    return out_dtype if out_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else jnp.dtype(jnp.float32)
+
+
 def fp8_max(dtype) -> float:
     """Largest finite value of an FP8 dtype (448 for E4M3, 57344 for E5M2).
 

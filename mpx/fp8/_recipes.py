@@ -24,12 +24,7 @@ from jax import lax
 from mpx._dims import transpose_dims
 from mpx.fp8._granular import canonical, quantize_canonical, scaled_product, statistics
 from mpx.fp8._meta import Fp8Meta, Fp8Scale, combine_metas, observation, scale_for_use
-from mpx.fp8._numerics import amax
-
-
-def _gemm_dtype(out_dtype):
-    # As `mpx.fp8._dot`: the unscaled FP8 product needs f32's range (bf16 shares it).
-    return out_dtype if out_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else jnp.dtype(jnp.float32)
+from mpx.fp8._numerics import amax, gemm_dtype
 
 
 def _quantize(x, granularity, dtype, state: Fp8Scale, config, bootstrap, weight):
@@ -53,7 +48,7 @@ def _gemm(x, y, dims, role, meta: Fp8Meta, states, dtypes, weights, bootstrap, o
     cx, cy = canonical(x, xc, xb), canonical(y, yc, yb)
     qx = _quantize(cx.x, granularity, dtypes[0], states[0], config, bootstrap, weights[0])
     qy = _quantize(cy.x, granularity, dtypes[1], states[1], config, bootstrap, weights[1])
-    out = scaled_product(qx, qy, _gemm_dtype(out_dtype)).astype(out_dtype)
+    out = scaled_product(qx, qy, gemm_dtype(out_dtype)).astype(out_dtype)
     out = out.reshape(*cx.batch_shape, *cx.free_shape, *cy.free_shape)
     seen = tuple(observation(s, *_split(statistics(c.x, q, dt)))
                  for s, c, q, dt in zip(states, (cx, cy), (qx, qy), dtypes))
