@@ -141,18 +141,18 @@ def describe(model, policy: Policy, *args, kinds: Mapping[str, str] | None = Non
         kinds = models.kinds_of(model) if kinds is None else kinds
         layer_rows = [_row(policy, f.path, f.kind) for f in find_ops(model, kinds)]
         if not args and not kwargs:
-            return _on_device(_table(policy, layer_rows, [_NO_EXAMPLE]), device)
+            return _on_device(_table(policy, layer_rows, [_NO_EXAMPLE]), policy, device)
         traced = _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs))
         by_path = {r.path: r for r in traced}
         rows = [by_path.pop(r.path, r) for r in layer_rows] + list(by_path.values())
-        return _on_device(_table(policy, rows), device)
+        return _on_device(_table(policy, rows), policy, device)
     if not isinstance(model, (linen.Module, models.PolicyModule, models.Wrapped)):
         raise TypeError(models.unreadable("describe", model))
     if not args and not kwargs:
         raise TypeError("describe needs example inputs for a linen module or a model object (it traces the model): "
                         "describe(model, policy, x)")
     return _on_device(_table(policy, _matmul_rows(policy, models.matmuls(model, policy, *args, kinds=kinds, **kwargs))),
-                      device)
+                      policy, device)
 
 
 class Widened8Bit(UserWarning):
@@ -167,11 +167,10 @@ class SpelledOutBlocks(UserWarning):
     traffic of one scale per tensor (README, "FP8 scaling recipes")."""
 
 
-def _spelled_out(label: str) -> list[str]:
-    """The block granularities (``block``, ``mx``) an fp8 op's label names (``fp8 (mx)``)."""
-    inner = label[label.find("(") + 1:label.rfind(")")] if label.startswith("fp8 (") else ""
-    words = inner.replace(";", " ").split()
-    return [g for g in ("block", "mx") if g in words]
+def _spelled_out(policy: Policy, row: OpRow) -> set[str]:
+    """The block granularities (``block``, ``mx``) among the GEMMs of an fp8 op of the table."""
+    op = policy.for_op(row.path, row.kind)
+    return set(op.fp8.gemms) & {"block", "mx"} if row.precision.startswith("fp8") and op.is_fp8 else set()
 
 
 def _device_name(device) -> str:
@@ -182,9 +181,9 @@ def _device_name(device) -> str:
     return known.name if known is not None else str(getattr(device, "device_kind", device))
 
 
-def _on_device(table: PrecisionTable, device) -> PrecisionTable:
-    """``table`` with each 8-bit op marked native or widened on ``device``, and a warning for
-    the widened ones (nothing when ``device`` is None)."""
+def _on_device(table: PrecisionTable, policy: Policy, device) -> PrecisionTable:
+    """``table`` (of ``policy``) with each 8-bit op marked native or widened on ``device``, and a
+    warning for the widened ones and for FP8 block scales (nothing when ``device`` is None)."""
     if device is None:
         return table
     native, name = program.native_8bit(device), _device_name(device)
@@ -205,9 +204,9 @@ def _on_device(table: PrecisionTable, device) -> PrecisionTable:
                    + (f" (precision '{FASTEST_8BIT}' picks it)" if native else ""))
         warnings.warn(message, Widened8Bit, stacklevel=3)
         notes.append(message)
-    blocked = [r for r in rows if _spelled_out(r.precision)]
+    blocked = [kinds for kinds in (_spelled_out(policy, r) for r in rows) if kinds]
     if blocked:
-        kinds = sorted({g for r in blocked for g in _spelled_out(r.precision)})
+        kinds = sorted(set().union(*blocked))
         message = (f"{len(blocked)} fp8 ops scale in blocks ({', '.join(kinds)}): {name}'s FP8 GEMMs take one scale "
                    f"per operand, so every block of the contraction is a GEMM of its own and its partial products are "
                    f"rescaled and summed outside the GEMMs: the numerics of the recipe, at several times the memory "
