@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 import mpx
-import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
 from mpx.fp8._granular import quantize_canonical
 
@@ -295,11 +294,11 @@ def test_finer_scales_keep_what_outlier_channels_flush():
 # ----------------------------------------------------------------------------- in models and steps
 
 
-def fp8_dots(step, args):
-    """{op path: number of dot_generals with two FP8 operands} of a traced train step, and
-    the number of those with none."""
+def fp8_dots(calls):
+    """{op path: number of dot_generals with two FP8 operands} among a traced step's ``calls``
+    (`mpx.inspect.dot_generals`), and the number of those with none."""
     fp8, other = {}, {}
-    for where, dtypes in mpx.inspect.dot_generals(step, *args):
+    for where, dtypes in calls:
         paths = mpx._naming.op_paths(where)
         if paths:
             table = fp8 if all("float8" in d for d in dtypes) else other
@@ -315,11 +314,12 @@ def test_a_gemm_left_in_the_compute_dtype_is_not_fp8_in_the_program(spec, per_op
     from helpers import lm_step
 
     _, policy, step, args = lm_step(spec, scan=True)
-    fp8, other = fp8_dots(step, args)
+    calls = mpx.inspect.dot_generals(step, *args)
+    fp8, other = fp8_dots(calls)
     fp8_ops = [p for p in set(fp8) | set(other) if "attn/qkv" in p or "mlp" in p or "attn/out" in p]
     assert fp8_ops and all(fp8.get(p, 0) == per_op for p in fp8_ops), fp8
     assert all(other.get(p, 0) == 3 - per_op for p in fp8_ops), other
-    assert all(d == ("bfloat16", "bfloat16") for p, d in mpx.inspect.dot_generals(step, *args)
+    assert all(d == ("bfloat16", "bfloat16") for p, d in calls
                if not all("float8" in x for x in d) and any(q in p for q in ("mlp", "attn/qkv")))
 
 
@@ -327,10 +327,7 @@ def train(spec, steps, *, scan=False):
     """Losses of a small TransformerLM on a fixed token stream, under ``spec``."""
     from helpers import lm_step
 
-    model, policy, step, (state_abstract, batch_abstract) = lm_step(spec, scan=scan)
-    _, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
-    opt = optax.adamw(1e-3)
-    state = mpx.init_train_state(params, opt, policy=policy, fp8_meta=meta)
+    _, _, step, (state, batch_abstract) = lm_step(spec, scan=scan)
     step = jax.jit(step)
     tokens = jax.random.randint(jax.random.key(0), batch_abstract.shape, 0, 64)
     losses = []

@@ -232,7 +232,7 @@ def test_every_scaling_recipe_keeps_its_gemms_fp8(spec, per_op):
     model, policy, step, args = lm_step(spec, layers=1)
     report = mpx.program.report(step, *args, target="h100")
     by_op = report.gemms_by_op()
-    fp8_ops = {p for p in ops_of(model, policy, "fp8")}
+    fp8_ops = ops_of(model, policy, "fp8")
     assert len(fp8_ops) == 4
     for op in fp8_ops:
         assert dict(by_op.get(op, {})) == per_op, (op, dict(by_op.get(op, {})))
