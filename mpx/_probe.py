@@ -102,7 +102,8 @@ def _reference_dot(lhs, rhs, dims, dtype):
 def _quantized_dot(lhs, rhs, dims, fmt, config, dtype, rhs_is_weight):
     if fmt == "fp8":
         with bootstrap(True):  # a fresh meta: every tensor scaled from its own amax
-            return fp8_dot_general(lhs, rhs, dims, Fp8Meta.init(config), out_dtype=dtype)[0]
+            meta = Fp8Meta.init(config)
+            return fp8_dot_general(lhs, rhs, dims, meta, out_dtype=dtype, rhs_is_weight=rhs_is_weight)[0]
     return int8_dot_general(lhs, rhs, dims, config, rhs_is_weight=rhs_is_weight, out_dtype=dtype)
 
 
