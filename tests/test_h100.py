@@ -108,18 +108,27 @@ def test_gradient_accumulation_keeps_three_fp8_gemms_per_op():
 
 
 def test_fsdp_mesh_of_8_devices_keeps_fp8_gemms():
-    """The same step sharded as the app shards it (batch over data x fsdp, params and optimizer
-    state split over fsdp) on 8 compile-only H100s: the FP8 GEMMs stay FP8, and the program
-    gathers and reduces across devices."""
-    from train.mesh import batch_sharding, state_shardings
+    """The scanned, rematerialised step sharded as the app shards it (batch over data x fsdp,
+    params and optimizer state split over fsdp, activations marked by batch:
+    `train.mesh.activation_sharding`) on 8 compile-only H100s: it compiles with cuDNN's fused
+    attention (unmarked, XLA gave the queries, keys and values the layouts of the cuts of the
+    fused qkv weight, and cuDNN's partitioner refused them), every fp8 op keeps its FP8 GEMMs,
+    and the program gathers and reduces across devices."""
+    from train.mesh import activation_sharding, batch_sharding, state_shardings
 
-    model, policy, step, (state, batch) = lm_step("fp8")
-    mesh = mpx.program.make_mesh((4, 2), ("data", "fsdp"))
+    model, policy, step, (state, batch) = lm_step("fp8", scan=True, remat=True, fp8_bootstrap=False)
+    mesh = mpx.program.make_mesh((2, 4), ("data", "fsdp"))
     shardings = state_shardings(state, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     batch = jax.ShapeDtypeStruct((8, *batch.shape[1:]), batch.dtype, sharding=batch_sharding(mesh, accumulated=False))
-    report = mpx.program.report(step, abstract, batch, target="h100", mesh=mesh)
-    assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"))
+
+    def sharded_step(state, batch):
+        with activation_sharding(mesh):
+            return step(state, batch)
+
+    report = mpx.program.report(sharded_step, abstract, batch, target="h100", mesh=mesh)
+    assert report.attention == "cudnn"
+    assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"), per_op=lambda op: 3 if op.endswith("proj") else 4)
     assert any(k.kind == "collective" for k in report.kernels)
 
 

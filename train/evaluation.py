@@ -32,9 +32,15 @@ from train.schema import RunConfig
 from train.tasks import Task
 
 
-def eval_step(task: Task, graphdef):
-    """The jitted ``(params, meta, batch) -> (loss, aux)`` of ``task``, without dropout."""
-    return jax.jit(lambda p, m, b: task.loss(graphdef, p, m, b, jax.random.key(0), dropout=False))
+def eval_step(task: Task, graphdef, mesh: jax.sharding.Mesh | None = None):
+    """The jitted ``(params, meta, batch) -> (loss, aux)`` of ``task``, without dropout;
+    activations split by batch over ``mesh`` (`train.mesh.activation_sharding`) when given."""
+
+    def loss(params, meta, batch):
+        with mesh_lib.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
+            return task.loss(graphdef, params, meta, batch, jax.random.key(0), dropout=False)
+
+    return jax.jit(loss)
 
 
 def evaluate(step, state, batches, max_batches: int, sharding=None) -> dict[str, float]:
@@ -159,7 +165,7 @@ def load_trained(config: RunConfig, *, say: Callable[[str], None] = print) -> Tr
 def evaluate_trained(trained: Trained) -> dict[str, float]:
     """The restored run on its (or this command's) validation split, with references."""
     c = trained.config
-    out = evaluate(eval_step(trained.task, trained.graphdef), trained.state, trained.task.eval_iter(),
+    out = evaluate(eval_step(trained.task, trained.graphdef, trained.mesh), trained.state, trained.task.eval_iter(),
                    c.train.eval_batches, trained.batch_sharding())
     return with_references(out, trained.task.references())
 

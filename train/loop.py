@@ -113,7 +113,7 @@ def _run(built: Built, config: RunConfig, state, skipped: int, train_iter, check
                              lr=config.optim.lr, say=say)
     step_fn = _make_step_fn(built, guard.ceiling, accum=accum, dropout=config.model.dropout > 0,
                             lean=t.steps >= t.fp8_lean_min_steps)
-    eval_fn = eval_step(built.task, built.graphdef)
+    eval_fn = eval_step(built.task, built.graphdef, built.mesh)
     batch_sharding = built.batch_sharding(accumulated=accum > 1)
     shape = config.model.to_transformer(built.task.vocab_size)
     meter = _Meter(built.state.params, shape, seq_len=config.data.seq_len,
@@ -315,8 +315,9 @@ def _make_step_fn(built: Built, ceiling: float, *, accum: int, dropout: bool, le
 
     def step(state, health, batch, *, fp8_bootstrap):
         done = state.step + 1
-        state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
-                                  accum_steps=accum, fp8_bootstrap=fp8_bootstrap)
+        with mesh_lib.activation_sharding(built.mesh):
+            state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
+                                      accum_steps=accum, fp8_bootstrap=fp8_bootstrap)
         return state, divergence.update(health, step=done, loss=m.loss, skipped=m.skipped, ceiling=ceiling), m
 
     replicated = mesh_lib.replicated(built.mesh)

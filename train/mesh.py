@@ -15,12 +15,14 @@ single-host behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
+from flax import linen
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from train.schema import ConfigError, MeshConfig
@@ -246,6 +248,16 @@ def state_shardings(state, mesh: Mesh):
         loss_scale=replicated_shardings(state.loss_scale, mesh),
         rng=replicated(mesh),
     )
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """While a step is traced: the model's activations split by batch over ``data`` x ``fsdp``
+    (the logical ``batch`` axis of `mpx.nn`'s marks; every other logical axis unsharded), so
+    each weight is gathered for its matmul and no activation takes a weight's layout. Usable
+    inside `jax.jit` (an abstract mesh, not a device context)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), linen.logical_axis_rules([("batch", AXES)]):
+        yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -213,7 +213,7 @@ def _row(label, reference: Model, params, trained: Trained, refs, nbytes: int, g
     # the rows differ only in what is computed.
     params = jax.device_put(jax.device_get(params), mesh_lib.split_shardings(params, trained.mesh))
     meta = _on_mesh(reference.fp8_meta, trained)
-    result = evaluate(eval_step(trained.task, reference.graphdef), _State(params, meta),
+    result = evaluate(eval_step(trained.task, reference.graphdef, trained.mesh), _State(params, meta),
                       trained.task.eval_iter(), c.train.eval_batches, trained.batch_sharding())
     row = {"model": label, **with_references(result, refs), "param_bytes": nbytes}
     if trained.task.generates:

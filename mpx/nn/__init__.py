@@ -7,7 +7,9 @@
 * `mpx.nn._layers`: `Linear` and `Einsum` with a policy ``kind``;
 * `mpx.nn._transformer`: a decoder in the GPT-2 or the Llama layout (`TransformerLM`,
   `SequenceClassifier`) and its parts; `mpx.nn._rotary`: the Llama layout's rotary positions;
-* `mpx.nn._kvcache`: `KVCache`, the keys and values `TransformerLM.decode` reads and extends.
+* `mpx.nn._kvcache`: `KVCache`, the keys and values `TransformerLM.decode` reads and extends;
+* `mpx.nn._sharding`: the logical axis names the decoder marks its activations with, for
+  flax's logical axis rules (the batch split under FSDP).
 """
 
 from mpx.nn._apply import apply_policy, split

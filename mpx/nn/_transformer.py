@@ -32,6 +32,7 @@ from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.nn._rotary import apply_rotary, rotary_angles
+from mpx.nn._sharding import KEYS_VALUES, QUERIES, RESIDUAL, mark
 from mpx.policy import OpPrecision, Policy
 
 
@@ -245,7 +246,7 @@ class Attention(nnx.Module):
         if self.rope_base is not None:
             cos, sin = rotary_angles(positions, kd, self.rope_base)  # (T, K/2) or (B, T, K/2) each
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+        return mark(q, QUERIES), mark(k, KEYS_VALUES), mark(v, KEYS_VALUES)
 
     def _fused(self, q, k, v, mask, *, causal: bool = True):
         """q (B, T, H, K), k, v (B, S, G, K) -> (B, T, H, K) by ``jax.nn.dot_product_attention``
@@ -335,6 +336,7 @@ class Block(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, mask=None, *, deterministic: bool = True, rngs=None):
+        x = mark(x, RESIDUAL)
         a = self.attn(self.ln1(x), mask, deterministic=deterministic, rngs=rngs)
         return self._rest(x, a, deterministic=deterministic, rngs=rngs)
 
