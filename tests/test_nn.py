@@ -346,3 +346,38 @@ def test_apply_policy_on_nnx_einsum_matches_the_plain_einsum():
     seen_once = fresh.lhs.replace(amax_history=fresh.lhs.amax_history.at[0].set(1.0))  # scale 1 in use
     layer.einsum_op.fp8_meta.set_value(fresh.replace(lhs=seen_once, rhs=seen_once, grad=seen_once))
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(plain))
+
+
+def test_activation_marks_are_constraints_only_under_logical_rules():
+    """The decoder's logical marks (`mpx.nn._sharding`): without flax's logical axis rules the
+    program is the unmarked one; with ``batch`` mapped under an auto mesh, every block input and
+    the queries, keys and values carry a constraint splitting their batch dimension only; under
+    a mesh of explicit axes (sharding in the types) they stay out of the way."""
+    from flax import linen
+    from jax.sharding import AxisType
+
+    config = mn.TransformerConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_len=8)
+    model = mn.TransformerLM(config, policy=mpx.parse_policy("bf16"), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    def lowered(axis_type=None):
+        mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(axis_type,) * 2) if axis_type else None
+
+        def f(tokens):
+            if mesh is None:
+                return model(tokens)
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                    linen.logical_axis_rules([("batch", ("data", "fsdp"))]):
+                return model(tokens)
+
+        return jax.jit(f).lower(tokens).as_text()
+
+    plain = lowered()
+    assert "sharding_constraint" not in plain
+    marked = lowered(AxisType.Auto)
+    constraints = [line for line in marked.splitlines() if "sdy.sharding_constraint" in line]
+    # per block: the residual input and q, k, v
+    assert len(constraints) == 2 * 4, constraints
+    assert all('[{"data", "fsdp"}, {}, {}' in line for line in constraints), constraints
+    explicit = [line for line in lowered(AxisType.Explicit).splitlines() if "sdy.sharding_constraint" in line]
+    assert not [line for line in explicit if '"data"' in line], explicit  # (jax's own replicated ones only)

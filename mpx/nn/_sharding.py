@@ -18,6 +18,7 @@ this for the app).
 
 from __future__ import annotations
 
+import jax
 from flax import linen
 
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM = "batch", "length", "embed", "heads", "kv_heads", "head_dim"
@@ -29,5 +30,9 @@ KEYS_VALUES = (BATCH, LENGTH, KV_HEADS, HEAD_DIM)
 
 def mark(x, names: tuple[str, ...]):
     """``x`` constrained to the mesh axes the active logical rules give ``names`` (one per
-    dimension); ``x`` itself when no rules are active."""
+    dimension); ``x`` itself when no rules are active, and under a mesh of explicit axes (there
+    an array's sharding is part of its type, and jax refuses a constraint that would change it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return x
     return linen.with_logical_constraint(x, names)
