@@ -1,5 +1,5 @@
 """What a compiled program runs, in one report: GEMMs by kind and policy op, the kernels around
-them, bytes, flops, memory and a roofline estimate."""
+them, bytes, flops, memory, the bytes its collectives move and a roofline estimate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import jax
 
-from mpx.program._hlo import Kernel, kernels
+from mpx.program._hlo import Collective, Kernel, collectives, kernels
 from mpx.program._target import CUBLAS_ONLY, Target, _compile, get_target
 
 
@@ -18,9 +18,11 @@ from mpx.program._target import CUBLAS_ONLY, Target, _compile, get_target
 class ProgramReport:
     """The kernels of one compiled program and what they add up to.
 
-    ``temp_bytes`` / ``argument_bytes`` / ``output_bytes``: XLA's memory analysis (device memory
-    for intermediates, inputs, outputs). ``compile_s``: seconds to compile, when this report
-    compiled the program."""
+    ``temp_bytes`` / ``argument_bytes`` / ``output_bytes`` / ``alias_bytes``: XLA's memory
+    analysis, per device (intermediates, inputs, outputs, outputs that reuse a donated input's
+    buffer). ``peak_bytes``: the most device memory live at once (see `read`). ``compile_s``:
+    seconds to compile, when this report compiled the program. ``collectives``: every buffer
+    the program's collectives move (`Collective`)."""
 
     target: str
     kernels: tuple[Kernel, ...]
@@ -28,6 +30,9 @@ class ProgramReport:
     argument_bytes: int
     output_bytes: int
     compile_s: float | None = None
+    collectives: tuple[Collective, ...] = ()
+    alias_bytes: int = 0
+    peak_bytes: int = 0
 
     # --------------------------------------------------------------- GEMMs
     def gemms(self, gemm: str | None = None, *, op: str | None = None, engine: str | None = None,
@@ -54,6 +59,23 @@ class ProgramReport:
         """The 8-bit GEMMs the hardware does not multiply in 8 bits (they run at a wider type's
         rate, slower than bf16 on a TPU)."""
         return tuple(k for k in self.kernels if k.gemm in ("fp8", "int8") and k.native is False)
+
+    # --------------------------------------------------------------- collectives
+    def collective_bytes(self, kind: str | None = None, *, dtype: str | None = None) -> float:
+        """Bytes the collectives of one ``kind`` (``all-gather``, ``reduce-scatter``, ...; None:
+        all) move per run and device, optionally of one element type (``f8e4m3fn``, ``bf16``):
+        `Collective.bytes` times its launches."""
+        return sum(c.bytes * c.launches for c in self.collectives
+                   if (kind is None or c.kind == kind) and (dtype is None or c.dtype == dtype))
+
+    def collective_bytes_by_kind(self) -> dict[str, float]:
+        """``{kind: bytes moved per run and device}`` of every kind the program has."""
+        return {kind: self.collective_bytes(kind) for kind in sorted({c.kind for c in self.collectives})}
+
+    def collectives_of(self, kind: str) -> tuple[Collective, ...]:
+        """The buffers of one kind, each with its element type: ``[c.dtype for c in
+        report.collectives_of("all-gather")]`` says in what the weights travel."""
+        return tuple(c for c in self.collectives if c.kind == kind)
 
     # --------------------------------------------------------------- everything around them
     @property
@@ -94,7 +116,9 @@ class ProgramReport:
                 "non_gemm_kernels": self.non_gemm_kernels, "bytes_accessed": self.bytes_accessed,
                 "bytes_outside_gemms": self.bytes_outside_gemms, "gemm_flops": self.gemm_flops,
                 "roofline_ms": 1e3 * self.roofline_s(), "temp_bytes": self.temp_bytes,
-                "argument_bytes": self.argument_bytes, "attention": self.attention, "compile_s": self.compile_s}
+                "argument_bytes": self.argument_bytes, "peak_bytes": self.peak_bytes,
+                "collective_bytes": self.collective_bytes_by_kind(), "attention": self.attention,
+                "compile_s": self.compile_s}
 
     def __str__(self) -> str:
         s = self.summary()
@@ -112,13 +136,20 @@ def read(compiled: jax.stages.Compiled, target: str | Target, *, compile_s: floa
     """The report of an already compiled program (``jax.jit(f).lower(...).compile()`` or
     `compile_for`); ``target`` names the device it was compiled for (its roofline figures).
     ``matrix_units``: for a TPU, ``{kernel: kind}`` its matrix units multiply in (`report`
-    reads them from libtpu as it compiles; without them a TPU GEMM's ``native`` is None)."""
+    reads them from libtpu as it compiles; without them a TPU GEMM's ``native`` is None).
+
+    The peak is XLA's own (``peak_memory_in_bytes``: arguments, outputs and temporaries live at
+    the worst point of the schedule its buffer assignment simulated); where a backend leaves it
+    at 0, the bound argument + output - alias + temp."""
     t = get_target(target)
     memory = compiled.memory_analysis()
     get = (lambda key: int(getattr(memory, key, 0) or 0)) if memory is not None else (lambda key: 0)
-    found = kernels(compiled.as_text(), platform="tpu" if t.platform == "tpu" else "gpu", matrix_units=matrix_units)
-    return ProgramReport(t.name, tuple(found), get("temp_size_in_bytes"), get("argument_size_in_bytes"),
-                         get("output_size_in_bytes"), compile_s)
+    text = compiled.as_text()
+    found = kernels(text, platform="tpu" if t.platform == "tpu" else "gpu", matrix_units=matrix_units)
+    temp, argument, output, alias = (get(f"{k}_size_in_bytes") for k in ("temp", "argument", "output", "alias"))
+    peak = get("peak_memory_in_bytes") or max(argument + output - alias + temp, 0)
+    return ProgramReport(t.name, tuple(found), temp, argument, output, compile_s, tuple(collectives(text)),
+                         alias, peak)
 
 
 def report(fn, *args, target: str = "h100", options: Mapping[str, object] = CUBLAS_ONLY, **kwargs) -> ProgramReport:
