@@ -7,8 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
+import mpx
 import mpx.nn as mn
 from train import bench
 
@@ -109,3 +111,60 @@ def test_generate_mode_times_the_cached_and_the_recomputing_sampler():
     assert record["cpu"] and "generate" not in bench.TIMED_MODES
     with pytest.raises(ValueError, match="--new-tokens must be positive integers, got 0"):
         bench.BenchSettings(modes=("generate",), new_tokens=(0,))
+
+
+# The quickstart config shrunk to a one-layer model of d_model 32 (a byte vocabulary of 256).
+TINY = ["model.d_model=32", "model.num_heads=2", "model.num_layers=1", "model.d_ff=64", "model.max_len=32",
+        "data.seq_len=32", "data.batch_size=8", "data.tokenizer=byte", "model.vocab_size=256"]
+
+
+def test_memory_mode_splits_the_state_over_8_devices_and_gathers_it_back():
+    """`bench --mode memory`: the app's step compiled for 1 and 8 compile-only H100s (FSDP 8).
+    Per device the 8-way params are 1/8 of the whole (every tensor of this model splits 8
+    ways), AdamW's two f32 moments twice the f32 params; the FP8 meta (replicated) is there
+    under fp8 only; 8 devices gather weights and reduce gradients, 1 device moves nothing.
+    The 8-device CPU row says why it is missing in a process of one CPU device."""
+    from helpers import require_compiler
+    from train import bench_memory as bm
+    from train.config import load_config
+
+    require_compiler("h100", "cuda-compiler", "H100")
+    config = load_config(ROOT / "configs" / "quickstart.yaml", TINY)
+    bf16 = bm.Variant.parse(["bf16"])
+    one, eight = (bm.row(bf16, bm.variant_config(config, bf16), "h100", n, target="h100") for n in (1, 8))
+    assert one["params_gb"] == pytest.approx(8 * eight["params_gb"])
+    for r in (one, eight):
+        assert r["optimizer_gb"] == pytest.approx(2 * r["params_gb"], rel=1e-3)  # + AdamW's step counts
+        assert r["fp8_meta_gb"] == 0 and r["arguments_gb"] >= r["params_gb"] + r["optimizer_gb"]
+        assert r["total_gb"] >= r["peak_gb"] > 0 and r["temp_gb"] > 0 and r["compile_s"] > 0
+    assert sum(one[f"{k.replace('-', '_')}_gb"] for k in bm.COLLECTIVES) == 0 and one["all_gather_by_dtype_gb"] == {}
+    assert eight["all_gather_gb"] > 0 and eight["reduce_scatter_gb"] + eight["all_reduce_gb"] > 0
+    assert eight["all_gather_by_dtype_gb"]["bf16"] > 0
+
+    fp8 = bm.Variant.parse(["fp8"])
+    mesh = mpx.program.make_mesh((1, 8), ("data", "fsdp"))
+    _, state, _, _ = bm.abstract_step(bm.variant_config(config, fp8), mesh)
+    assert bm.per_device_bytes(state.fp8_meta) > 0
+
+    if len(jax.devices("cpu")) < 8:
+        skipped = bm.row(bf16, config, "cpu", 8, target="h100")
+        assert "xla_force_host_platform_device_count=8" in skipped["skipped"]
+    assert "bf16 " in bench.format_record({"device": "cpu", "backend": "cpu", "versions": {"jax": "0"}, "date": "",
+                                           "rows": [one, eight]})
+
+
+def test_memory_variants_are_names_or_config_overrides():
+    from train import bench_memory as bm
+    from train.config import load_config
+
+    config = load_config(ROOT / "configs" / "quickstart.yaml", TINY)
+    assert [v.name for v in bm.default_variants(config)] == ["bf16", "fp8"]  # quickstart's precision is fp8
+    assert [v.name for v in bm.default_variants(bm.variant_config(config, bm.Variant("x", ("precision=fp16",))))] == [
+        "config", "bf16", "fp8"]
+    custom = bm.Variant.parse(["b1", "precision=bf16", "optim.b1=0.8"])
+    varied = bm.variant_config(config, custom)
+    assert (varied.precision, varied.optim.b1) == ("bf16", 0.8)
+    with pytest.raises(ValueError, match="unknown variant 'fp9'; expected one of bf16, fp8"):
+        bench.BenchSettings(modes=("memory",), variants=(("fp9",),))
+    with pytest.raises(Exception, match="variant 'bad': .*optim.b1"):
+        bm.variant_config(config, bm.Variant("bad", ("optim.b1=2",)))

@@ -58,7 +58,7 @@ FACES = {
         "quantize_weight", "quantized_paths",
     ],
     "mpx.program": [
-        "CUBLAS_ONLY", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "compile_for", "ensure_compiler",
+        "CUBLAS_ONLY", "Collective", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "compile_for", "ensure_compiler",
         "get_target", "kernels", "make_mesh", "native_8bit", "platform_of", "read", "report", "shape_bytes",
         "target_of", "topology", "use_plugin",
     ],

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inspect", action="store_true", help="print sizes, labels and a sample instead of only preparing")
     b = command("bench", "Time mpx FP8 against bf16 and Flax's FP8 op (gemm, layer, step, crossover) on the "
                 "config's model shape (model.*, data.batch_size, data.seq_len; model.vocab_size or 256).")
-    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, generate, all (the timed "
+    b.add_argument("--mode", default="all", help="gemm, layer, step, crossover, static, memory, generate, all (the timed "
                    "four), or a comma list (default all)")
     b.add_argument("--target", default="h100", help="the device --mode static compiles for, without it (default h100)")
     b.add_argument("--shapes", default=None, help="gemm shapes MxKxN,... (default 8192^3, 16384x2048x8192, 16384x8192x2048)")
@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=4, help="decoder layers in the layer mode (default 4)")
     b.add_argument("--presets", default=None, help="static mode: the TransformerLM rows' policies, a comma list (default "
                    "bf16,fp8,int8; e.g. fp8,fp8-rowwise,fp8-block,mxfp8 for the FP8 scaling recipes)")
+    b.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME [KEY=VALUE]",
+                   help="memory mode: a variant, repeatable: a known name (bf16, fp8) or a new name and its config "
+                        "overrides (--variant m8 precision=fp8 optim.b1=0.8); default the config's precision, bf16, fp8")
     b.add_argument("--new-tokens", default=None, help="generate mode: tokens to sample, n,... (default 256,1024)")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")
@@ -305,15 +308,15 @@ def _data(config, args) -> int:
     return 0
 
 
-def _load_compiler(target: str) -> None:
-    """The static mode compiles for ``target`` without it: XLA's compiler for that device must be
+def _load_compiler(target: str, mode: str) -> None:
+    """The static and memory modes compile for ``target`` without it: XLA's compiler for that device must be
     here (a GPU build of jax, or the plugin `make cuda-compiler` puts beside the venv)."""
     import mpx
 
     try:
         mpx.program.ensure_compiler(target)
     except RuntimeError as missing:
-        raise ValueError(f"bench --mode static: {missing}") from None
+        raise ValueError(f"bench --mode {mode}: {missing}") from None
 
 
 def _bench(config, args) -> int:
@@ -333,12 +336,13 @@ def _bench(config, args) -> int:
         repeats=args.repeats, warmup=args.warmup, target=args.target,
         new_tokens=ints(args.new_tokens, None) if args.new_tokens else defaults.new_tokens,
         presets=tuple(s.strip() for s in args.presets.split(",")) if args.presets else (),
+        variants=tuple(tuple(words) for words in args.variant),
     )
-    if "static" in modes:
-        _load_compiler(args.target)
+    if "static" in modes or "memory" in modes:
+        _load_compiler(args.target, "static" if "static" in modes else "memory")
     shape = config.model.to_transformer(config.model.vocab_size or 256)
     record = bench.run(shape, batch=config.data.batch_size, seq=config.data.seq_len, settings=settings,
-                       policy=config.policy())
+                       policy=config.policy(), config=config)
     print(bench.format_record(record))
     if args.out:
         bench.write(record, args.out)

@@ -16,6 +16,9 @@ Modes (each returns rows; `run` collects them into one JSON-ready record):
   step time, tokens/s, MFU, compiled memory.
 * ``crossover``: square GEMMs of growing size, forward + backward: the smallest size
   at which mpx FP8 beats bf16, as the policy override ``fp8.min_size=N``.
+* ``static`` and ``memory`` (not part of ``all``): the train step compiled, not run, for a
+  target device (`train.bench_static`: its kernels and GEMMs; `train.bench_memory`: what it
+  holds per device and moves between devices on 1 and 8 devices, per variant).
 * ``generate`` (not part of ``all``): sampling N new tokens from a one-token prompt on a
   random model of the config's shape and policy whose window (``max_len``) is N: tokens/s
   with the key/value cache and by recomputing the window for every token
@@ -337,7 +340,7 @@ def cpu_model() -> str:
 TIMED_MODES = ("gemm", "layer", "step", "crossover")
 # "all" is the timed modes; static compiles for a target (train/bench_static.py); generate
 # times sampling, minutes on a CPU at 1024 tokens (its recomputing reference is quadratic).
-MODES = (*TIMED_MODES, "static", "generate")
+MODES = (*TIMED_MODES, "static", "memory", "generate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +348,9 @@ class BenchSettings:
     """What to run. ``shapes``: (M, K, N) of the gemm mode; ``sizes``: the crossover ladder;
     ``target``: the device the static mode compiles for; ``new_tokens``: the generate
     mode's lengths; ``presets``: the policies of the static mode's ``TransformerLM`` rows
-    (empty: bf16, fp8 and int8 on a GPU, the TPU's 8-bit paths on a TPU)."""
+    (empty: bf16, fp8 and int8 on a GPU, the TPU's 8-bit paths on a TPU); ``variants``: the
+    memory mode's, each the words of one ``--variant`` (a name of `train.bench_memory.VARIANTS`,
+    or a new name and its config overrides; empty: the config's precision, bf16 and fp8)."""
 
     modes: tuple[str, ...] = TIMED_MODES
     shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192), (16384, 2048, 8192), (16384, 8192, 2048))
@@ -356,6 +361,7 @@ class BenchSettings:
     target: str = "h100"
     new_tokens: tuple[int, ...] = (256, 1024)
     presets: tuple[str, ...] = ()
+    variants: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -370,12 +376,18 @@ class BenchSettings:
                 mpx.parse_policy(spec)
             except ValueError as e:
                 raise ValueError(f"--presets: {e}") from None
+        if self.variants:
+            from train.bench_memory import Variant
+
+            for words in self.variants:
+                Variant.parse(words)
 
 
 def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSettings,
-        policy: mpx.Policy | None = None) -> dict[str, Any]:
+        policy: mpx.Policy | None = None, config=None) -> dict[str, Any]:
     """Every requested mode in this process; a JSON-ready record with device and versions.
-    ``policy``: the generate mode's (default fp32)."""
+    ``policy``: the generate mode's (default fp32); ``config``: the memory mode's run config
+    (`train.schema.RunConfig`: it compiles the app's step, optimizer and all)."""
     import flax
     import optax as optax_mod
 
@@ -403,6 +415,13 @@ def run(shape: mn.TransformerConfig, *, batch: int, seq: int, settings: BenchSet
 
         record["rows"] += static(shape, batch=batch, seq=seq, layers=settings.layers, target=settings.target,
                                  presets=settings.presets)
+    if "memory" in settings.modes:
+        from train.bench_memory import Variant, memory
+
+        if config is None:
+            raise ValueError("bench --mode memory compiles the app's train step: pass the run config")
+        record["rows"] += memory(config, target=settings.target,
+                                 variants=[Variant.parse(words) for words in settings.variants])
     if "generate" in settings.modes:
         policy = policy or mpx.parse_policy("fp32")
         record["cpu"], record["policy"] = cpu_model(), dataclasses.asdict(policy)
@@ -429,6 +448,8 @@ def _cell(v) -> str:
         return f"{v:.4g}"
     if isinstance(v, list):
         return "x".join(map(str, v))
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{_cell(x)}" for k, x in v.items()) or "-"
     return str(v)
 
 

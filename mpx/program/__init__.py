@@ -4,13 +4,14 @@
     mpx.program.ensure_compiler("v5e")                             # libtpu, no TPU needed
     report = mpx.program.report(step, state, batch, target="v5e")
     report.widened   # 8-bit GEMMs the chip's matrix units do not run in 8 bits
+    report.collective_bytes("all-gather")                          # bytes gathered per step and device
 
 Targets (`TARGETS`): ``h100``; the Cloud TPUs ``v5e``, ``v5p``, ``v6e`` (int8 native, fp8
 widened to f32) and ``v7x`` (fp8 native, int8 widened). `native_8bit` says which 8-bit formats a
 device multiplies natively, `target_of` which target a running device is.
 """
 
-from mpx.program._hlo import Kernel, kernels, shape_bytes
+from mpx.program._hlo import Collective, Kernel, kernels, shape_bytes
 from mpx.program._report import ProgramReport, read, report
 from mpx.program._target import (
     CUBLAS_ONLY,
@@ -30,6 +31,7 @@ from mpx.program._target import (
 
 __all__ = [
     "CUBLAS_ONLY",
+    "Collective",
     "H100",
     "Kernel",
     "ProgramReport",

@@ -78,6 +78,33 @@ class Kernel:
         return self.runs_as == self.gemm
 
 
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One buffer a collective moves between devices in a run of the program, per device.
+
+    ``kind``: the collective (``all-gather``, ``reduce-scatter``, ``all-reduce``,
+    ``all-to-all``, ``collective-permute``, ``collective-broadcast``, ``ragged-all-to-all``),
+    an asynchronous start/done pair counted once. ``dtype``: the buffer's element type as HLO
+    writes it (``bf16``, ``f8e4m3fn``, ``f32``). ``bytes``: the buffer's whole size on one
+    device, the figure the collective is usually quoted by: for an all-gather its *result*
+    (the gathered array each device ends with), for every other kind its *operand*
+    (reduce-scatter: the unreduced input; all-reduce: the array reduced; all-to-all and
+    collective-permute: the array sent). On n devices a ring all-gather, reduce-scatter or
+    all-to-all sends (n-1)/n of it from each device, an all-reduce twice that.
+    ``result_bytes``: the buffer's result on one device. ``launches``: how many times a run
+    does it (loop trip counts); ``bytes`` is per launch. XLA combines collectives into one
+    instruction of several buffers: each buffer is its own entry, under the instruction's
+    ``name``."""
+
+    name: str
+    kind: str
+    dtype: str
+    bytes: float
+    result_bytes: float
+    launches: int
+    op: str | None = None
+
+
 @dataclasses.dataclass
 class _Instr:
     name: str
@@ -278,6 +305,37 @@ def _fusion_bytes(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str
     return read + written
 
 
+def _launched(comps: dict[str, list[_Instr]], entry: str):
+    """``(instruction, its computation's types, launches per run)`` of every instruction that
+    launches work, from the entry computation down through loops (times their trip count),
+    conditionals (each branch once), calls and asynchronous wrappers."""
+
+    def walk(name: str, launches: int):
+        types = {i.name: i.type for i in comps.get(name, [])}  # names repeat between computations
+        for instr in comps.get(name, []):
+            op = instr.opcode
+            if op == "while":
+                n = launches * _trip_count(instr)
+                for key in ("condition", "body"):
+                    yield from walk(_attr(instr.attrs, key), n)
+                continue
+            if op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else [
+                    _attr(instr.attrs, "true_computation"), _attr(instr.attrs, "false_computation")]
+                for branch in filter(None, names):
+                    yield from walk(branch, launches)
+                continue
+            if op == "call" or (op == "async-start" and "custom-call" not in instr.attrs):
+                yield from walk(_attr(instr.attrs, "to_apply") or _attr(instr.attrs, "calls"), launches)
+                continue
+            if op in _FREE or op.endswith("-done"):
+                continue
+            yield instr, types, launches
+
+    yield from walk(entry, 1)
+
+
 def kernels(text: str, *, platform: str = "gpu", matrix_units: dict[str, str] | None = None) -> list[Kernel]:
     """Every kernel an optimized HLO module (``compiled.as_text()``) launches.
 
@@ -287,35 +345,38 @@ def kernels(text: str, *, platform: str = "gpu", matrix_units: dict[str, str] | 
     compiles a kernel once for all its identical copies (the same layer's matmul in every
     block) and dumps it under one name; the others take its kind."""
     comps, entry = _computations(text)
-    found: list[Kernel] = []
-
-    def walk(name: str, launches: int) -> None:
-        types = {i.name: i.type for i in comps.get(name, [])}  # names repeat between computations
-        for instr in comps.get(name, []):
-            op = instr.opcode
-            if op == "while":
-                n = launches * _trip_count(instr)
-                for key in ("condition", "body"):
-                    walk(_attr(instr.attrs, key), n)
-                continue
-            if op == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
-                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else [
-                    _attr(instr.attrs, "true_computation"), _attr(instr.attrs, "false_computation")]
-                for branch in filter(None, names):
-                    walk(branch, launches)
-                continue
-            if op == "call" or (op == "async-start" and "custom-call" not in instr.attrs):
-                walk(_attr(instr.attrs, "to_apply") or _attr(instr.attrs, "calls"), launches)
-                continue
-            if op in _FREE or op.endswith("-done"):
-                continue
-            found.append(_kernel(instr, comps, types, launches, "tpu" if platform == "tpu" else None))
-
-    walk(entry, 1)
+    engine = "tpu" if platform == "tpu" else None
+    found = [_kernel(instr, comps, types, launches, engine) for instr, types, launches in _launched(comps, entry)]
     if matrix_units is not None:
         found = _with_matrix_units(found, comps, matrix_units)
     return found
+
+
+def collectives(text: str) -> list[Collective]:
+    """Every buffer an optimized HLO module's collectives move (see `Collective`)."""
+    comps, entry = _computations(text)
+    found = []
+    for instr, types, launches in _launched(comps, entry):
+        m = _COLLECTIVE.match(instr.opcode)
+        if m:
+            found += _collective_buffers(instr, m.group(1), types, launches)
+    return found
+
+
+def _collective_buffers(instr: _Instr, kind: str, types: dict[str, str], launches: int) -> list[Collective]:
+    # A permute's operands after the first are offsets (its in-place form), not data.
+    operands = [_ARRAY.findall(types.get(o, "")) for o in instr.operands[: 1 if kind == "collective-permute" else None]]
+    sent = [a for arrays in operands for a in arrays]
+    results = _ARRAY.findall(instr.type)
+    if instr.opcode.endswith("-start"):  # (operands..., results..., context): the results follow the operands
+        results = results[len(sent):]
+    out = []
+    for (dtype, dims), result in zip(sent, results + [None] * (len(sent) - len(results))):
+        operand_bytes = shape_bytes(f"{dtype}[{dims}]")
+        result_bytes = shape_bytes(f"{result[0]}[{result[1]}]") if result else operand_bytes
+        out.append(Collective(instr.name, kind, dtype, result_bytes if kind == "all-gather" else operand_bytes,
+                              result_bytes, launches, _op_path(instr)))
+    return out
 
 
 def _with_matrix_units(found: list[Kernel], comps: dict[str, list[_Instr]], units: dict[str, str]) -> list[Kernel]:

@@ -1,5 +1,5 @@
 """What a compiled program runs, in one report: GEMMs by kind and policy op, the kernels around
-them, bytes, flops, memory and a roofline estimate."""
+them, bytes, flops, memory, the bytes its collectives move and a roofline estimate."""
 
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ from collections.abc import Mapping
 
 import jax
 
-from mpx.program._hlo import Kernel, kernels
-from mpx.program._target import CUBLAS_ONLY, Target, _compile, get_target
+from mpx.program._hlo import Collective, Kernel, collectives, kernels
+from mpx.program._target import CUBLAS_ONLY, TARGETS, Target, _compile, get_target
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramReport:
     """The kernels of one compiled program and what they add up to.
 
-    ``temp_bytes`` / ``argument_bytes`` / ``output_bytes``: XLA's memory analysis (device memory
-    for intermediates, inputs, outputs). ``compile_s``: seconds to compile, when this report
-    compiled the program."""
+    ``temp_bytes`` / ``argument_bytes`` / ``output_bytes`` / ``alias_bytes``: XLA's memory
+    analysis, per device (intermediates, inputs, outputs, outputs that reuse a donated input's
+    buffer). ``peak_bytes``: XLA's peak (``peak_memory_in_bytes``: the most live at once in the
+    schedule its buffer assignment simulated; 0 where the backend gives none; the CPU backend's
+    leaves its temporaries out); `total_bytes` bounds it. ``compile_s``:
+    seconds to compile, when this report compiled the program. ``collectives``: every buffer
+    the program's collectives move (`Collective`)."""
 
     target: str
     kernels: tuple[Kernel, ...]
@@ -28,6 +32,9 @@ class ProgramReport:
     argument_bytes: int
     output_bytes: int
     compile_s: float | None = None
+    collectives: tuple[Collective, ...] = ()
+    alias_bytes: int = 0
+    peak_bytes: int = 0
 
     # --------------------------------------------------------------- GEMMs
     def gemms(self, gemm: str | None = None, *, op: str | None = None, engine: str | None = None,
@@ -55,6 +62,29 @@ class ProgramReport:
         rate, slower than bf16 on a TPU)."""
         return tuple(k for k in self.kernels if k.gemm in ("fp8", "int8") and k.native is False)
 
+    @property
+    def total_bytes(self) -> int:
+        """Arguments + outputs - aliased outputs + temporaries: the device memory the program
+        needs if every buffer were live at once, a bound on `peak_bytes`."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    # --------------------------------------------------------------- collectives
+    def collective_bytes(self, kind: str | None = None, *, dtype: str | None = None) -> float:
+        """Bytes the collectives of one ``kind`` (``all-gather``, ``reduce-scatter``, ...; None:
+        all) move per run and device, optionally of one element type (``f8e4m3fn``, ``bf16``):
+        `Collective.bytes` times its launches."""
+        return sum(c.bytes * c.launches for c in self.collectives
+                   if (kind is None or c.kind == kind) and (dtype is None or c.dtype == dtype))
+
+    def collective_bytes_by_kind(self) -> dict[str, float]:
+        """``{kind: bytes moved per run and device}`` of every kind the program has."""
+        return {kind: self.collective_bytes(kind) for kind in sorted({c.kind for c in self.collectives})}
+
+    def collectives_of(self, kind: str) -> tuple[Collective, ...]:
+        """The buffers of one kind, each with its element type: ``[c.dtype for c in
+        report.collectives_of("all-gather")]`` says in what the weights travel."""
+        return tuple(c for c in self.collectives if c.kind == kind)
+
     # --------------------------------------------------------------- everything around them
     @property
     def non_gemm_kernels(self) -> int:
@@ -81,7 +111,9 @@ class ProgramReport:
 
     def roofline_s(self, target: str | Target | None = None) -> float:
         """Sum over kernels of max(bytes / bandwidth, GEMM flops / peak of its kind): the step's
-        time if every kernel ran at the device's limit. Fused attention counts its bytes only."""
+        time if every kernel ran at the device's limit. Fused attention counts its bytes only.
+        A program read for this process's own backend (``target=None`` in `read`) names no
+        target: pass one."""
         t = get_target(target or self.target)
         return sum(k.launches * t.roofline_s(k.bytes, k.flops, k.runs_as if k.kind == "gemm" else None)
                    for k in self.kernels)
@@ -93,32 +125,44 @@ class ProgramReport:
                 "widened_8bit_gemms": len(self.widened),
                 "non_gemm_kernels": self.non_gemm_kernels, "bytes_accessed": self.bytes_accessed,
                 "bytes_outside_gemms": self.bytes_outside_gemms, "gemm_flops": self.gemm_flops,
-                "roofline_ms": 1e3 * self.roofline_s(), "temp_bytes": self.temp_bytes,
-                "argument_bytes": self.argument_bytes, "attention": self.attention, "compile_s": self.compile_s}
+                "roofline_ms": 1e3 * self.roofline_s() if self.target in TARGETS else None,
+                "temp_bytes": self.temp_bytes,
+                "argument_bytes": self.argument_bytes, "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes,
+                "collective_bytes": self.collective_bytes_by_kind(), "attention": self.attention,
+                "compile_s": self.compile_s}
 
     def __str__(self) -> str:
         s = self.summary()
         gemms = ", ".join(f"{n} {k}" for k, n in s["gemms"].items()) or "none"
         if self.widened:
             gemms += f" ({len(self.widened)} 8-bit widened by the chip)"
+        roofline = f"roofline {s['roofline_ms']:.2f} ms; " if s["roofline_ms"] is not None else ""
+        moved = s["collective_bytes"]
+        collectives = f"collectives {sum(moved.values()) / 2**20:.1f} MiB; " if moved else ""
         return (f"{self.target}: GEMMs {gemms}; {s['non_gemm_kernels']} other kernels; "
                 f"{s['bytes_accessed'] / 1e9:.2f} GB accessed ({s['bytes_outside_gemms'] / 1e9:.2f} GB outside "
-                f"GEMMs); {s['gemm_flops'] / 1e12:.3f} GEMM TFLOP; roofline {s['roofline_ms']:.2f} ms; "
-                f"temp {s['temp_bytes'] / 2**20:.1f} MiB; attention {s['attention']}")
+                f"GEMMs); {s['gemm_flops'] / 1e12:.3f} GEMM TFLOP; {roofline}{collectives}"
+                f"temp {s['temp_bytes'] / 2**20:.1f} MiB; peak {s['peak_bytes'] / 2**20:.1f} MiB; "
+                f"attention {s['attention']}")
 
 
-def read(compiled: jax.stages.Compiled, target: str | Target, *, compile_s: float | None = None,
+def read(compiled: jax.stages.Compiled, target: str | Target | None, *, compile_s: float | None = None,
          matrix_units: dict[str, str] | None = None) -> ProgramReport:
     """The report of an already compiled program (``jax.jit(f).lower(...).compile()`` or
-    `compile_for`); ``target`` names the device it was compiled for (its roofline figures).
+    `compile_for`); ``target`` names the device it was compiled for (its roofline figures), None
+    this process's own backend (a program of ``jax.jit`` on its devices: the report's target is
+    the backend's name, ``cpu``, and it has no roofline).
     ``matrix_units``: for a TPU, ``{kernel: kind}`` its matrix units multiply in (`report`
     reads them from libtpu as it compiles; without them a TPU GEMM's ``native`` is None)."""
-    t = get_target(target)
+    t = get_target(target) if target is not None else None
+    name, platform = (t.name, t.platform) if t is not None else (jax.default_backend(), jax.default_backend())
     memory = compiled.memory_analysis()
     get = (lambda key: int(getattr(memory, key, 0) or 0)) if memory is not None else (lambda key: 0)
-    found = kernels(compiled.as_text(), platform="tpu" if t.platform == "tpu" else "gpu", matrix_units=matrix_units)
-    return ProgramReport(t.name, tuple(found), get("temp_size_in_bytes"), get("argument_size_in_bytes"),
-                         get("output_size_in_bytes"), compile_s)
+    text = compiled.as_text()
+    found = kernels(text, platform={"tpu": "tpu", "cpu": "cpu"}.get(platform, "gpu"), matrix_units=matrix_units)
+    temp, argument, output, alias = (get(f"{k}_size_in_bytes") for k in ("temp", "argument", "output", "alias"))
+    return ProgramReport(name, tuple(found), temp, argument, output, compile_s, tuple(collectives(text)),
+                         alias, get("peak_memory_in_bytes"))
 
 
 def report(fn, *args, target: str = "h100", options: Mapping[str, object] = CUBLAS_ONLY, **kwargs) -> ProgramReport:
