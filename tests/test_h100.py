@@ -128,8 +128,18 @@ def test_fsdp_mesh_of_8_devices_keeps_fp8_gemms():
 
     report = mpx.program.report(sharded_step, abstract, batch, target="h100", mesh=mesh)
     assert report.attention == "cudnn"
-    assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"), per_op=lambda op: 3 if op.endswith("proj") else 4)
-    assert any(k.kind == "collective" for k in report.kernels)
+    fp8_ops = ops_of(model, policy, "fp8")
+    assert_fp8_ops_are_fp8_gemms(report, fp8_ops, per_op=lambda op: 3 if op.endswith("proj") else 4)
+    assert report.collective_bytes("reduce-scatter") > 0
+    # FSDP gathers each fp8 op's weight where its GEMM needs it, and it travels as its FP8 codes
+    # (quantized on each device from its shard): one byte per element, once for the forward and
+    # once for the rematerialised forward and the backward. Nothing else a block gathers is as
+    # large as its smallest weight (64 x 64): the rest are biases and norm scales.
+    weights = {"/".join(map(str, path[:-1])): w.size for path, w in nnx.to_flat_state(state.params)
+               if path[-1] == "kernel"}
+    assert report.collective_bytes("all-gather", dtype="f8e4m3fn") == 2 * sum(weights[op] for op in fp8_ops)
+    others = [c for c in report.collectives_of("all-gather") if c.op.startswith("blocks/") and c.dtype != "f8e4m3fn"]
+    assert others and max(c.bytes for c in others) < min(weights[op] for op in fp8_ops) // CONFIG.num_layers
 
 
 # ----------------------------------------------------------------------------- models written elsewhere

@@ -120,7 +120,8 @@ def abstract_step(config: RunConfig, mesh: Mesh):
     dropout = config.model.dropout > 0
 
     def loss_fn(params, meta, batch, rng):
-        return LanguageModelling.loss(graphdef, params, meta, batch, rng, dropout=dropout)
+        with mesh_lib.activation_sharding(mesh):  # as the app traces its step
+            return LanguageModelling.loss(graphdef, params, meta, batch, rng, dropout=dropout)
 
     step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=True,
                              accum_steps=accum, fp8_bootstrap=False)
