@@ -1,0 +1,81 @@
+"""Block-scaled 8-bit storage: codes in the array's own shape, one f32 scale per block.
+
+A block is ``block_size`` consecutive elements of the last axis; the last block of a row
+is shorter when ``block_size`` does not divide the axis (no padding is stored or
+computed). A block's scale maps its absolute maximum to the format's largest value, so
+``code * scale`` gives the element back with the format's relative precision. Codes keep
+the array's shape (a sharding that splits the array splits its codes the same way);
+scales have shape ``shape[:-1] + (ceil(shape[-1] / block_size),)``, a scalar counts as
+one element. Rounding is to nearest, ties to even (``astype``).
+
+    >>> q = quantize(jnp.array([1.0, 0.3, -448.0, 2.0]), block_size=3)
+    >>> q.codes.dtype, q.scale.tolist()  # blocks [1.0, 0.3, -448.0] and [2.0]
+    (dtype(float8_e4m3fn), [1.0, 0.004464285913854837])
+    >>> dequantize(q).tolist()  # 0.3 to E4M3's nearest, 1.25 * 2**-2
+    [1.0, 0.3125, -448.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+E4M3 = jnp.float8_e4m3fn
+
+
+@struct.dataclass
+class BlockQuantized:
+    """An f32 array as 8-bit ``codes`` (its shape) and per-block f32 ``scale``; the block
+    size is static (part of the tree's structure, not a leaf)."""
+
+    codes: jax.Array  # (..., n) float8
+    scale: jax.Array  # (..., ceil(n / block_size)) float32
+    block_size: int = struct.field(pytree_node=False, default=128)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+
+def block_amax(x: jax.Array, block_size: int) -> jax.Array:
+    """``max |x|`` of each block of the last axis: ``(..., n) -> (..., ceil(n / block_size))``."""
+    x = jnp.abs(jnp.atleast_1d(x))
+    n = x.shape[-1]
+    full = n // block_size * block_size
+    parts = []
+    if full:
+        parts.append(x[..., :full].reshape(*x.shape[:-1], full // block_size, block_size).max(axis=-1))
+    if full < n:  # the ragged last block, on its own
+        parts.append(x[..., full:].max(axis=-1, keepdims=True))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def per_element(scale: jax.Array, n: int, block_size: int) -> jax.Array:
+    """Each block's ``scale`` repeated over its elements: ``(..., nb) -> (..., n)``."""
+    return jnp.repeat(scale, block_size, axis=-1, total_repeat_length=scale.shape[-1] * block_size)[..., :n]
+
+
+def quantize(x: jax.Array, block_size: int, *, dtype=E4M3, floor: bool = False) -> BlockQuantized:
+    """``x`` (f32) as `BlockQuantized` with blocks of ``block_size`` along its last axis.
+
+    An all-zero block gets scale 1 (codes 0). With ``floor``, a nonzero element never gets
+    code 0: one too small for the format's smallest subnormal gets that subnormal instead
+    (for a denominator, which must not become 0 where the value it stands for is not).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    fmax = float(jnp.finfo(dtype).max)
+    flat = jnp.atleast_1d(x)
+    amax = block_amax(flat, block_size)
+    scale = jnp.where(amax > 0, amax / fmax, 1.0).astype(jnp.float32)
+    scaled = jnp.clip(flat / per_element(scale, flat.shape[-1], block_size), -fmax, fmax)
+    if floor:
+        tiny = float(jnp.finfo(dtype).smallest_subnormal)
+        scaled = jnp.where((scaled != 0) & (jnp.abs(scaled) < tiny), jnp.copysign(tiny, scaled), scaled)
+    return BlockQuantized(scaled.astype(dtype).reshape(x.shape), scale, block_size)
+
+
+def dequantize(q: BlockQuantized) -> jax.Array:
+    """The f32 array ``q`` stands for."""
+    codes = jnp.atleast_1d(q.codes).astype(jnp.float32)
+    return (codes * per_element(q.scale, codes.shape[-1], q.block_size)).reshape(q.codes.shape)
