@@ -8,6 +8,13 @@ the array's shape (a sharding that splits the array splits its codes the same wa
 scales have shape ``shape[:-1] + (ceil(shape[-1] / block_size),)``, a scalar counts as
 one element. Rounding is to nearest, ties to even (``astype``).
 
+`quantize_expanded` is for non-negative values whose blocks span a wide range (Adam's
+second moment): each block is raised to the power ``k`` that makes its range (largest
+over smallest nonzero) fill the format's normal range before it is scaled, and its
+``k`` is kept beside its scale (COAT's dynamic range expansion, Xi et al. 2024). The
+relative error of an element is the format's divided by ``k``, and no nonzero element
+reads back as 0.
+
     >>> q = quantize(jnp.array([1.0, 0.3, -448.0, 2.0]), block_size=3)
     >>> q.codes.dtype, q.scale.tolist()  # blocks [1.0, 0.3, -448.0] and [2.0]
     (dtype(float8_e4m3fn), [1.0, 0.004464285913854837])
@@ -16,6 +23,8 @@ one element. Rounding is to nearest, ties to even (``astype``).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +45,26 @@ class BlockQuantized:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape
+
+
+@struct.dataclass
+class BlockExpanded:
+    """A non-negative f32 array as 8-bit ``codes`` (its shape) of ``(x / amax) ** exponent``
+    at the format's maximum, with each block's f32 ``amax`` and ``exponent``."""
+
+    codes: jax.Array  # (..., n) float8
+    amax: jax.Array  # (..., ceil(n / block_size)) float32
+    exponent: jax.Array  # (..., ceil(n / block_size)) float32
+    block_size: int = struct.field(pytree_node=False, default=128)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+
+MAX_EXPONENT = 16.0
+"""`quantize_expanded`'s largest ``k``: a block of nearly equal values gains nothing from
+more (its relative error is already the format's / 16), and ``k`` stays finite."""
 
 
 def block_amax(x: jax.Array, block_size: int) -> jax.Array:
@@ -79,3 +108,35 @@ def dequantize(q: BlockQuantized) -> jax.Array:
     """The f32 array ``q`` stands for."""
     codes = jnp.atleast_1d(q.codes).astype(jnp.float32)
     return (codes * per_element(q.scale, codes.shape[-1], q.block_size)).reshape(q.codes.shape)
+
+
+def quantize_expanded(x: jax.Array, block_size: int, *, dtype=E4M3) -> BlockExpanded:
+    """``x`` (f32, >= 0) as `BlockExpanded` with blocks of ``block_size`` along its last axis.
+
+    A block's ``k`` maps its smallest nonzero element to the format's smallest normal
+    and its largest to the format's maximum (``k`` at most `MAX_EXPONENT`); a nonzero
+    element that still falls below the smallest subnormal is stored as that subnormal.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    flat = jnp.atleast_1d(x)
+    n = flat.shape[-1]
+    fmax, fmin = float(jnp.finfo(dtype).max), float(jnp.finfo(dtype).smallest_normal)
+    amax = block_amax(flat, block_size)
+    inverse = jnp.where(flat > 0, 1.0 / jnp.where(flat > 0, flat, 1.0), 0.0)  # 1 / smallest nonzero: a max
+    spread = jnp.log(amax * block_amax(inverse, block_size))  # log(largest / smallest nonzero), 0 for none
+    exponent = jnp.where(spread > 0, jnp.minimum(math.log(fmax / fmin) / jnp.where(spread > 0, spread, 1.0),
+                                                 MAX_EXPONENT), 1.0).astype(jnp.float32)
+    unit = flat / per_element(jnp.where(amax > 0, amax, 1.0), n, block_size)
+    expanded = jnp.power(unit, per_element(exponent, n, block_size)) * fmax
+    tiny = float(jnp.finfo(dtype).smallest_subnormal)
+    expanded = jnp.where(unit > 0, jnp.clip(expanded, tiny, fmax), 0.0)
+    return BlockExpanded(expanded.astype(dtype).reshape(x.shape), amax, exponent, block_size)
+
+
+def dequantize_expanded(q: BlockExpanded) -> jax.Array:
+    """The f32 array ``q`` stands for."""
+    fmax = float(jnp.finfo(q.codes.dtype).max)
+    codes = jnp.atleast_1d(q.codes).astype(jnp.float32)
+    n = codes.shape[-1]
+    unit = jnp.power(codes / fmax, 1.0 / per_element(q.exponent, n, q.block_size))
+    return (unit * per_element(q.amax, n, q.block_size)).reshape(q.codes.shape)
