@@ -69,20 +69,28 @@ more (its relative error is already the format's / 16), and ``k`` stays finite."
 
 def block_amax(x: jax.Array, block_size: int) -> jax.Array:
     """``max |x|`` of each block of the last axis: ``(..., n) -> (..., ceil(n / block_size))``."""
-    x = jnp.abs(jnp.atleast_1d(x))
+    return _block_reduce(jnp.abs(x), block_size, jnp.max)
+
+
+def _block_reduce(x: jax.Array, block_size: int, reduce) -> jax.Array:
+    x = jnp.atleast_1d(x)
     n = x.shape[-1]
     full = n // block_size * block_size
     parts = []
     if full:
-        parts.append(x[..., :full].reshape(*x.shape[:-1], full // block_size, block_size).max(axis=-1))
+        parts.append(reduce(x[..., :full].reshape(*x.shape[:-1], full // block_size, block_size), axis=-1))
     if full < n:  # the ragged last block, on its own
-        parts.append(x[..., full:].max(axis=-1, keepdims=True))
+        parts.append(reduce(x[..., full:], axis=-1, keepdims=True))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def per_element(scale: jax.Array, n: int, block_size: int) -> jax.Array:
-    """Each block's ``scale`` repeated over its elements: ``(..., nb) -> (..., n)``."""
-    return jnp.repeat(scale, block_size, axis=-1, total_repeat_length=scale.shape[-1] * block_size)[..., :n]
+    """Each block's ``scale`` repeated over its elements: ``(..., nb) -> (..., n)``. A
+    broadcast and a reshape (not `jnp.repeat`, whose gather a split last axis would have to
+    all-gather), then the ragged last block cut."""
+    blocks = jnp.broadcast_to(scale[..., None], (*scale.shape, block_size))
+    full = blocks.reshape(*scale.shape[:-1], scale.shape[-1] * block_size)
+    return full if full.shape[-1] == n else full[..., :n]
 
 
 def quantize(x: jax.Array, block_size: int, *, dtype=E4M3, floor: bool = False) -> BlockQuantized:
@@ -96,7 +104,8 @@ def quantize(x: jax.Array, block_size: int, *, dtype=E4M3, floor: bool = False) 
     fmax = float(jnp.finfo(dtype).max)
     flat = jnp.atleast_1d(x)
     amax = block_amax(flat, block_size)
-    scale = jnp.where(amax > 0, amax / fmax, 1.0).astype(jnp.float32)
+    # times the f32 reciprocal, written out: XLA would rewrite a division by a constant so
+    scale = jnp.where(amax > 0, amax * jnp.float32(1.0 / fmax), 1.0).astype(jnp.float32)
     scaled = jnp.clip(flat / per_element(scale, flat.shape[-1], block_size), -fmax, fmax)
     if floor:
         tiny = float(jnp.finfo(dtype).smallest_subnormal)
@@ -122,8 +131,10 @@ def quantize_expanded(x: jax.Array, block_size: int, *, dtype=E4M3) -> BlockExpa
     n = flat.shape[-1]
     fmax, fmin = float(jnp.finfo(dtype).max), float(jnp.finfo(dtype).smallest_normal)
     amax = block_amax(flat, block_size)
-    inverse = jnp.where(flat > 0, 1.0 / jnp.where(flat > 0, flat, 1.0), 0.0)  # 1 / smallest nonzero: a max
-    spread = jnp.log(amax * block_amax(inverse, block_size))  # log(largest / smallest nonzero), 0 for none
+    amin = _block_reduce(jnp.where(flat > 0, flat, jnp.inf), block_size, jnp.min)  # smallest nonzero
+    # log(largest / smallest nonzero) as a difference of logs: the ratio may overflow f32
+    spread = jnp.where(jnp.isfinite(amin), jnp.log(jnp.where(amax > 0, amax, 1.0)) - jnp.log(jnp.where(
+        jnp.isfinite(amin), amin, 1.0)), 0.0)
     exponent = jnp.where(spread > 0, jnp.minimum(math.log(fmax / fmin) / jnp.where(spread > 0, spread, 1.0),
                                                  MAX_EXPONENT), 1.0).astype(jnp.float32)
     unit = flat / per_element(jnp.where(amax > 0, amax, 1.0), n, block_size)
