@@ -77,18 +77,20 @@ def test_expanded_second_moment_never_reads_back_zero_and_keeps_relative_error()
     normal, so nothing nonzero reads back as 0, however far below the block's largest
     (here 40 decades). Every element is then in E4M3's normal range (relative error
     2**-4), and reading back takes its k-th root: (1 + 2**-4) ** (1 / k) - 1 (compressed,
-    k < 1, only where a block spans more than E4M3's 448 / 2**-6); 1e-5 more for the f32
-    pow round-off (~11 ulps: |k log(x / amax)| <= log(448 / 2**-6) ~ 10.3)."""
+    k < 1, only where a block spans more than E4M3's 448 / 2**-6); 3e-5 more for the f32
+    round-off of exp(z) at |z| up to ~200 (|z| 2**-24 ~ 1.2e-5)."""
     x = np.abs(structured((6, 300)))
     x[1, 5], x[1, 6] = 1e-30, 1e10  # one block over 40 decades
+    x[2] = np.linspace(1.0, 100.0, 300)  # blocks narrower than E4M3's range: expanded, k > 1
+    x[3] = 1.0 + np.linspace(0.0, 1e-3, 300)  # nearly equal: k at its cap
     q = _blocks.quantize_expanded(jnp.asarray(x), 128)
     back = np.asarray(_blocks.dequantize_expanded(q))
     assert np.all((back == 0) == (x == 0))
     k = np.repeat(np.asarray(q.exponent), 128, axis=-1)[:, :300]
     nonzero = x > 0
     rel = np.abs(back - x)[nonzero] / x[nonzero]
-    assert np.all(rel <= (1 + 2.0**-4) ** (1 / k[nonzero]) - 1 + 1e-5)
-    assert np.any(k < 1) and np.any(k > 1)  # both compressed and expanded blocks were checked
+    assert np.all(rel <= (1 + 2.0**-4) ** (1 / k[nonzero]) - 1 + 3e-5)
+    assert np.any(k < 1) and np.any(k > 1) and np.any(k == _blocks.MAX_EXPONENT)  # every kind of block
     assert np.all(np.asarray(q.exponent) <= _blocks.MAX_EXPONENT)
 
 
@@ -153,12 +155,12 @@ def f32_run():
     return regression_run("f32")
 
 
-@pytest.mark.parametrize("moments, loss_bound, update_bound", [("bf16", 0.005, 0.05), ("fp8", 0.03, 0.3)])
+@pytest.mark.parametrize("moments, loss_bound, update_bound", [("bf16", 0.001, 0.02), ("fp8", 0.03, 0.4)])
 def test_low_precision_moments_train_as_f32_does(f32_run, moments, loss_bound, update_bound):
     """50 steps: the loss at every step within ``loss_bound`` (relative) of f32 moments',
-    the last update within ``update_bound`` (relative norm). Measured: bf16 0.05% / 1.6%,
-    fp8 0.6% / 11%; the bounds are ~3x that, far below what a broken form gives (the
-    plain-E4M3 second moment below: no bound holds)."""
+    the last update within ``update_bound`` (relative norm). Measured: bf16 0.015% / 0.7%,
+    fp8 1.2% / 18%; the bounds are 2-7x that (f32-level differences would pass bf16's
+    easily, an unscaled or zeroed moment fails both by far)."""
     ref_losses, ref_update = f32_run
     losses, update = regression_run(moments)
     assert np.max(np.abs(losses / ref_losses - 1)) < loss_bound

@@ -137,10 +137,11 @@ def quantize_expanded(x: jax.Array, block_size: int, *, dtype=E4M3) -> BlockExpa
         jnp.isfinite(amin), amin, 1.0)), 0.0)
     exponent = jnp.where(spread > 0, jnp.minimum(math.log(fmax / fmin) / jnp.where(spread > 0, spread, 1.0),
                                                  MAX_EXPONENT), 1.0).astype(jnp.float32)
-    unit = flat / per_element(jnp.where(amax > 0, amax, 1.0), n, block_size)
-    expanded = jnp.power(unit, per_element(exponent, n, block_size)) * fmax
+    # In logs: x / amax may be below f32's normal range (flushed to 0) where its k-th power is not.
+    log_unit = jnp.log(flat) - per_element(jnp.log(jnp.where(amax > 0, amax, 1.0)), n, block_size)
+    expanded = jnp.exp(log_unit * per_element(exponent, n, block_size)) * fmax
     tiny = float(jnp.finfo(dtype).smallest_subnormal)
-    expanded = jnp.where(unit > 0, jnp.clip(expanded, tiny, fmax), 0.0)
+    expanded = jnp.where(flat > 0, jnp.clip(expanded, tiny, fmax), 0.0)
     return BlockExpanded(expanded.astype(dtype).reshape(x.shape), amax, exponent, block_size)
 
 
@@ -149,5 +150,6 @@ def dequantize_expanded(q: BlockExpanded) -> jax.Array:
     fmax = float(jnp.finfo(q.codes.dtype).max)
     codes = jnp.atleast_1d(q.codes).astype(jnp.float32)
     n = codes.shape[-1]
-    unit = jnp.power(codes / fmax, 1.0 / per_element(q.exponent, n, q.block_size))
-    return (unit * per_element(q.amax, n, q.block_size)).reshape(q.codes.shape)
+    log_x = jnp.log(codes / fmax) / per_element(q.exponent, n, q.block_size) + per_element(
+        jnp.log(jnp.where(q.amax > 0, q.amax, 1.0)), n, q.block_size)
+    return jnp.exp(log_x).reshape(q.codes.shape)  # code 0: exp(-inf) = 0
