@@ -1,10 +1,10 @@
 """mpx: mixed-precision (FP8 / INT8 / BF16 / FP16 / FP32) training on JAX.
 
 The names here are what a training script calls; each subpackage exports its own
-(`mpx.fp8`, `mpx.int8`, `mpx.nn`, `mpx.linen`, `mpx.inspect`, `mpx.program`, ...).
+(`mpx.fp8`, `mpx.int8`, `mpx.optim`, `mpx.nn`, `mpx.linen`, `mpx.inspect`, `mpx.program`, ...).
 """
 
-from mpx import fp8, inspect, int8, loss_scale, ops, policy, program, ptq
+from mpx import fp8, inspect, int8, loss_scale, ops, optim, policy, program, ptq
 from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
 from mpx.int8 import Int8Config, int8_dot_general
 from mpx.loss_scale import LossScaleConfig
@@ -37,6 +37,7 @@ __all__ = [
     "matmuls",
     "nn",
     "ops",
+    "optim",
     "parse_policy",
     "policy",
     "program",

@@ -20,8 +20,8 @@ FACES = {
     "mpx": [
         "BootstrappedStep", "Fp8Config", "Fp8Meta", "Int8Config", "LossScaleConfig", "Policy", "Rule", "StepMetrics",
         "TrainState", "apply_policy", "fp8", "fp8_dot_general", "init_train_state", "inspect", "int8",
-        "int8_dot_general", "linen", "loss_scale", "make_train_step", "matmuls", "nn", "ops", "parse_policy", "policy",
-        "program", "ptq", "split", "train_step",
+        "int8_dot_general", "linen", "loss_scale", "make_train_step", "matmuls", "nn", "ops", "optim", "parse_policy",
+        "policy", "program", "ptq", "split", "train_step",
     ],
     "mpx.fp8": [
         "E4M3", "E5M2", "Fp8Config", "Fp8FanoutWarning", "Fp8Meta", "Fp8Scale", "amax", "dequantize", "fp8_dot_general",
@@ -31,6 +31,7 @@ FACES = {
         "INT8_MAX", "Int8Config", "absmax_scale", "dequantize", "fake_quantize", "int8_dot_general", "quantize",
         "quantize_with_scale",
     ],
+    "mpx.optim": ["MOMENTS", "BlockExpanded", "BlockQuantized", "ScaleByAdamState", "adamw", "scale_by_adam"],
     "mpx.nn": [
         "GPT2_MEDIUM", "GPT2_SMALL", "Attention", "CrossEntropy", "DotGeneral", "Einsum", "FoundOp", "Fp8MetaVariable",
         "KVCache", "Linear", "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",

@@ -46,9 +46,10 @@ def make_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
 
 
 def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformation:
-    """AdamW on `make_schedule`, after global-norm clipping."""
-    adamw = optax.adamw(make_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                        weight_decay=optim.weight_decay)
+    """AdamW on `make_schedule` with its moments stored as ``optim.moments``
+    (`mpx.optim.adamw`), after global-norm clipping."""
+    adamw = mpx.optim.adamw(make_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                            weight_decay=optim.weight_decay, moments=optim.moments, block_size=optim.moment_block)
     if optim.grad_clip:
         return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
     return adamw

@@ -25,9 +25,11 @@ import numpy as np
 from flax import linen
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mpx.optim import BlockExpanded, BlockQuantized
 from train.schema import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp")
+_BLOCKS = (BlockQuantized, BlockExpanded)
 
 # ----------------------------------------------------------------------------- processes
 
@@ -226,11 +228,34 @@ def _param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
+def _block_spec(x, codes_shape: tuple[int, ...], fsdp: int) -> P:
+    """The spec of one array of a moment stored in blocks (`mpx.optim.BlockQuantized`,
+    `BlockExpanded`): the codes split as the param they stand for (they have its shape),
+    the per-block arrays on the same dimension, or replicated where the codes' last
+    dimension is split and the block count does not divide. The update then finds every
+    block's scale on the devices that hold its codes."""
+    spec = _param_spec(codes_shape, fsdp)
+    if tuple(x.shape) == codes_shape:
+        return spec
+    dims = tuple(spec) + (None,) * (len(codes_shape) - len(spec))
+    if dims and dims[-1] is not None and x.shape[-1] % fsdp:
+        return P()
+    return spec
+
+
 def split_shardings(tree, mesh: Mesh):
     """Shardings that split each array of ``tree`` (params, optimizer moments) over ``fsdp``
-    along its largest dimension that divides evenly; the rest replicated."""
+    along its largest dimension that divides evenly; the rest replicated. A moment stored
+    in 8-bit blocks is split as its param (`_block_spec`)."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp)), tree)
+
+    def one(x):
+        if isinstance(x, _BLOCKS):
+            shape = tuple(x.codes.shape)
+            return jax.tree.map(lambda a: NamedSharding(mesh, _block_spec(a, shape, fsdp)), x)
+        return NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, _BLOCKS))
 
 
 def replicated_shardings(tree, mesh: Mesh):

