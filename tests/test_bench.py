@@ -145,6 +145,11 @@ def test_memory_mode_splits_the_state_over_8_devices_and_gathers_it_back():
     mesh = mpx.program.make_mesh((1, 8), ("data", "fsdp"))
     _, state, _, _ = bm.abstract_step(bm.variant_config(config, fp8), mesh)
     assert bm.per_device_bytes(state.fp8_meta) > 0
+    # 8-bit moments: one byte of E4M3 code per moment and element (half the f32 param's four),
+    # plus 12 bytes of block statistics a block (at most a row of this tiny model's tensors)
+    moments = bm.Variant.parse(["fp8_moments_fp8"])
+    _, state, _, _ = bm.abstract_step(bm.variant_config(config, moments), mesh)
+    assert 0.5 < bm.per_device_bytes(state.opt_state) / bm.per_device_bytes(state.params) < 1.0
 
     if len(jax.devices("cpu")) < 8:
         skipped = bm.row(bf16, config, "cpu", 8, target="h100")
@@ -158,13 +163,14 @@ def test_memory_variants_are_names_or_config_overrides():
     from train.config import load_config
 
     config = load_config(ROOT / "configs" / "quickstart.yaml", TINY)
-    assert [v.name for v in bm.default_variants(config)] == ["bf16", "fp8"]  # quickstart's precision is fp8
+    named = ["bf16", "fp8", "fp8_moments_bf16", "fp8_moments_fp8"]
+    assert [v.name for v in bm.default_variants(config)] == named  # quickstart's precision is fp8
     assert [v.name for v in bm.default_variants(bm.variant_config(config, bm.Variant("x", ("precision=fp16",))))] == [
-        "config", "bf16", "fp8"]
+        "config", *named]
     custom = bm.Variant.parse(["b1", "precision=bf16", "optim.b1=0.8"])
     varied = bm.variant_config(config, custom)
     assert (varied.precision, varied.optim.b1) == ("bf16", 0.8)
-    with pytest.raises(ValueError, match="unknown variant 'fp9'; expected one of bf16, fp8"):
+    with pytest.raises(ValueError, match="unknown variant 'fp9'; expected one of bf16, fp8, "):
         bench.BenchSettings(modes=("memory",), variants=(("fp9",),))
     with pytest.raises(Exception, match="variant 'bad': .*optim.b1"):
         bm.variant_config(config, bm.Variant("bad", ("optim.b1=2",)))

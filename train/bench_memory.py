@@ -57,6 +57,8 @@ from train.tasks import LanguageModelling
 VARIANTS: dict[str, tuple[str, ...]] = {
     "bf16": ("precision=bf16",),
     "fp8": ("precision=fp8",),
+    "fp8_moments_bf16": ("precision=fp8", "optim.moments=bf16"),
+    "fp8_moments_fp8": ("precision=fp8", "optim.moments=fp8"),
 }
 """Named variants: the config overrides each applies to the bench's config."""
 
