@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mpx.fp8._meta import advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite
+from mpx.fp8._meta import (advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite,
+                           statistics)
 from mpx.loss_scale import LossScale, NoOpLossScale, select_tree
 from mpx.policy import Policy
 
@@ -163,6 +164,7 @@ def train_step(
     has_state: bool = False,
     accum_steps: int = 1,
     fp8_bootstrap: bool = True,
+    fp8_statistics: bool = True,
 ) -> tuple[TrainState, StepMetrics]:
     """One update. Jit it with ``loss_fn``/``optimizer`` bound, e.g.::
 
@@ -195,9 +197,15 @@ def train_step(
     history then and quantizes with its stored scale (1) in its first nonzero step.
     `make_train_step` runs the bootstrap program until a step has been applied, then the
     lean one.
+
+    ``fp8_statistics=False``: the FP8 matmuls (one scale per tensor) observe each tensor's
+    amax alone, not the fractions it saturates and flushes, and every meta keeps the fractions
+    of the last step that counted them (`mpx.fp8._meta.statistics`): a pass less per tensor,
+    for the steps whose statistics are not logged. Scales, histories and the overflow check
+    are those of a counting step, bit for bit.
     """
     rng = step_rng(state)
-    with bootstrap(fp8_bootstrap):
+    with bootstrap(fp8_bootstrap), statistics(fp8_statistics):
         if accum_steps == 1:
             loss, aux, grads, observed, model_state = _grads(state, state.model_state, batch, rng, loss_fn, has_aux,
                                                              has_state)
@@ -239,19 +247,22 @@ def train_step(
 
 
 class BootstrappedStep:
-    """A step function in two programs: ``bootstrap`` (``fp8_bootstrap=True``) until a step
-    has been applied to a state with FP8 tensors, then ``lean`` (``fp8_bootstrap=False``; see
-    `train_step`). A state it did not return itself (a fresh or a restored one) is fresh when
-    none of its FP8 tensors has recorded an amax (`mpx.fp8._meta.needs_bootstrap`).
+    """A step function in two programs, three with ``quiet``: ``bootstrap``
+    (``fp8_bootstrap=True``) until a step has been applied to a state with FP8 tensors, then
+    ``lean`` (``fp8_bootstrap=False``; see `train_step`), or ``quiet`` (lean without the FP8
+    saturation / flush counts, ``fp8_statistics=False``) for a call made with
+    ``statistics=False``. A state it did not return itself (a fresh or a restored one) is
+    fresh when none of its FP8 tensors has recorded an amax (`mpx.fp8._meta.needs_bootstrap`).
 
-    Both are called as ``fn(state, *args)`` and return a tuple whose first element is the
+    Each is called as ``fn(state, *args)`` and returns a tuple whose first element is the
     new state and whose last is its `StepMetrics`. Choosing reads the device only while
     bootstrapping (the histories of a state it did not return itself, the ``skipped`` flag
-    of a bootstrap step): a run in its steady state is never synchronised by it.
+    of a bootstrap step): a run in its steady state is never synchronised by it. A jitted
+    program compiles at its first call, so a program never chosen costs nothing.
     """
 
-    def __init__(self, bootstrap: Callable[..., Any], lean: Callable[..., Any]):
-        self.bootstrap, self.lean = bootstrap, lean
+    def __init__(self, bootstrap: Callable[..., Any], lean: Callable[..., Any], quiet: Callable[..., Any] | None = None):
+        self.bootstrap, self.lean, self.quiet = bootstrap, lean, quiet if quiet is not None else lean
         self._returned = None  # the `step` array of the state this object returned last
         self._bootstrapping = True
 
@@ -260,20 +271,25 @@ class BootstrappedStep:
             self._bootstrapping = needs_bootstrap(state.fp8_meta)
         return self._bootstrapping
 
-    def __call__(self, state: TrainState, *args):
+    def _program(self, state: TrainState, statistics: bool) -> Callable[..., Any]:
         if self._bootstraps(state):
-            out = self.bootstrap(state, *args)
+            return self.bootstrap
+        return self.lean if statistics else self.quiet
+
+    def __call__(self, state: TrainState, *args, statistics: bool = True):
+        """One step; ``statistics=False`` (after the first): the FP8 fractions are not counted."""
+        program = self._program(state, statistics)
+        out = program(state, *args)
+        if program is self.bootstrap:
             # One read of the device, after the first step: an overflowing first step changed
             # nothing, and the next must bootstrap again.
             self._bootstrapping = bool(out[-1].skipped)
-        else:
-            out = self.lean(state, *args)
         self._returned = out[0].step
         return out
 
-    def lower(self, state: TrainState, *args):
+    def lower(self, state: TrainState, *args, statistics: bool = True):
         """``jax.jit(...).lower`` of the program a call with these arguments would run."""
-        return (self.bootstrap if self._bootstraps(state) else self.lean).lower(state, *args)
+        return self._program(state, statistics).lower(state, *args)
 
 
 def make_train_step(
@@ -292,11 +308,13 @@ def make_train_step(
 
     Two programs are compiled when the model has FP8 ops: the first step's, which scales
     fresh FP8 tensors from their own amax, and the lean one of every step after
-    (`BootstrappedStep`)."""
+    (`BootstrappedStep`); a third, without the FP8 saturation / flush counts, the first
+    time a step is called with ``statistics=False``."""
 
-    def jitted(fp8_bootstrap: bool):
+    def jitted(fp8_bootstrap: bool, fp8_statistics: bool = True):
         step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=has_aux,
-                                 has_state=has_state, accum_steps=accum_steps, fp8_bootstrap=fp8_bootstrap)
+                                 has_state=has_state, accum_steps=accum_steps, fp8_bootstrap=fp8_bootstrap,
+                                 fp8_statistics=fp8_statistics)
         return jax.jit(step, donate_argnums=0 if donate else ())
 
-    return BootstrappedStep(jitted(True), jitted(False))
+    return BootstrappedStep(jitted(True), jitted(False), jitted(False, fp8_statistics=False))

@@ -398,6 +398,44 @@ def test_make_train_step_bootstraps_until_a_step_is_applied():
     assert not needs_bootstrap({})  # nothing in fp8: nothing to bootstrap
 
 
+def test_a_step_that_does_not_count_keeps_the_last_counted_statistics():
+    """``fp8_statistics=False`` (the steps whose statistics are not logged): every scale,
+    history, amax, param and optimizer moment is the counting step's bit for bit; only the
+    saturated / flushed fractions differ, and they are the ones the state came in with (the
+    last step that counted). An overflow is still skipped with nothing changed: the check reads
+    the amaxes, which are always observed. `BootstrappedStep` runs it for a call made with
+    ``statistics=False``, never while bootstrapping (the first step counts)."""
+    params, meta, loss_fn = functional_setup()
+    opt = optax.adam(1e-2)
+    state = mpx.init_train_state(params, opt, fp8_meta=meta, loss_scale=POLICY.loss_scale.create())
+    programs = {(boot, count): jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt,
+                                                        fp8_bootstrap=boot, fp8_statistics=count))
+                for boot, count in ((True, True), (False, True), (False, False))}
+    calls = []
+    step = mpx.BootstrappedStep(*(counting(programs[key], calls, name) for key, name in
+                                  (((True, True), "bootstrap"), ((False, True), "lean"), ((False, False), "quiet"))))
+    state, _ = step(state, batch(seed=2), statistics=False)
+    state, _ = step(state, batch(seed=3, t=3.0))  # larger than the step before: its delayed scales saturate
+    assert calls == ["bootstrap", "lean"]
+    stats = lambda s: [(float(x.saturated), float(x.flushed)) for x in (s.lhs, s.rhs, s.grad)]  # noqa: E731
+    counted = {name: stats(m) for name, m in state.fp8_meta.items()}
+    assert any(v > 0 for per_op in counted.values() for pair in per_op for v in pair), counted  # something to keep
+
+    (lean, m_lean), (quiet, m_quiet) = (programs[False, count](state, batch(seed=4)) for count in (True, False))
+    strip = lambda s: s.replace(rng=None, fp8_meta=jax.tree.map(  # noqa: E731
+        lambda x: x.replace(saturated=None, flushed=None), s.fp8_meta, is_leaf=lambda x: isinstance(x, Fp8Scale)))
+    assert tree_equal(strip(lean), strip(quiet)) and tree_equal(m_lean, m_quiet)
+    assert {name: stats(m) for name, m in quiet.fp8_meta.items()} == counted
+    assert {name: stats(m) for name, m in lean.fp8_meta.items()} != counted
+
+    poisoned, m = programs[False, False](state, batch(inf_at=(3, 5)))
+    assert bool(m.skipped) and tree_equal(poisoned.params, state.params)
+    assert tree_equal(poisoned.fp8_meta, state.fp8_meta)
+    calls.clear()
+    step(state, batch(seed=4), statistics=False)
+    assert calls == ["quiet"]
+
+
 # ----------------------------------------------------------------------------- fp16 compute with fp8 matmuls
 
 

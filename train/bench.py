@@ -285,8 +285,9 @@ def step(shape: mn.TransformerConfig, *, batch: int, seq: int, repeats: int, war
 
         opt = optax.adamw(1e-4)
         state = mpx.init_train_state(params, opt, fp8_meta=meta, loss_scale=policy.loss_scale.create())
-        # The program of every step after the first (each timed run starts from this state).
-        fn = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False))
+        # The program of every unlogged step after the first (each timed run starts from this state).
+        fn = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False,
+                                       fp8_statistics=False))
         compiled = fn.lower(state, tokens).compile()
         memory = compiled.memory_analysis()
         t = timed(compiled, state, tokens, repeats=repeats, warmup=warmup)  # not donated: each run is step 0 again

@@ -5,7 +5,8 @@ between devices, compiled (never run) on 1 device and on an 8-way FSDP mesh.
 
 The step is the app's (`mpx.train_step` with `train.build.make_optimizer`, the config's
 gradient accumulation, the language-modelling loss, the state laid out by
-`train.mesh.state_shardings`, donated), the lean program of every step after the first.
+`train.mesh.state_shardings`, donated), the lean program of every unlogged step after the
+first (no FP8 saturation / flush counts).
 The model is the config's ``TransformerLM`` as configured (layers, scan, remat): a config
 override such as ``model.num_layers=4`` makes a smaller one. Built abstractly (shapes only), a
 1.3B model costs no host memory.
@@ -126,7 +127,7 @@ def abstract_step(config: RunConfig, mesh: Mesh):
             return LanguageModelling.loss(graphdef, params, meta, batch, rng, dropout=dropout)
 
     step = functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=True,
-                             accum_steps=accum, fp8_bootstrap=False)
+                             accum_steps=accum, fp8_bootstrap=False, fp8_statistics=False)
     # as the app jits it: the state keeps its layout and its buffers are reused
     options = {"out_shardings": (shardings, mesh_lib.replicated(mesh)), "donate_argnums": 0}
     return step, state, batch, options

@@ -86,7 +86,8 @@ def plain_step(shape: mn.TransformerConfig, variant: str, *, layers: int):
             return _lm_loss(nnx.merge(graphdef, params, meta)(batch[:, :-1]), batch[:, 1:])
 
         state = jax.eval_shape(lambda p, m: mpx.init_train_state(p, opt, fp8_meta=m), params, meta)
-        return functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False), state
+        return functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False,
+                                 fp8_statistics=False), state
 
     # Plain Flax: gradients wrt params and Flax's FP8 state; the FP8 state's "gradient" is its
     # new value (Flax's convention), the params go through AdamW.
@@ -118,7 +119,8 @@ def lm_step(shape: mn.TransformerConfig, preset: str):
 
     opt = optax.adamw(1e-4)
     state = jax.eval_shape(lambda p, m: mpx.init_train_state(p, opt, policy=policy, fp8_meta=m), params, meta)
-    return functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False), state
+    return functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False,
+                                 fp8_statistics=False), state
 
 
 def row(model: str, variant: str, report: mpx.program.ProgramReport) -> dict[str, Any]:

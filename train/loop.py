@@ -134,15 +134,16 @@ def _run(built: Built, config: RunConfig, state, skipped: int, train_iter, check
     last: dict[str, Any] = {}
     try:
         for step in range(start, end):
-            state, health, m = step_fn(state, health, batch)  # dispatched; returns before the step has run
             done = step + 1
+            logged = done % t.log_every == 0 or done == end  # its FP8 statistics are read: count them
+            state, health, m = step_fn(state, health, batch, statistics=logged)  # dispatched, not yet run
             data_state = train_iter.get_state()
             if done < end:  # prefetch: load and transfer the next batch while this step runs
                 batch = _next_batch(train_iter, accum, batch_sharding)
             logger.step(m.loss)
             meter.tick()
             read = None
-            if done % t.log_every == 0 or done == end:
+            if logged:
                 last, read = meter.read(done, m, health, state)  # the one wait on the device in a window
                 logger.log(done, last, "train")
             elif checkpointer.due(done):  # a save reads the state anyway: check what it would save
@@ -306,32 +307,36 @@ def _make_step_fn(built: Built, ceiling: float, *, accum: int, dropout: bool, le
     own loss and ``metrics.skipped`` (``ceiling``: the loss of an exploded step), so the
     loop never has to read a per-step value back to the host; it fetches it with the other
     metrics at log steps, and before checkpoint saves. ``accum``: micro-batches per step;
-    ``lean``: switch to the lean FP8 program after the first step (`mpx.BootstrappedStep`).
+    ``lean``: switch to the lean FP8 program after the first step (`mpx.BootstrappedStep`),
+    and to one that does not count the FP8 saturated / flushed fractions on the steps a call
+    marks ``statistics=False`` (the steps that are not logged).
     """
     task = built.task
 
     def loss_fn(params, meta, batch, rng):
         return task.loss(built.graphdef, params, meta, batch, rng, dropout=dropout)
 
-    def step(state, health, batch, *, fp8_bootstrap):
+    def step(state, health, batch, *, fp8_bootstrap, fp8_statistics):
         done = state.step + 1
         with mesh_lib.activation_sharding(built.mesh):
             state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
-                                      accum_steps=accum, fp8_bootstrap=fp8_bootstrap)
+                                      accum_steps=accum, fp8_bootstrap=fp8_bootstrap, fp8_statistics=fp8_statistics)
         return state, divergence.update(health, step=done, loss=m.loss, skipped=m.skipped, ceiling=ceiling), m
 
     replicated = mesh_lib.replicated(built.mesh)
 
-    def jitted(fp8_bootstrap: bool):
+    def jitted(fp8_bootstrap: bool, fp8_statistics: bool = True):
         # The state keeps its layout (no recompiles) and its buffers are reused (donated).
-        return jax.jit(functools.partial(step, fp8_bootstrap=fp8_bootstrap),
+        return jax.jit(functools.partial(step, fp8_bootstrap=fp8_bootstrap, fp8_statistics=fp8_statistics),
                        out_shardings=(built.shardings, replicated, replicated), donate_argnums=0)
 
     # The first step's program scales fresh FP8 tensors from their own amax; in a long enough run
-    # the lean one runs after (a second compile, repaid over the steps).
+    # the lean ones run after (two compiles more, repaid over the steps): the logged steps'
+    # counts the FP8 statistics, the others' does not.
     if lean:
-        return mpx.BootstrappedStep(jitted(True), jitted(False))
-    return jitted(True)
+        return mpx.BootstrappedStep(jitted(True), jitted(False), jitted(False, fp8_statistics=False))
+    first = jitted(True)
+    return lambda state, health, batch, *, statistics=True: first(state, health, batch)
 
 
 def _next_batch(train_iter, accum: int, sharding):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpx._dims import normalize_dims, transpose_dims
-from mpx.fp8._meta import Fp8Meta, bootstrapping, combine_metas, observation, scale_for_use
+from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, bootstrapping, combine_metas, counting, observation, scale_for_use
 from mpx.fp8._numerics import amax, gemm_dtype, observe, quantize
 from mpx.fp8._recipes import recipe_dot
 
@@ -141,38 +141,44 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     if not meta.config.per_tensor:
         return recipe_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
                           bool(rhs_is_weight))
-    return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping())
+    return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
+                    counting())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap):
-    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count):
+    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count)[0]
 
 
-def _quantized(x, state, dtype, config, bootstrap):
+def _quantized(x, state, dtype, config, bootstrap, count):
     """(q, scale, observation) of one operand. Delayed scaling without ``bootstrap`` knows
     the scale before ``x`` is read: the quantize and the one reduction that observes ``x``
-    are independent and can share a pass (``current`` scaling needs the amax first)."""
+    are independent and can share a pass (``current`` scaling needs the amax first).
+    ``count``: the observation has the saturated / flushed fractions (else `NOT_COUNTED`,
+    and the reduction is the amax alone)."""
     needs_amax = bootstrap or config.recipe == "current"
     scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap)
     q = quantize(x, dtype, scale)
-    x_amax, saturated, flushed = observe(x, dtype, scale)
+    if count:
+        x_amax, saturated, flushed = observe(x, dtype, scale)
+    else:
+        x_amax, saturated, flushed = amax(x), NOT_COUNTED, NOT_COUNTED
     return q, scale, observation(state, x_amax, (saturated, flushed))
 
 
-def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap):
+def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count):
     fwd = meta.config.forward_dtype
-    q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config, bootstrap)
-    q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config, bootstrap)
+    q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config, bootstrap, count)
+    q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config, bootstrap, count)
     out = _scaled_dot(q_lhs, q_rhs, dims, lhs_scale, rhs_scale, out_dtype)
     residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta)
     return (out, meta), residuals
 
 
-def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, residuals, cotangents):
+def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, residuals, cotangents):
     q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta = residuals
     g, later = cotangents
-    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config, bootstrap)
+    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config, bootstrap, count)
 
     dims_l, perm_l = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
     d_lhs = _scaled_dot(q_g, q_rhs, dims_l, g_scale, rhs_scale, out_dtype)

@@ -256,6 +256,34 @@ def bootstrapping() -> bool:
     return _BOOTSTRAP.get()
 
 
+_STATISTICS: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_statistics", default=True)
+
+
+@contextlib.contextmanager
+def statistics(enabled: bool) -> Iterator[None]:
+    """Whether FP8 matmuls (one scale per tensor) traced inside count the fractions of each
+    tensor they saturate and flush. On by default. Off, they observe the amax alone (it scales
+    the next steps and guards the step against overflow, so it is never left out) and the step
+    keeps each tensor's stored fractions, those of the last step that counted: a program for the
+    steps whose statistics nobody reads (`mpx.train_step`'s ``fp8_statistics``). The counts cost
+    a pass: XLA fuses one reduction into the kernel that produces a tensor, not the amax and
+    two counts. (The row, block and MX recipes always count.)"""
+    token = _STATISTICS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _STATISTICS.reset(token)
+
+
+def counting() -> bool:
+    """The `statistics` setting in force where this is traced."""
+    return _STATISTICS.get()
+
+
+#: The saturated / flushed fraction of an observation that did not count them (`statistics`).
+NOT_COUNTED = float("nan")
+
+
 def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, *, bootstrap: bool = True) -> jax.Array:
     """The scale that quantizes a tensor of absolute maximum ``x_amax`` now.
 
@@ -332,10 +360,12 @@ def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config, *, ap
     else:  # `current` keeps the newest amax as its reference scale
         reduced = history[..., 0]
     fanout = jnp.maximum(observed.fanout, 1.0)
+    counted = jnp.logical_not(jnp.isnan(observed.saturated))  # NOT_COUNTED: keep the stored fractions
     new = Fp8Scale(
         scale=scale_from_amax(reduced, state.scale, fp8_max(dtype), margin=config.margin),
         amax_history=history, amax=observed.amax, calls=observed.calls, fanout=observed.fanout,
-        saturated=observed.saturated / fanout, flushed=observed.flushed / fanout,
+        saturated=jnp.where(counted, observed.saturated / fanout, state.saturated),
+        flushed=jnp.where(counted, observed.flushed / fanout, state.flushed),
     )
     keep_going = (observed.calls > 0) & jnp.isfinite(observed.amax) & apply
 
