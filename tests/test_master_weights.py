@@ -204,3 +204,27 @@ def test_a_run_resumed_from_a_checkpoint_rounds_as_an_uninterrupted_one(tmp_path
     # Each step rounds with its own key: two steps' keys differ.
     assert not np.array_equal(jax.random.key_data(rounding_key(state)),
                               jax.random.key_data(rounding_key(state.replace(step=state.step + 1))))
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def test_the_config_key_sets_the_params_dtype_and_a_resume_cannot_change_it():
+    import pathlib
+
+    from train import identity
+    from train.config import load_config
+
+    quickstart = pathlib.Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+    config = load_config(quickstart, ["optim.master=bf16"])
+    assert config.policy().param_dtype == jnp.bfloat16
+    assert config.policy().rules == mpx.parse_policy("fp8").rules  # only the params dtype changes
+    assert load_config(quickstart).policy().param_dtype == jnp.float32  # the default: f32 masters
+    # A precision that says bf16 params too is the same run.
+    assert load_config(quickstart, ["optim.master=bf16", "precision=fp8; params=bf16"]).policy() == config.policy()
+    saved = load_config(quickstart).to_dict()
+    for change_optim in (False, True):
+        with pytest.raises(identity.ConfigMismatch, match=r"optim.master: 'f32' \(the run\) -> 'bf16' \(now\)"):
+            identity.check_resume(saved, config.to_dict(), run_dir="runs/q", say=print, change_optim=change_optim)
+    del saved["optim"]["master"]  # a run from before the key: f32 masters
+    assert identity.check_resume(saved, load_config(quickstart).to_dict(), run_dir="runs/q", say=print) == {}
