@@ -6,7 +6,7 @@
 The step is policy-agnostic: the model function decides per op what runs in which
 precision (through `mpx.policy` / `mpx.ops`); the step owns the loss scale, the skip
 logic and the FP8 meta bookkeeping. Parameters stay in their storage dtype (fp32
-master weights) and the optimizer never sees the meta.
+master weights; bf16 ones with ``stochastic_rounding``) and the optimizer never sees the meta.
 
 "Finite" means everything: the loss, every gradient, and the amaxes an FP8 matmul
 observed of its lhs and output gradient in the step (a non-finite rhs is NaN in every
@@ -28,6 +28,7 @@ from flax import struct
 from mpx.fp8._meta import (advance_tree, bootstrap, combine_trees, max_fanout, needs_bootstrap, observations_finite,
                            statistics)
 from mpx.loss_scale import LossScale, NoOpLossScale, select_tree
+from mpx.optim import apply_updates
 from mpx.policy import Policy
 
 
@@ -108,6 +109,17 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
+# The rounding's stream of the step's key: far from the small integers (micro-batch and
+# layer indices) that models and the accumulation loop fold into it.
+_ROUNDING_STREAM = 0x726F756E
+
+
+def rounding_key(state: TrainState) -> jax.Array:
+    """The key `train_step` rounds this step's narrow params with (``stochastic_rounding``):
+    derived from `step_rng`, so a resumed run rounds as an uninterrupted one."""
+    return jax.random.fold_in(step_rng(state), _ROUNDING_STREAM)
+
+
 def _grads(state: TrainState, model_state, batch, rng, loss_fn, has_aux, has_state):
     """loss, aux, scaled param grads, FP8 observations and the new model state for one
     (micro-)batch."""
@@ -165,6 +177,7 @@ def train_step(
     accum_steps: int = 1,
     fp8_bootstrap: bool = True,
     fp8_statistics: bool = True,
+    stochastic_rounding: bool = False,
 ) -> tuple[TrainState, StepMetrics]:
     """One update. Jit it with ``loss_fn``/``optimizer`` bound, e.g.::
 
@@ -203,6 +216,12 @@ def train_step(
     of the last step that counted them (`mpx.fp8._meta.statistics`): a pass less per tensor,
     for the steps whose statistics are not logged. Scales, histories and the overflow check
     are those of a counting step, bit for bit.
+
+    ``stochastic_rounding``: bf16 and fp16 params (low-precision master weights) take
+    ``param + update`` summed in f32 and rounded stochastically (`mpx.optim.apply_updates`
+    with `rounding_key`), so updates under half a step of the weight still move it on
+    average; f32 params are updated as without it. Off: `optax.apply_updates`, whose
+    round-to-nearest loses those updates.
     """
     rng = step_rng(state)
     with bootstrap(fp8_bootstrap), statistics(fp8_statistics):
@@ -222,7 +241,7 @@ def train_step(
     finite = grads_finite & amax_finite & jnp.isfinite(loss)
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    new_params = apply_updates(state.params, updates, rounding_key(state) if stochastic_rounding else None)
     new_meta = advance_tree(state.fp8_meta, observed, apply=finite)  # a skipped step keeps every meta
 
     new_state = state.replace(
@@ -300,11 +319,13 @@ def make_train_step(
     has_state: bool = False,
     accum_steps: int = 1,
     donate: bool = True,
+    stochastic_rounding: bool = False,
 ) -> BootstrappedStep:
     """`train_step` with its arguments bound, jitted: ``step(state, batch) -> (state,
     metrics)``. The loss scale and FP8 state travel in the `TrainState`
     (``init_train_state(params, optimizer, policy=policy, fp8_meta=...)``), so the step
     needs nothing else from the policy. ``donate``: reuse the old state's buffers.
+    ``stochastic_rounding``: see `train_step`.
 
     Two programs are compiled when the model has FP8 ops: the first step's, which scales
     fresh FP8 tensors from their own amax, and the lean one of every step after
@@ -314,7 +335,7 @@ def make_train_step(
     def jitted(fp8_bootstrap: bool, fp8_statistics: bool = True):
         step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, has_aux=has_aux,
                                  has_state=has_state, accum_steps=accum_steps, fp8_bootstrap=fp8_bootstrap,
-                                 fp8_statistics=fp8_statistics)
+                                 fp8_statistics=fp8_statistics, stochastic_rounding=stochastic_rounding)
         return jax.jit(step, donate_argnums=0 if donate else ())
 
     return BootstrappedStep(jitted(True), jitted(False), jitted(False, fp8_statistics=False))

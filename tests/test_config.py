@@ -235,7 +235,7 @@ def test_sections_accept_mappings_and_check_themselves_when_built_in_python():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lrr=1", r"^optim.lrr: unknown key; optim accepts lr, b1, b2, eps, .*grad_accum, moments, moment_block \(did you mean 'lr'\?\)$"),
+        ("optim.lrr=1", r"^optim.lrr: unknown key; optim accepts lr, b1, b2, eps, .*grad_accum, moments, moment_block, master \(did you mean 'lr'\?\)$"),
         ("modle.d_model=64", r"^modle: unknown key; the top level accepts name, run_dir, precision, model, .*finetune "
                              r"\(did you mean 'model'\?\)$"),
         ("data.seqlen=64", r"^data.seqlen: unknown key; data accepts task, source, .*\(did you mean 'seq_len'\?\)$"),
@@ -291,6 +291,9 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("optim.moments=fp9", r"^optim.moments: expected 'f32' or 'bf16' or 'fp8', got 'fp9' \(did you mean 'fp8'\?\)$"),
         ("optim.moments=8bit", r"^optim.moments: expected 'f32' or 'bf16' or 'fp8', got '8bit'"),
         ("optim.moment_block=big", r"^optim.moment_block: expected an integer, got 'big'$"),
+        ("optim.master=fp16", r"^optim.master: expected 'f32' or 'bf16', got 'fp16' \(did you mean 'bf16'\?\)$"),
+        ("optim.master=float32", r"^optim.master: expected 'f32' or 'bf16', got 'float32'"),
+        ("optim.master=bf61", r"^optim.master: expected 'f32' or 'bf16', got 'bf61' \(did you mean 'bf16'\?\)$"),
         ("model.layout=lama", r"^model.layout: expected 'gpt2' or 'llama', got 'lama' \(did you mean 'llama'\?\)$"),
         ("model.num_kv_heads=two", r"^model.num_kv_heads: expected an integer or null, got 'two'$"),
         ("precision=3", r"^precision: expected a preset name \(" + ", ".join(mpx.policy.PRESETS) + r", 8bit\), a compact policy string"),
@@ -333,6 +336,10 @@ def test_wrong_types_name_the_key_the_expected_type_and_the_value(override, mess
         (["optim.moments=fp8", "optim.moment_block=0"], r"^optim.moment_block: must be >= 1 \(elements of a tensor's "
                                                         r"last axis that share one fp8 scale\), got 0$"),
         (["optim.grad_clip=-1"], r"^optim.grad_clip: must be >= 0 \(0 or null: off\), got -1.0$"),
+        (["precision=fp8; params=bf16"], r"^optim.master \('f32'\) sets the params dtype, but the precision stores "
+                                          r"params in bf16; for bf16 master weights set optim.master=bf16"),
+        (["precision=fp8; params=fp16", "optim.master=bf16"], r"^optim.master \('bf16'\) sets the params dtype, but "
+                                                              r"the precision stores params in fp16"),
         (["optim.b2=1"], r"^optim.b2: must be in \[0, 1\), got 1.0$"),
         (["optim.min_lr_ratio=2"], r"^optim.min_lr_ratio: must be in \[0, 1\], got 2.0$"),
         (["optim.decay_steps=50"], r"^optim.decay_steps \(50\) must be > optim.warmup_steps \(50\)"),

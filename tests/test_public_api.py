@@ -31,7 +31,8 @@ FACES = {
         "INT8_MAX", "Int8Config", "absmax_scale", "dequantize", "fake_quantize", "int8_dot_general", "quantize",
         "quantize_with_scale",
     ],
-    "mpx.optim": ["MOMENTS", "BlockExpanded", "BlockQuantized", "ScaleByAdamState", "adamw", "scale_by_adam"],
+    "mpx.optim": ["MOMENTS", "BlockExpanded", "BlockQuantized", "ScaleByAdamState", "adamw", "apply_updates", "scale_by_adam",
+                  "stochastic_round"],
     "mpx.nn": [
         "GPT2_MEDIUM", "GPT2_SMALL", "Attention", "CrossEntropy", "DotGeneral", "Einsum", "FoundOp", "Fp8MetaVariable",
         "KVCache", "Linear", "SequenceClassifier", "Softmax", "TransformerConfig", "TransformerLM", "apply_policy", "find_ops",

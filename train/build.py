@@ -47,7 +47,8 @@ def make_schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
 
 def make_optimizer(optim: OptimConfig, steps: int) -> optax.GradientTransformation:
     """AdamW on `make_schedule` with its moments stored as ``optim.moments``
-    (`mpx.optim.adamw`), after global-norm clipping."""
+    (`mpx.optim.adamw`), after global-norm clipping. (``optim.master`` is the policy's
+    params dtype and the step's rounding: `RunConfig.policy`, `Built.stochastic_rounding`.)"""
     adamw = mpx.optim.adamw(make_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                             weight_decay=optim.weight_decay, moments=optim.moments, block_size=optim.moment_block)
     if optim.grad_clip:
@@ -93,6 +94,7 @@ class Built:
     state: mpx.TrainState
     mesh: jax.sharding.Mesh
     shardings: Any
+    stochastic_rounding: bool = False  # the step rounds updates to bf16 params stochastically
 
     def batch_sharding(self, *, accumulated: bool = False):
         """How a batch (stacked micro-batches when ``accumulated``) is laid out."""
@@ -127,7 +129,7 @@ def build(config: RunConfig, *, say: Callable[[str], None] = print, finetune: bo
     shardings = mesh_lib.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     return Built(policy, task, model.graphdef, optimizer, make_schedule(config.optim, config.train.steps), state,
-                 mesh, shardings)
+                 mesh, shardings, stochastic_rounding=config.optim.master != "f32")
 
 
 def task_for(config: RunConfig, tokenizer=None) -> Task:

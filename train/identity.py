@@ -45,9 +45,10 @@ HARMLESS = (
 ADJUSTABLE = ("optim.lr", "optim.warmup_steps", "optim.decay_steps", "optim.min_lr_ratio", "optim.grad_clip",
               "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps")
 """Optimizer keys a resume may change with ``--change-optim``: they change how the next
-updates are computed, not what the saved optimizer state holds. ``optim.moments`` and
-``optim.moment_block`` are not among them: they change the saved state's layout (the
-moments' dtypes, their block scales), which a checkpoint cannot be restored into."""
+updates are computed, not what the saved optimizer state holds. ``optim.moments``,
+``optim.moment_block`` and ``optim.master`` are not among them: they change the saved
+state's layout (the moments' and the params' dtypes, the moments' block scales), which a
+checkpoint cannot be restored into."""
 
 class ConfigMismatch(ConfigError):
     """A run resumed with a config whose state-changing keys differ from its own."""

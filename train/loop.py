@@ -320,7 +320,8 @@ def _make_step_fn(built: Built, ceiling: float, *, accum: int, dropout: bool, le
         done = state.step + 1
         with mesh_lib.activation_sharding(built.mesh):
             state, m = mpx.train_step(state, batch, loss_fn=loss_fn, optimizer=built.optimizer, has_aux=True,
-                                      accum_steps=accum, fp8_bootstrap=fp8_bootstrap, fp8_statistics=fp8_statistics)
+                                      accum_steps=accum, fp8_bootstrap=fp8_bootstrap, fp8_statistics=fp8_statistics,
+                                      stochastic_rounding=built.stochastic_rounding)
         return state, divergence.update(health, step=done, loss=m.loss, skipped=m.skipped, ceiling=ceiling), m
 
     replicated = mesh_lib.replicated(built.mesh)

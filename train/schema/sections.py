@@ -88,7 +88,9 @@ class OptimConfig(Section):
     ``grad_accum`` micro-batches of ``data.batch_size`` make one step. ``moments``: how
     Adam's two moments are stored (`mpx.optim`): ``f32`` (8 bytes a parameter), ``bf16``
     (4) or ``fp8`` (about 2: E4M3 with f32 scales per ``moment_block`` elements of each
-    tensor's last axis)."""
+    tensor's last axis). ``master``: the dtype the params (the master weights) are stored
+    in: ``f32`` (4 bytes a parameter) or ``bf16`` (2; each update added in f32 and
+    rounded stochastically, `mpx.optim.apply_updates`); it sets the policy's params dtype."""
 
     _key: ClassVar[str] = "optim"
 
@@ -104,6 +106,7 @@ class OptimConfig(Section):
     grad_accum: int = 1
     moments: Literal["f32", "bf16", "fp8"] = "f32"
     moment_block: int = 128
+    master: Literal["f32", "bf16"] = "f32"
 
     def _validate(self):
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -356,10 +359,17 @@ class RunConfig(Section):
                      + (f" x mesh.fsdp ({self.mesh.fsdp})" if self.mesh.fsdp > 1 else ""))
         require(d.task == "classification" or self.finetune.num_classes is None, "finetune.num_classes",
                  "is set but data.task is 'lm'; set data.task=classification")
+        params = _policy_params(self.precision)
+        require(params in ("fp32", _MASTER_PARAMS[o.master]), "optim.master",
+                f"({o.master!r}) sets the params dtype, but the precision stores params in {params}; "
+                "for bf16 master weights set optim.master=bf16 (updates rounded stochastically) and leave "
+                "params out of the precision")
 
     def policy(self) -> mpx.Policy:
-        """The parsed precision policy (an ``8bit`` preset: for this process's device)."""
-        return mpx.parse_policy(self.precision)
+        """The parsed precision policy (an ``8bit`` preset: for this process's device), its
+        params dtype ``optim.master``'s."""
+        policy = mpx.parse_policy(self.precision)
+        return dataclasses.replace(policy, params=_MASTER_PARAMS[self.optim.master])
 
     def resolved(self, device=None) -> RunConfig:
         """This config with an ``8bit`` precision written out for ``device`` (default: this
@@ -380,6 +390,13 @@ class RunConfig(Section):
 
 
 # ----------------------------------------------------------------------------- precision
+
+_MASTER_PARAMS = {"f32": "fp32", "bf16": "bf16"}  # optim.master -> the policy's params dtype
+
+
+def _policy_params(spec) -> str:
+    """The params dtype of a precision spec `checked_precision` has accepted."""
+    return mpx.parse_policy(spec, device="h100").params
 
 _RULE_PREFIX = re.compile(r"^policy rule \d+: ")
 
