@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                    "bf16,fp8,int8; e.g. fp8,fp8-rowwise,fp8-block,mxfp8 for the FP8 scaling recipes)")
     b.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME [KEY=VALUE]",
                    help="memory mode: a variant, repeatable: a known name (bf16, fp8, fp8_moments_bf16, "
-                        "fp8_moments_fp8) or a new name and its config overrides (--variant m8 precision=fp8 "
-                        "optim.b1=0.8); default the config's precision and the known ones")
+                        "fp8_moments_fp8, fp8_moments_fp8_master_bf16) or a new name and its config overrides "
+                        "(--variant m8 precision=fp8 optim.b1=0.8); default the config's precision and the known ones")
     b.add_argument("--new-tokens", default=None, help="generate mode: tokens to sample, n,... (default 256,1024)")
     b.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling (default 3)")

@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fp8": ("precision=fp8",),
     "fp8_moments_bf16": ("precision=fp8", "optim.moments=bf16"),
     "fp8_moments_fp8": ("precision=fp8", "optim.moments=fp8"),
+    "fp8_moments_fp8_master_bf16": ("precision=fp8", "optim.moments=fp8", "optim.master=bf16"),
 }
 """Named variants: the config overrides each applies to the bench's config."""
 
