@@ -234,21 +234,26 @@ def history_is_empty(state: Fp8Scale) -> jax.Array:
 
 
 _BOOTSTRAP: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_bootstrap", default=True)
+_STATISTICS: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_statistics", default=True)
 
 
 @contextlib.contextmanager
-def bootstrap(enabled: bool) -> Iterator[None]:
+def _switched(setting: contextvars.ContextVar[bool], enabled: bool) -> Iterator[None]:
+    token = setting.set(bool(enabled))
+    try:
+        yield
+    finally:
+        setting.reset(token)
+
+
+def bootstrap(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Whether FP8 matmuls traced inside may scale a tensor whose history is empty from its
     own amax (`scale_for_use`). On by default; `mpx.train_step` turns it off for the steps
     after the first (``fp8_bootstrap=False``), whose program then quantizes every tensor with
     its stored scale and never waits for this step's amax: the amax and the statistics are
     read in the pass that reads the tensor anyway, instead of one pass more before the
-    quantize."""
-    token = _BOOTSTRAP.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _BOOTSTRAP.reset(token)
+    quantize. A context manager."""
+    return _switched(_BOOTSTRAP, enabled)
 
 
 def bootstrapping() -> bool:
@@ -256,23 +261,15 @@ def bootstrapping() -> bool:
     return _BOOTSTRAP.get()
 
 
-_STATISTICS: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_statistics", default=True)
-
-
-@contextlib.contextmanager
-def statistics(enabled: bool) -> Iterator[None]:
+def statistics(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Whether FP8 matmuls (one scale per tensor) traced inside count the fractions of each
     tensor they saturate and flush. On by default. Off, they observe the amax alone (it scales
     the next steps and guards the step against overflow, so it is never left out) and the step
     keeps each tensor's stored fractions, those of the last step that counted: a program for the
     steps whose statistics nobody reads (`mpx.train_step`'s ``fp8_statistics``). The counts cost
     a pass: XLA fuses one reduction into the kernel that produces a tensor, not the amax and
-    two counts. (The row, block and MX recipes always count.)"""
-    token = _STATISTICS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _STATISTICS.reset(token)
+    two counts. (The row, block and MX recipes always count.) A context manager."""
+    return _switched(_STATISTICS, enabled)
 
 
 def counting() -> bool:
