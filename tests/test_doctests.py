@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["mpx.policy._core", "mpx.policy._parsing", "mpx.policy._paths", "mpx._checks", "mpx._naming", "mpx.fp8._numerics",
-           "mpx.fp8._meta", "mpx.int8._numerics", "mpx.loss_scale",
+           "mpx.fp8._meta", "mpx.fp8._saved", "mpx.int8._numerics", "mpx.loss_scale",
            "mpx.optim._adam", "mpx.optim._blocks",
            "mpx.nn._transformer"]
 

@@ -74,6 +74,9 @@ class Fp8Config:
       forward, input_grad, weight_grad: a granularity for one GEMM alone (x.w, dy.w^T and
         x^T.dy), or ``compute`` to run that GEMM in the compute dtype; empty: ``granularity``.
       block_size: the tile and block length of ``block`` (MX fixes its own, 32).
+      saved_activations: what an op's neighbours keep for the backward besides its FP8
+        operands: ``compute`` (their own dtype) or ``fp8`` (E4M3 copies, `saved_in_fp8`; in
+        `mpx.nn`'s decoder, the MLP's activation input when its first matmul is fp8).
     """
 
     recipe: Recipe = "delayed"
@@ -87,6 +90,7 @@ class Fp8Config:
     input_grad: str = ""
     weight_grad: str = ""
     block_size: int = 128
+    saved_activations: str = "compute"
 
     def __post_init__(self):
         check_choice("fp8 recipe", self.recipe, _RECIPES)
@@ -104,6 +108,7 @@ class Fp8Config:
                 raise ValueError(f"fp8 {role} {value!r} is not supported; expected one of "
                                  f"{', '.join(_ROLE_CHOICES)}{hint}")
         check_int("fp8 block_size", self.block_size, low=1)
+        check_choice("fp8 saved_activations", self.saved_activations, ("compute", "fp8"))
         if set(self.gemms) == {"compute"}:
             raise ValueError("fp8 forward, input_grad and weight_grad are all 'compute': no GEMM of the op is FP8; "
                              "give the op the compute precision instead (a rule '<path>->bf16')")

@@ -28,6 +28,7 @@ from mpx import _probe, program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
+from mpx.fp8 import saved_in_fp8
 from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
@@ -305,7 +306,7 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, *, deterministic: bool = True, rngs=None):
-        h = jax.nn.gelu(self.fc(x), approximate=True)
+        h = _activation(self.fc, functools.partial(jax.nn.gelu, approximate=True), self.fc(x))
         return self.dropout(self.proj(h), deterministic=deterministic, rngs=rngs)
 
 
@@ -320,8 +321,18 @@ class SwiGLU(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, *, deterministic: bool = True, rngs=None):
-        h = jax.nn.silu(self.gate(x)) * self.up(x)
+        h = _activation(self.gate, lambda g, u: jax.nn.silu(g) * u, self.gate(x), self.up(x))
         return self.dropout(self.down(h), deterministic=deterministic, rngs=rngs)
+
+
+def _activation(first: Linear, fn, *xs):
+    """``fn(*xs)``, the MLP's activation of its first matmul's output; its inputs kept for the
+    backward as E4M3 copies (`mpx.fp8.saved_in_fp8`) when that matmul is fp8 and its config
+    says ``saved_activations=fp8``."""
+    op = getattr(first.dot_general, "precision", None)
+    if op is not None and op.is_fp8 and op.fp8.saved_activations == "fp8":
+        return saved_in_fp8(fn, *xs)
+    return fn(*xs)
 
 
 class Block(nnx.Module):

@@ -1,0 +1,61 @@
+"""Activations the backward pass reads in FP8: `saved_in_fp8`.
+
+An FP8 matmul already keeps its operands for the backward as FP8 copies. What else the
+backward reads stays in the compute dtype: an MLP's activation input (B, T, F), four times a
+layer's width, is the largest of them. `saved_in_fp8(fn, *xs)` computes ``fn(*xs)`` exactly and
+keeps, for the backward, each ``x`` as E4M3 codes with one current scale per tensor (its amax
+at 448); the backward evaluates ``fn``'s VJP at the dequantized inputs. The output is exact,
+the gradient that of ``fn`` at a point within E4M3's rounding (2^-4 relative) of the input:
+the same kind of error the FP8 GEMMs around it make. Memory: one byte an element for the
+backward instead of two (bf16) or four. A non-finite input becomes NaN in its copy (`quantize`),
+so the gradients are not finite and the step is skipped, as everywhere in mpx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mpx.fp8._numerics import E4M3, amax, dequantize, fp8_max, quantize, scale_from_amax
+
+
+def to_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` as (E4M3 codes, f32 scale): the scale puts its amax at 448 (1 for an all-zero ``x``)."""
+    scale = scale_from_amax(amax(x), jnp.float32(1.0), fp8_max(E4M3))
+    return quantize(x, E4M3, scale), scale
+
+
+def saved_in_fp8(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
+    """``fn(*xs)``, differentiable, whose backward reads E4M3 copies of ``xs`` (`to_fp8`).
+
+    ``fn`` must be a function of ``xs`` alone (no parameters: their gradients are not
+    returned). The backward recomputes what ``fn``'s VJP needs from the copies.
+
+    >>> x = jnp.array([0.5, -1.0, 3.5])           # scale 448 / 3.5 = 128: every copy exact
+    >>> y, vjp = jax.vjp(lambda x: saved_in_fp8(jnp.tanh, x), x)
+    >>> exact = jax.vjp(jnp.tanh, x)[1](jnp.ones(3))[0]
+    >>> bool(jnp.all(y == jnp.tanh(x))), bool(jnp.all(vjp(jnp.ones(3))[0] == exact))
+    (True, True)
+    >>> x = jnp.array([0.3, -1.0, 3.5])           # 0.3 * 128 = 38.4 is kept as 40: the slope at 0.3125
+    >>> slope = jax.grad(lambda x: saved_in_fp8(jnp.sin, x).sum())(x)[0]
+    >>> bool(slope == jax.grad(jnp.sin)(jnp.float32(0.3125)))
+    True
+    """
+    dtypes = tuple(jnp.dtype(x.dtype) for x in xs)
+
+    @jax.custom_vjp
+    def run(*xs):
+        return fn(*xs)
+
+    def forward(*xs):
+        return fn(*xs), tuple(to_fp8(x) for x in xs)
+
+    def backward(saved, g):
+        xs = tuple(dequantize(q, s, dtype) for (q, s), dtype in zip(saved, dtypes))
+        _, vjp = jax.vjp(fn, *xs)
+        return vjp(g)
+
+    run.defvjp(forward, backward)
+    return run(*xs)
