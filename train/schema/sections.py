@@ -210,9 +210,10 @@ class TrainConfig(Section):
     with an error (0: never). Both
     are kept on the device and checked at log steps and before every checkpoint save
     (`train.divergence`): no state from after the run went bad is saved or kept. ``fp8_lean_min_steps``: a run with FP8 ops of at least this many steps
-    compiles a second, leaner step program (every FP8 tensor on its stored scale; see
-    `mpx.BootstrappedStep`) and switches to it after the first applied step; a shorter run
-    keeps the first step's program (one compile; its steps cost a pass per FP8 tensor more).
+    compiles leaner step programs (every FP8 tensor on its stored scale, and for the steps that
+    are not logged no FP8 saturation counts; see `mpx.BootstrappedStep`) and switches to them
+    after the first applied step; a shorter run keeps the first step's program (one compile;
+    its steps cost a pass or two per FP8 tensor more).
     0: always switch."""
 
     _key: ClassVar[str] = "train"
