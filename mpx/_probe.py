@@ -29,7 +29,7 @@ from jax import lax
 from mpx._dims import normalize_dims
 from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
 from mpx.fp8._meta import bootstrap
-from mpx.fp8._numerics import amax, observe, scale_from_amax, fp8_max
+from mpx.fp8._numerics import current_scale, observe
 from mpx.int8 import Int8Config, int8_dot_general
 
 FORMATS = ("fp8", "int8")
@@ -115,8 +115,7 @@ def _sums(ref, q) -> jax.Array:
 
 def _fp8_fractions(x, dtype, config: Fp8Config) -> jax.Array:
     """(saturated, flushed) of ``x`` quantized to ``dtype`` with a scale from its own amax."""
-    scale = scale_from_amax(amax(x), jnp.float32(1.0), fp8_max(dtype), margin=config.margin)
-    return jnp.stack(observe(x, dtype, scale)[1:])
+    return jnp.stack(observe(x, dtype, current_scale(x, dtype, margin=config.margin))[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))

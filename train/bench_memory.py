@@ -180,9 +180,8 @@ def row(variant: Variant, config: RunConfig, platform: str, devices: int, *, tar
         report = _compile(step, state, batch, options, platform=platform, target=target, mesh=mesh)
     except jax.errors.JaxRuntimeError as e:  # a step larger than the device, a partitioning XLA refuses
         return {**head, "error": _cause(str(e))}
-    gathered: dict[str, float] = {}
-    for c in report.collectives_of("all-gather"):
-        gathered[c.dtype] = gathered.get(c.dtype, 0.0) + c.bytes * c.launches / GB
+    gathered = {dtype: report.collective_bytes("all-gather", dtype=dtype) / GB
+                for dtype in dict.fromkeys(c.dtype for c in report.collectives_of("all-gather"))}
     return {
         **head, "precision": str(config.precision),
         "params_gb": per_device_bytes(state.params) / GB, "optimizer_gb": per_device_bytes(state.opt_state) / GB,

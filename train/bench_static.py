@@ -120,7 +120,7 @@ def lm_step(shape: mn.TransformerConfig, preset: str):
     opt = optax.adamw(1e-4)
     state = jax.eval_shape(lambda p, m: mpx.init_train_state(p, opt, policy=policy, fp8_meta=m), params, meta)
     return functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False,
-                                 fp8_statistics=False), state
+                             fp8_statistics=False), state
 
 
 def row(model: str, variant: str, report: mpx.program.ProgramReport) -> dict[str, Any]:

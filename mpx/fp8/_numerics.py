@@ -146,6 +146,16 @@ def amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
+def current_scale(x: jax.Array, dtype, *, margin: int = 0) -> jax.Array:
+    """The scale that puts ``x``'s own amax at ``dtype``'s largest value (`scale_from_amax`;
+    1 for an all-zero or non-finite ``x``): current scaling, with no history.
+
+    >>> float(current_scale(jnp.array([0.5, -3.5]), E4M3))    # 448 / 3.5
+    128.0
+    """
+    return scale_from_amax(amax(x), jnp.float32(1.0), fp8_max(dtype), margin=margin)
+
+
 def scale_from_amax(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
     """``fp8_max / (amax * 2**margin)``; ``prev_scale`` when that is not a finite positive number.
 

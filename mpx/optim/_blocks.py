@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-E4M3 = jnp.float8_e4m3fn
+from mpx.fp8._numerics import E4M3, fp8_max
 
 
 @struct.dataclass
@@ -101,7 +101,7 @@ def quantize(x: jax.Array, block_size: int, *, dtype=E4M3, floor: bool = False) 
     (for a denominator, which must not become 0 where the value it stands for is not).
     """
     x = jnp.asarray(x, jnp.float32)
-    fmax = float(jnp.finfo(dtype).max)
+    fmax = fp8_max(dtype)
     flat = jnp.atleast_1d(x)
     amax = block_amax(flat, block_size)
     # times the f32 reciprocal, written out: XLA would rewrite a division by a constant so
@@ -129,7 +129,7 @@ def quantize_expanded(x: jax.Array, block_size: int, *, dtype=E4M3) -> BlockExpa
     x = jnp.asarray(x, jnp.float32)
     flat = jnp.atleast_1d(x)
     n = flat.shape[-1]
-    fmax, fmin = float(jnp.finfo(dtype).max), float(jnp.finfo(dtype).smallest_normal)
+    fmax, fmin = fp8_max(dtype), float(jnp.finfo(dtype).smallest_normal)
     amax = block_amax(flat, block_size)
     amin = _block_reduce(jnp.where(flat > 0, flat, jnp.inf), block_size, jnp.min)  # smallest nonzero
     # log(largest / smallest nonzero) as a difference of logs: the ratio may overflow f32
@@ -147,7 +147,7 @@ def quantize_expanded(x: jax.Array, block_size: int, *, dtype=E4M3) -> BlockExpa
 
 def dequantize_expanded(q: BlockExpanded) -> jax.Array:
     """The f32 array ``q`` stands for."""
-    fmax = float(jnp.finfo(q.codes.dtype).max)
+    fmax = fp8_max(q.codes.dtype)
     codes = jnp.atleast_1d(q.codes).astype(jnp.float32)
     n = codes.shape[-1]
     log_x = jnp.log(codes / fmax) / per_element(q.exponent, n, q.block_size) + per_element(
