@@ -20,7 +20,7 @@ def pytest_configure(config):
     if getattr(config.option, "loadscopereorder", False):
         # pytest-xdist >= 3.6 hands out --dist loadfile's modules sorted by how many tests each
         # has, not in collection order: LONGEST_FIRST below would be ignored and a long module
-        # of few tests (test_finetune: one) would start last, alone, while the other worker idles.
+        # of few tests (test_bench: a long fixture) would start last, alone, while the other worker idles.
         config.option.loadscopereorder = False
     if hasattr(config, "workerinput") or CACHE in os.environ:
         return  # an xdist worker: inherits the controller's directory (or the user chose one)
@@ -35,13 +35,13 @@ def pytest_unconfigure(config):
 
 
 # The longest modules first (CPU seconds of each module run alone, measured on a shared 2-core
-# machine: e2e 182, notebooks 181, h100 160, run_safety 139, any_model 132, finetune 105, nn 92,
-# scan 86, bench 77, divergence 65, fp8_guarantees 50, quantize 47, int8 46, loop 38, failures 38;
-# every other module under 30): pytest-xdist's loadfile hands whole modules to whichever worker
-# is free, in collection order (see pytest_configure), so a long module collected last would run
+# machine: e2e 182, notebooks 181, h100 160, run_safety 139, any_model 132, nn 92, scan 86,
+# bench 77, divergence 65, fp8_guarantees 50, quantize 47, int8 46, loop 38, failures 38; every
+# other module under 30): pytest-xdist's loadfile hands whole modules to whichever worker is free,
+# in collection order (see pytest_configure), so a long module collected last would run
 # alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_train_e2e", "test_notebooks", "test_h100", "test_run_safety", "test_any_model",
-                 "test_finetune", "test_nn", "test_scan", "test_bench", "test_divergence", "test_fp8_guarantees",
+                 "test_nn", "test_scan", "test_bench", "test_divergence", "test_fp8_guarantees",
                  "test_generate", "test_weights", "test_tpu", "test_llama", "test_quantize", "test_int8", "test_loop",
                  "test_failures")
 

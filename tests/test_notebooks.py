@@ -111,8 +111,11 @@ def test_pretrain_generate_finetune(tmp_path, monkeypatch, compile_cache):
         matrix = r["confusion"]
         total = sum(map(sum, matrix))
         assert total > 0 and abs(sum(matrix[i][i] for i in range(3)) / total - r["accuracy"]) < 1e-9, precision
-    # Measured 0.500 against 0.429 on 640 validation tweets (a standard error of ~0.02).
-    assert s["fp8"]["accuracy"] > s["fp8"]["majority_baseline"] + 0.03
+    # Fine-tuning from the pre-training run (init_from: its body and tokenizer, a new head) must
+    # beat predicting the majority class: by 4 points, 2 standard errors on 640 validation tweets
+    # (~0.02). Measured 0.495 under both precisions against 0.429.
+    for precision in ("fp8", "bf16"):
+        assert s[precision]["accuracy"] > s[precision]["majority_baseline"] + 0.04, (precision, s[precision])
 
 
 def test_which_ops_take_8_bits(tmp_path, monkeypatch, compile_cache):
