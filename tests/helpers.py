@@ -67,12 +67,13 @@ CONFIG = mn.TransformerConfig(vocab_size=256, d_model=64, num_heads=4, num_layer
 BATCH = jax.ShapeDtypeStruct((4, 33), jnp.int32)
 
 
-def lm_step(spec: str, *, scan=False, remat=False, accum_steps=1, layers=CONFIG.num_layers, fp8_bootstrap=True):
+def lm_step(spec: str, *, scan=False, remat=False, remat_policy="full", accum_steps=1, layers=CONFIG.num_layers,
+            fp8_bootstrap=True):
     """A full TransformerLM train step (AdamW) under ``spec``: (model, policy, step, abstract args).
     Matmul dims are multiples of 16 (cuBLASLt FP8 takes those). ``fp8_bootstrap``: the first
     step's program (True) or the lean one of the steps after."""
     policy = mpx.parse_policy(spec)
-    config = dataclasses.replace(CONFIG, scan_layers=scan, remat=remat, num_layers=layers)
+    config = dataclasses.replace(CONFIG, scan_layers=scan, remat=remat, remat_policy=remat_policy, num_layers=layers)
     model = mn.TransformerLM(config, policy=policy, rngs=nnx.Rngs(0))
     graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
 

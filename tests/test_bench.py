@@ -163,7 +163,8 @@ def test_memory_variants_are_names_or_config_overrides():
     from train.config import load_config
 
     config = load_config(ROOT / "configs" / "quickstart.yaml", TINY)
-    named = ["bf16", "fp8", "fp8_moments_bf16", "fp8_moments_fp8", "fp8_moments_fp8_master_bf16"]
+    named = ["bf16", "fp8", "fp8_moments_bf16", "fp8_moments_fp8", "fp8_moments_fp8_master_bf16",
+             "fp8_moments_fp8_remat_fp8"]
     assert [v.name for v in bm.default_variants(config)] == named  # quickstart's precision is fp8
     assert [v.name for v in bm.default_variants(bm.variant_config(config, bm.Variant("x", ("precision=fp16",))))] == [
         "config", *named]

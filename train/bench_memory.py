@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fp8_moments_bf16": ("precision=fp8", "optim.moments=bf16"),
     "fp8_moments_fp8": ("precision=fp8", "optim.moments=fp8"),
     "fp8_moments_fp8_master_bf16": ("precision=fp8", "optim.moments=fp8", "optim.master=bf16"),
+    "fp8_moments_fp8_remat_fp8": ("precision=fp8", "optim.moments=fp8", "model.remat=true", "model.remat_policy=fp8"),
 }
 """Named variants: the config overrides each applies to the bench's config."""
 

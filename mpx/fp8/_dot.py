@@ -24,6 +24,8 @@ from mpx._dims import normalize_dims, transpose_dims
 from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, bootstrapping, combine_metas, counting, observation, scale_for_use
 from mpx.fp8._numerics import amax, gemm_dtype, observe, quantize
 from mpx.fp8._recipes import recipe_dot
+from mpx.fp8._saved import saved_for_backward, weights_whole
+from mpx._sharding import mark
 
 
 class Fp8FanoutWarning(UserWarning):
@@ -142,12 +144,12 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
         return recipe_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
                           bool(rhs_is_weight))
     return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
-                    counting())
+                    counting(), bool(rhs_is_weight) and weights_whole())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count):
-    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs):
+    return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs)[0]
 
 
 def _quantized(x, state, dtype, config, bootstrap, count):
@@ -166,16 +168,22 @@ def _quantized(x, state, dtype, config, bootstrap, count):
     return q, scale, observation(state, x_amax, (saturated, flushed))
 
 
-def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count):
+def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs):
+    """``whole_rhs``: the weight's codes laid out whole (`mpx.fp8._saved.keeping_weights_whole`)."""
     fwd = meta.config.forward_dtype
     q_lhs, lhs_scale, seen_lhs = _quantized(lhs, meta.lhs, fwd, meta.config, bootstrap, count)
     q_rhs, rhs_scale, seen_rhs = _quantized(rhs, meta.rhs, fwd, meta.config, bootstrap, count)
+    if whole_rhs:
+        q_rhs = mark(q_rhs, (None,) * q_rhs.ndim)
+    # Named before the GEMM reads them: a remat that keeps them recomputes this output from
+    # the kept codes (no second quantize, no second gather), not from lhs and rhs.
+    saved = saved_for_backward((q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs))
+    q_lhs, q_rhs, lhs_scale, rhs_scale = saved[:4]
     out = _scaled_dot(q_lhs, q_rhs, dims, lhs_scale, rhs_scale, out_dtype)
-    residuals = (q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta)
-    return (out, meta), residuals
+    return (out, meta), (*saved, meta)
 
 
-def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, residuals, cotangents):
+def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs, residuals, cotangents):
     q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta = residuals
     g, later = cotangents
     q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config, bootstrap, count)

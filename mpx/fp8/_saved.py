@@ -13,12 +13,66 @@ so the gradients are not finite and the step is skipped, as everywhere in mpx.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from mpx.fp8._numerics import E4M3, current_scale, dequantize, quantize
+
+
+# The name every FP8 copy the backward reads carries (`jax.ad_checkpoint.checkpoint_name`):
+# a remat policy that saves it keeps the FP8 operands of each matmul (and their scales and
+# observations) instead of recomputing them (`remat_saving_fp8`).
+FP8_SAVED = "mpx_fp8_saved"
+
+
+def remat_saving_fp8():
+    """The ``jax.checkpoint`` / ``nnx.remat`` policy that keeps what mpx's FP8 ops save for
+    the backward (operand codes, scales, observations, `saved_in_fp8` copies) and recomputes
+    everything else."""
+    return jax.checkpoint_policies.save_only_these_names(FP8_SAVED)
+
+
+_WHOLE_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("mpx_fp8_whole_weights", default=False)
+
+
+@contextlib.contextmanager
+def keeping_weights_whole() -> Iterator[None]:
+    """While a model is traced in it, each per-tensor fp8 matmul lays its weight's E4M3 codes
+    out whole on every device (unsplit: `mpx._sharding.mark` with no axis names) where flax
+    logical axis rules are active. Under FSDP the codes are then the gathered ones, and a remat
+    policy that keeps them (`remat_saving_fp8`) keeps what was gathered: the backward gathers no
+    weight a second time, for the memory of every layer's whole codes. Without rules, nothing."""
+    token = _WHOLE_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_WEIGHTS.reset(token)
+
+
+def weights_whole() -> bool:
+    """Whether `keeping_weights_whole` is active (read when an fp8 matmul is traced)."""
+    return _WHOLE_WEIGHTS.get()
+
+
+def _named(x: jax.Array) -> jax.Array:
+    if jnp.dtype(x.dtype).itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        # A kept residual that the forward also reads is rounded by jax through
+        # ``reduce_precision`` with its format's bits, which follows IEEE rules and turns the
+        # top binade of a format without infinities (E4M3FN: 256..448, where every amax lands)
+        # into NaN. The codes' bytes are kept instead: bitcasts, free in XLA.
+        return lax.bitcast_convert_type(checkpoint_name(lax.bitcast_convert_type(x, jnp.uint8), FP8_SAVED), x.dtype)
+    return checkpoint_name(x, FP8_SAVED)
+
+
+def saved_for_backward(tree):
+    """``tree`` with every array named `FP8_SAVED` (FP8 codes through their bytes)."""
+    return jax.tree.map(_named, tree)
 
 
 def to_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +104,7 @@ def saved_in_fp8(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
         return fn(*xs)
 
     def forward(*xs):
-        return fn(*xs), tuple(to_fp8(x) for x in xs)
+        return fn(*xs), saved_for_backward(tuple(to_fp8(x) for x in xs))
 
     def backward(saved, g):
         xs = tuple(dequantize(q, s, dtype) for (q, s), dtype in zip(saved, dtypes))

@@ -1,4 +1,4 @@
-"""Logical axis names of the decoder's activations, for flax's logical axis rules.
+"""Logical axis names of the decoder's activations, for flax's logical axis rules (`mpx._sharding.mark`).
 
 The decoder marks its residual stream ``(batch, length, embed)`` at each block's input, and
 the attention's queries ``(batch, length, heads, head_dim)`` and keys and values ``(batch,
@@ -16,23 +16,8 @@ weight is gathered before its matmul, which is FSDP (`train.mesh.activation_shar
 this for the app).
 """
 
-from __future__ import annotations
-
-import jax
-from flax import linen
-
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM = "batch", "length", "embed", "heads", "kv_heads", "head_dim"
 
 RESIDUAL = (BATCH, LENGTH, EMBED)
 QUERIES = (BATCH, LENGTH, HEADS, HEAD_DIM)
 KEYS_VALUES = (BATCH, LENGTH, KV_HEADS, HEAD_DIM)
-
-
-def mark(x, names: tuple[str, ...]):
-    """``x`` constrained to the mesh axes the active logical rules give ``names`` (one per
-    dimension); ``x`` itself when no rules are active, and under a mesh of explicit axes (there
-    an array's sharding is part of its type, and jax refuses a constraint that would change it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return x
-    return linen.with_logical_constraint(x, names)

@@ -17,6 +17,7 @@ and the paths lose the index: ``blocks/attn/qkv``, ...
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -28,12 +29,13 @@ from mpx import _probe, program
 from mpx._naming import op_scope
 from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
-from mpx.fp8 import saved_in_fp8
+from mpx.fp8 import keeping_weights_whole, remat_saving_fp8, saved_in_fp8
 from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.nn._rotary import apply_rotary, rotary_angles
-from mpx.nn._sharding import KEYS_VALUES, QUERIES, RESIDUAL, mark
+from mpx._sharding import mark
+from mpx.nn._sharding import KEYS_VALUES, QUERIES, RESIDUAL
 from mpx.policy import OpPrecision, Policy
 
 
@@ -51,6 +53,13 @@ class TransformerConfig:
     ``scan_layers``: build the blocks as one stack (``nnx.vmap``) and run them with
     ``nnx.scan``: one block is compiled instead of ``num_layers``. ``remat``: recompute
     each block's activations in the backward pass (``nnx.remat``) instead of storing them.
+    ``remat_policy`` (with ``remat``): what the recomputation keeps: ``full`` nothing but
+    each block's input; ``fp8`` also what the block's FP8 ops save for their backward (the
+    E4M3 codes of each matmul's operands, weights included, and of `saved_in_fp8`'s
+    inputs: `mpx.fp8.remat_saving_fp8`), so the backward requantizes nothing and, under
+    FSDP, gathers no weight again; the rest (norms, attention, the matmuls' outputs) is
+    recomputed. It needs per-tensor FP8 ops (the row / block / mx recipes save their
+    operands in the compute dtype).
     """
 
     vocab_size: int
@@ -63,6 +72,7 @@ class TransformerConfig:
     tie_embeddings: bool = True
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "full"
     layout: str = "gpt2"
     num_kv_heads: int | None = None
     rope_base: float = 10000.0
@@ -89,6 +99,12 @@ class TransformerConfig:
         for name in ("tie_embeddings", "scan_layers", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {', '.join(map(repr, REMAT_POLICIES))}, "
+                             f"got {self.remat_policy!r}{did_you_mean(self.remat_policy, REMAT_POLICIES)}")
+        if self.remat_policy != "full" and not self.remat:
+            raise ValueError(f"remat_policy={self.remat_policy!r} says what recomputation keeps, but remat is off: "
+                             "set remat=True, or leave remat_policy at 'full'")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}"
                              f"{did_you_mean(self.layout, LAYOUTS)}")
@@ -113,6 +129,7 @@ class TransformerConfig:
 
 
 LAYOUTS = ("gpt2", "llama")
+REMAT_POLICIES = ("full", "fp8")
 
 
 def _divisor_hint(d: int, h: int) -> int:
@@ -391,6 +408,18 @@ class Decoder(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
         self.loss = CrossEntropy()
 
+    def _remat_policy(self):
+        """The ``nnx.remat`` policy of ``config.remat_policy``; ``fp8`` only where some op
+        of the blocks saves per-tensor FP8 copies (else it would recompute all, silently)."""
+        if self.config.remat_policy == "full":
+            return None
+        ops = [op.precision for _, op in nnx.iter_graph(self.blocks) if isinstance(op, DotGeneral)]
+        if not any(op is not None and op.is_fp8 and op.fp8.per_tensor for op in ops):
+            raise ValueError("remat_policy='fp8' keeps the FP8 copies of per-tensor FP8 matmuls, and no matmul of "
+                             "the blocks is one under this policy (bf16/int8 ops, or the row/block/mx recipes, "
+                             "which save their operands in the compute dtype): use remat_policy='full'")
+        return remat_saving_fp8()
+
     def features(self, tokens, mask=None, *, deterministic: bool = True, rngs=None):
         t = tokens.shape[1]
         if t > self.config.max_len:
@@ -400,12 +429,16 @@ class Decoder(nnx.Module):
         n = self.config.num_layers
         keys = jax.random.split(rngs.dropout(), n) if rngs is not None and not deterministic else [None] * n
 
+        keep_fp8 = self.config.remat and self.config.remat_policy == "fp8"
+
         def run(block, x, key):
             block_rngs = None if key is None else nnx.Rngs(dropout=key)
-            return block(x, mask, deterministic=deterministic, rngs=block_rngs)
+            # what remat keeps of a weight is its gathered FP8 codes (under FSDP), not a shard
+            with keeping_weights_whole() if keep_fp8 else contextlib.nullcontext():
+                return block(x, mask, deterministic=deterministic, rngs=block_rngs)
 
         if self.config.remat:
-            run = nnx.remat(run)
+            run = nnx.remat(run, policy=self._remat_policy())
         if self.config.scan_layers:
             keys = None if keys[0] is None else keys
 

@@ -38,7 +38,10 @@ class ModelConfig(Section):
 
     ``scan_layers``: the blocks are one stacked module run by ``nnx.scan`` (one block
     compiled, one FP8 meta per layer); ``remat``: recompute block activations in the
-    backward pass. Checkpoints of a scanned and an unrolled model are not interchangeable.
+    backward pass; ``remat_policy``: what that recomputation keeps (``full``: each block's
+    input alone; ``fp8``: also the FP8 copies the fp8 matmuls save for their backward,
+    `mpx.fp8.remat_saving_fp8`: more memory, no requantizing or FSDP re-gathering of
+    weights in the backward). Checkpoints of a scanned and an unrolled model are not interchangeable.
     """
 
     _key: ClassVar[str] = "model"
@@ -57,6 +60,7 @@ class ModelConfig(Section):
     vocab_size: int | None = None
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: Literal["full", "fp8"] = "full"
 
     def _validate(self):
         self._positive("d_model", "num_heads", "num_layers", "d_ff", "max_len", "vocab_size", "num_kv_heads")
@@ -76,6 +80,7 @@ class ModelConfig(Section):
             vocab_size=self.vocab_size or vocab_size, d_model=self.d_model, num_heads=self.num_heads,
             num_layers=self.num_layers, d_ff=self.d_ff, max_len=self.max_len, dropout=self.dropout,
             tie_embeddings=self.tie_embeddings, scan_layers=self.scan_layers, remat=self.remat,
+            remat_policy=self.remat_policy,
             layout=self.layout, num_kv_heads=self.num_kv_heads, rope_base=self.rope_base, norm_eps=self.norm_eps,
         )
 
@@ -360,6 +365,10 @@ class RunConfig(Section):
                      + (f" x mesh.fsdp ({self.mesh.fsdp})" if self.mesh.fsdp > 1 else ""))
         require(d.task == "classification" or self.finetune.num_classes is None, "finetune.num_classes",
                  "is set but data.task is 'lm'; set data.task=classification")
+        require(m.remat_policy != "fp8" or _saves_fp8_copies(self.precision, m), "model.remat_policy",
+                "('fp8') keeps the FP8 copies of the blocks' per-tensor fp8 matmuls, and this precision has none "
+                "(no fp8 op, or the row/block/mx recipes, which save their operands in the compute dtype); "
+                "set model.remat_policy=full")
         params = _policy_params(self.precision)
         require(params in ("fp32", _MASTER_PARAMS[o.master]), "optim.master",
                 f"({o.master!r}) sets the params dtype, but the precision stores params in {params}; "
@@ -398,6 +407,15 @@ _MASTER_PARAMS = {"f32": "fp32", "bf16": "bf16"}  # optim.master -> the policy's
 def _policy_params(spec) -> str:
     """The params dtype of a precision spec `checked_precision` has accepted."""
     return mpx.parse_policy(spec, device="h100").params
+
+def _saves_fp8_copies(spec, model: ModelConfig) -> bool:
+    """Whether a block matmul of ``model`` is a per-tensor fp8 op under ``spec``."""
+    policy = mpx.parse_policy(spec, device="h100")
+    block = "blocks" if model.scan_layers else "blocks/0"
+    mlp = ("gate", "up", "down") if model.layout == "llama" else ("fc", "proj")
+    ops = [policy.for_op(f"{block}/{path}", "dense") for path in ("attn/qkv", "attn/out", *(f"mlp/{p}" for p in mlp))]
+    return any(op.is_fp8 and op.fp8.per_tensor for op in ops)
+
 
 _RULE_PREFIX = re.compile(r"^policy rule \d+: ")
 
