@@ -162,7 +162,7 @@ class Widened8Bit(UserWarning):
 
 class SpelledOutBlocks(UserWarning):
     """A policy scales FP8 in blocks (``block``, ``mx``) on a chip whose FP8 GEMMs take one
-    scale per operand: each block of the contraction is a GEMM of its own, with its partial
+    scale per operand (every chip for ``block``; all but Blackwell's for ``mx``): each block of the contraction is a GEMM of its own, with its partial
     products rescaled and summed outside the GEMMs: correct numerics, several times the
     traffic of one scale per tensor (README, "FP8 scaling recipes")."""
 
@@ -204,11 +204,14 @@ def _on_device(table: PrecisionTable, policy: Policy, device) -> PrecisionTable:
                    + (f" (precision '{FASTEST_8BIT}' picks it)" if native else ""))
         warnings.warn(message, Widened8Bit, stacklevel=3)
         notes.append(message)
-    blocked = [kinds for kinds in (_spelled_out(policy, r) for r in rows) if kinds]
+    own = program.get_target(device).block_scaled if isinstance(device, (str, program.Target)) else (
+        getattr(program.target_of(device), "block_scaled", frozenset()))
+    blocked = [kinds - own for kinds in (_spelled_out(policy, r) for r in rows) if kinds - own]
     if blocked:
         kinds = sorted(set().union(*blocked))
-        message = (f"{len(blocked)} fp8 ops scale in blocks ({', '.join(kinds)}): {name}'s FP8 GEMMs take one scale "
-                   f"per operand, so every block of the contraction is a GEMM of its own and its partial products are "
+        takes = f"block scales of {', '.join(sorted(own))} only" if own else "one scale per operand"
+        message = (f"{len(blocked)} fp8 ops scale in blocks ({', '.join(kinds)}): {name}'s FP8 GEMMs take {takes}, "
+                   f"so every block of the contraction is a GEMM of its own and its partial products are "
                    f"rescaled and summed outside the GEMMs: the numerics of the recipe, at several times the memory "
                    f"traffic of one scale per tensor (fp8, fp8-rowwise)")
         warnings.warn(message, SpelledOutBlocks, stacklevel=3)

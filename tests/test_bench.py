@@ -96,7 +96,7 @@ def test_cli_writes_the_record_and_rejects_a_bad_mode(tmp_path, capsys):
     assert "unknown bench mode 'gemmm'" in capsys.readouterr().err
     assert main(["bench", str(config), "--mode", "static", "--target", "h1000"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["error: unknown target 'h1000'; expected one of h100, v5e, v5p, v6e, v7x"], err
+    assert err.strip().splitlines() == ["error: unknown target 'h1000'; expected one of h100, b200, v5e, v5p, v6e, v7x"], err
 
 
 def test_generate_mode_times_the_cached_and_the_recomputing_sampler():

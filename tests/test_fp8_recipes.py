@@ -6,6 +6,7 @@ definitions (ml_dtypes for the FP8 casts); the matmuls against float64 with the 
 quantization, and exactly on inputs each recipe represents without error.
 """
 
+import functools
 import math
 
 import jax
@@ -17,7 +18,7 @@ import pytest
 from flax import nnx
 
 import mpx
-from mpx.fp8 import Fp8Config, Fp8Meta, fp8_dot_general
+from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.fp8._granular import quantize_canonical
 
 F8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
@@ -144,6 +145,32 @@ def test_mx_rounds_the_shared_exponent_down_and_saturates_what_is_left():
     got = quantize_canonical(jnp.asarray(tile)[None, None], "mx", jnp.float8_e4m3fn)
     assert float(got.scale[0, 0, 0]) == 1.0
     assert np.asarray(got.q[0, 0, :3]).astype(np.float32).tolist() == [448.0, 3.0, 2.0**-9]
+
+
+def test_a_block_scaled_gemm_is_handed_the_codes_and_exact_e8m0_tile_scales():
+    """What a Blackwell GPU's block-scaled GEMM gets under MX (`mx_operand`, for
+    ``jax.nn.scaled_matmul``): the same E4M3 codes, and per 1x32 tile the E8M0 power of two
+    ``2**X`` (OCP MX's X, written as numpy's bytes: exponent + 127; 255 is NaN) that brings them
+    back. Their product (scaled_matmul's documented math, in float64) is the spelled-out
+    product of the H100 / CPU program up to f32 accumulation order."""
+    from mpx.fp8._granular import mx_operand, scaled_product
+
+    x, w = awkward(6, 200, seed=4), np.random.default_rng(5).standard_normal((40, 200)).astype(np.float32)
+    qx = quantize_canonical(jnp.asarray(x)[None], "mx", jnp.float8_e4m3fn)
+    qw = quantize_canonical(jnp.asarray(w)[None], "mx", jnp.float8_e4m3fn)
+    codes, e8m0 = mx_operand(qx)
+    want_codes, want_scales = np_quantize(x, "mx", "e4m3")
+    assert same_codes(codes[0, :, :200], want_codes) and e8m0.dtype == jnp.float8_e8m0fnu
+    nan = np.isnan(want_scales)
+    exponent = np.where(nan, 128, -np.log2(np.where(nan, 1, want_scales))).astype(np.int64)  # X of each tile
+    assert np.array_equal(np.asarray(e8m0)[0].view(np.uint8).astype(np.int64), exponent + 127)
+    # the documented math of scaled_matmul on clean rows (awkward()'s rows 2 and 3 hold inf / NaN)
+    rows = [0, 1, 4, 5]
+    (cw, sw) = mx_operand(qw)
+    dequant = lambda c, e: np.asarray(c, np.float64) * np.repeat(np.asarray(e.astype(jnp.float32), np.float64), 32, -1)  # noqa: E731
+    reference = dequant(codes[0], e8m0[0])[rows] @ dequant(cw[0], sw[0]).T
+    spelled = np.asarray(scaled_product(qx, qw, jnp.float32))[0][rows]
+    np.testing.assert_allclose(spelled, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 # ----------------------------------------------------------------------------- the matmuls
@@ -361,11 +388,8 @@ def test_every_recipe_trains_a_scanned_stack_like_bf16(trained):
             assert stacked and all(not np.array_equal(h[0], h[1]) for h in histories)
 
 
-@pytest.mark.parametrize("name", ["fp8-rowwise-gw-hp", "mxfp8", "fp8-block"])
-def test_an_overflow_skips_the_step_under_every_recipe(name):
-    """Two FP8 matmuls (x.w1 -> tanh -> .w2) under each recipe: after a clean step, an inf
-    input entry and an overflowing loss each skip the step with params, optimizer state and
-    FP8 meta untouched, as under one scale per tensor; a clean step then trains."""
+def two_matmuls(name):
+    """x.w1 -> tanh -> .w2 under the recipe ``name``: (loss_fn, optimizer, state, x)."""
     config = mpx.parse_policy(name).fp8
     dims = dims_of("mk,kn->mn")
 
@@ -378,9 +402,16 @@ def test_an_overflow_skips_the_step_under_every_recipe(name):
     params = {"w1": jax.random.normal(keys[0], (64, 64)) / 8, "w2": jax.random.normal(keys[1], (64, 48)) / 8}
     meta = {"l1": Fp8Meta.init(config), "l2": Fp8Meta.init(config)}
     opt = optax.adam(1e-2)
-    state = mpx.init_train_state(params, opt, fp8_meta=meta)
+    return loss_fn, opt, mpx.init_train_state(params, opt, fp8_meta=meta), jax.random.normal(keys[2], (32, 64))
+
+
+@pytest.mark.parametrize("name", ["fp8-rowwise-gw-hp", "mxfp8", "fp8-block"])
+def test_an_overflow_skips_the_step_under_every_recipe(name):
+    """Two FP8 matmuls (x.w1 -> tanh -> .w2) under each recipe: after a clean step, an inf
+    input entry and an overflowing loss each skip the step with params, optimizer state and
+    FP8 meta untouched, as under one scale per tensor; a clean step then trains."""
+    loss_fn, opt, state, x = two_matmuls(name)
     step = mpx.make_train_step(loss_fn, opt, donate=False)
-    x = jax.random.normal(keys[2], (32, 64))
     state, m = step(state, {"x": x, "t": jnp.float32(1.0)})
     assert not bool(m.skipped)
     before = state
@@ -392,6 +423,31 @@ def test_an_overflow_skips_the_step_under_every_recipe(name):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     state, m = step(state, {"x": x, "t": jnp.float32(1.0)})
     assert not bool(m.skipped) and not np.array_equal(np.asarray(state.params["w1"]), np.asarray(before.params["w1"]))
+
+
+@pytest.mark.parametrize("name", ["fp8-rowwise", "mxfp8"])
+def test_a_step_that_does_not_count_under_a_recipe_changes_nothing_but_the_fractions(name):
+    """``fp8_statistics=False`` under a recipe (the unlogged steps' program): params, optimizer
+    state, scales, histories and amaxes are the counting step's bit for bit; the saturated /
+    flushed fractions are the ones the state came in with; an overflow is still skipped."""
+    loss_fn, opt, state, x = two_matmuls(name)
+    lean, quiet = (jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt, fp8_bootstrap=False,
+                                             fp8_statistics=count)) for count in (True, False))
+    batch = {"x": x, "t": jnp.float32(1.0)}
+    # fractions to keep: every other column a millionth of the rest flushes in its row or tile
+    state, _ = lean(state, {"x": x.at[:, ::2].multiply(1e-6), "t": jnp.float32(1.0)})
+    counted, _ = lean(state, batch)
+    kept, _ = quiet(state, batch)
+    fractions = lambda s: [(float(t.saturated), float(t.flushed)) for m in s.fp8_meta.values()  # noqa: E731
+                           for t in (m.lhs, m.rhs, m.grad)]
+    strip = lambda s: s.replace(rng=None, fp8_meta=jax.tree.map(  # noqa: E731
+        lambda t: t.replace(saturated=None, flushed=None), s.fp8_meta, is_leaf=lambda t: isinstance(t, Fp8Scale)))
+    for a, b in zip(jax.tree.leaves(strip(counted)), jax.tree.leaves(strip(kept))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert fractions(kept) == fractions(state) and fractions(counted) != fractions(state)
+    poisoned, m = quiet(state, {"x": x.at[3, 5].set(jnp.inf), "t": jnp.float32(1.0)})
+    assert bool(m.skipped) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                                   zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(state.params)))
 
 
 def test_a_captured_model_runs_every_recipe():
@@ -424,7 +480,8 @@ def test_a_captured_model_runs_every_recipe():
 
 def test_describe_names_each_recipe_and_warns_of_blocks_spelled_out_on_an_h100():
     """The precision column names the recipe; for an H100 (whose FP8 GEMMs take one scale per
-    operand) a block or MX recipe is a `SpelledOutBlocks` warning and a note; row scales are not."""
+    operand) a block or MX recipe is a `SpelledOutBlocks` warning and a note; row scales are not;
+    for a B200 MX is not (its GEMMs take MX tiles), DeepSeek's blocks are."""
     import warnings
 
     from helpers import lm_step
@@ -436,6 +493,12 @@ def test_describe_names_each_recipe_and_warns_of_blocks_spelled_out_on_an_h100()
         table = describe(model, policy, device="h100")
     assert {r.precision for r in table.rows if r.precision.startswith("fp8")} == {"fp8 (mx)"}
     assert any("scale in blocks" in n for n in table.notes)
+    with warnings.catch_warnings():  # a B200's GEMMs take MX tiles themselves
+        warnings.simplefilter("error", SpelledOutBlocks)
+        assert not any("scale in blocks" in n for n in describe(model, policy, device="b200").notes)
+    model, policy, _, _ = lm_step("fp8-block", layers=1)
+    with pytest.warns(SpelledOutBlocks, match=r"\(block\): b200's FP8 GEMMs take block scales of mx only"):
+        describe(model, policy, device="b200")
     model, policy, _, _ = lm_step("fp8-rowwise-gw-hp", layers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SpelledOutBlocks)

@@ -63,8 +63,8 @@ def test_each_chip_multiplies_its_own_8bit_format_natively_and_widens_the_other(
 
 def test_the_chips_8bit_formats_are_the_ones_the_docs_name():
     """The table the tests above check against the compiler."""
-    assert {c: set(mpx.program.native_8bit(c)) for c in ("h100", "v5e", "v5p", "v6e", "v7x")} == {
-        "h100": {"fp8", "int8"}, "v5e": {"int8"}, "v5p": {"int8"}, "v6e": {"int8"}, "v7x": {"fp8"}}
+    assert {c: set(mpx.program.native_8bit(c)) for c in ("h100", "b200", "v5e", "v5p", "v6e", "v7x")} == {
+        "h100": {"fp8", "int8"}, "b200": {"fp8", "int8"}, "v5e": {"int8"}, "v5p": {"int8"}, "v6e": {"int8"}, "v7x": {"fp8"}}
 
 
 # ----------------------------------------------------------------------------- train steps

@@ -142,7 +142,7 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, meta: Fp8
     _warn_if_reused(meta, lhs, rhs)
     if not meta.config.per_tensor:
         return recipe_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
-                          bool(rhs_is_weight))
+                          bool(rhs_is_weight), counting())
     return _fp8_dot(lhs, rhs, meta, dims, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), bootstrapping(),
                     counting(), bool(rhs_is_weight) and weights_whole())
 

@@ -166,11 +166,27 @@ def statistics(x: jax.Array, quantized: Quantized, dtype) -> tuple[jax.Array, ja
     return peak, saturated.astype(jnp.float32) / size, flushed.astype(jnp.float32) / size
 
 
-def scaled_product(a: Quantized, b: Quantized, gemm_dtype) -> jax.Array:
+def mx_operand(a: Quantized) -> tuple[jax.Array, jax.Array]:
+    """An MX-quantized operand as a block-scaled GEMM takes it (``jax.nn.scaled_matmul``): its
+    E4M3 / E5M2 codes (B, F, K) and, per 1x32 tile, the power of two ``2**X = 1 / scale`` that
+    brings them back, as E8M0 (B, F, K / 32; a NaN scale is E8M0's NaN). Written from the
+    exponent, not by dividing: 2**-127 (an all-zero tile's) is an f32 subnormal, which XLA
+    flushes to zero, and E8M0 has no zero."""
+    _, exp = jnp.frexp(a.scale)  # scale = 2**-X = 0.5 * 2**exp: X = 1 - exp, E8M0's byte X + 127
+    byte = jnp.where(jnp.isnan(a.scale), 255, 128 - exp).astype(jnp.uint8)
+    return a.q, lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu)
+
+
+def scaled_product(a: Quantized, b: Quantized, gemm_dtype, *, block_scaled: bool = False) -> jax.Array:
     """``sum_j (qa_j . qb_j) / (sa_j * sb_j)``: (B, M, N) in f32. One FP8 GEMM (in
     ``gemm_dtype``) with its scales applied to the output when the contraction is one block;
-    else one FP8 GEMM per block (a batch axis), each rescaled and accumulated in f32."""
+    with ``block_scaled`` and MX tiles on both sides, one block-scaled GEMM that applies the
+    tiles' scales itself (``jax.nn.scaled_matmul``: cuDNN on Blackwell; it has no CPU or Hopper
+    lowering); else one FP8 GEMM per block (a batch axis), each rescaled and accumulated in f32."""
     inv_a, inv_b = 1.0 / a.scale, 1.0 / b.scale
+    if block_scaled and a.block == b.block == MX_BLOCK and a.q.shape[-1] > MX_BLOCK:
+        (qa, sa), (qb, sb) = mx_operand(a), mx_operand(b)
+        return jax.nn.scaled_matmul(qa, qb, sa, sb, preferred_element_type=jnp.float32)
     if a.block == a.q.shape[-1] and b.block == b.q.shape[-1]:  # one block: tensor or row scales
         out = lax.dot_general(a.q, b.q, (((2,), (2,)), ((0,), (0,))), preferred_element_type=gemm_dtype)
         out = out.astype(jnp.float32)

@@ -239,6 +239,15 @@ def _library_gemm(instr: _Instr, types: dict[str, str]) -> tuple[str | None, flo
     return _gemm(instr, types, re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs))
 
 
+def _block_scaled_gemm(instr: _Instr, types: dict[str, str]) -> tuple[str | None, float]:
+    """(operand kind, flops) of cuDNN's block-scaled GEMM (MXFP8 on Blackwell): lhs (B, M, K)
+    times rhs (B, N, K), the contraction last; its other two operands are the tiles' scales."""
+    lhs_dtype, lhs = _dims(types.get(instr.operands[0], ""))
+    rhs_dtype, _ = _dims(types.get(instr.operands[1], ""))
+    _, out = _dims(instr.type)
+    return _gemm_kind(lhs_dtype, rhs_dtype), 2.0 * math.prod(out) * (lhs[-1] if lhs else 0)
+
+
 def _io_bytes(instr: _Instr, types: dict[str, str], *, library: bool) -> float:
     out = instr.type
     if library and out.startswith("("):  # (result, ..., s8[workspace]): scratch, not traffic
@@ -419,6 +428,10 @@ def _kernel(instr: _Instr, comps: dict[str, list[_Instr]], types: dict[str, str]
         if target.startswith("__cublas"):
             gemm, flops = _library_gemm(instr, types)
             return Kernel(instr.name, "gemm", gemm, "cublas", path, _io_bytes(instr, types, library=True), flops,
+                          launches, instr.line)
+        if target == "__cudnn$blockScaledDot":
+            gemm, flops = _block_scaled_gemm(instr, types)
+            return Kernel(instr.name, "gemm", gemm, "cudnn", path, _io_bytes(instr, types, library=True), flops,
                           launches, instr.line)
         if target.startswith("__cudnn$fmha"):
             return Kernel(instr.name, "attention", None, "cudnn", path, _io_bytes(instr, types, library=True), 0.0,

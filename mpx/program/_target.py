@@ -21,6 +21,7 @@ compiled for a GPU target, ordinary runs stay quiet.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -121,6 +122,39 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 # less `collective_memory_granularity`, a field jaxlib 0.10's proto rejects.
 
 
+def _b200_config(h100: str) -> str:
+    """A B200's description: the H100's, with the fields that differ set from NVIDIA's B200
+    (HGX, SXM) datasheet: compute capability 10.0 (sm_100a), 148 SMs, 1.965 GHz, 180 GB of HBM3e
+    at 8 TB/s, 126 MB of L2, and cuDNN 9.10 (which XLA's block-scaled GEMM needs: with the H100
+    description's 8.9 it dequantizes instead). The H100's per-unit rate tables are dropped: they
+    are Hopper's, and XLA only estimates costs from them."""
+    replace = {
+        "core_count: 132": "core_count: 148",
+        "memory_bandwidth: 3352320000000": "memory_bandwidth: 8000000000000",
+        "l2_cache_size: 52428800": "l2_cache_size: 132120576",
+        "clock_rate_ghz: 1.98\n": "clock_rate_ghz: 1.965\n",
+        "device_memory_size: 84942979072": "device_memory_size: 193273528320",
+        "major: 9\n": "major: 10\n",
+        "Compute Capability 9.0a": "Compute Capability 10.0a",
+        "sm_9.0a with 84942979072B RAM, 132 cores, 1980000KHz clock, 2619000KHz mem clock, 52428800B L2$":
+            "sm_10.0a with 193273528320B RAM, 148 cores, 1965000KHz clock, 3996000KHz mem clock, 132120576B L2$",
+        '"NVIDIA H100 80GB HBM3"': '"NVIDIA B200"',
+        "major: 8\n  minor: 9\n  patch: 4": "major: 9\n  minor: 10\n  patch: 0",
+    }
+    config = h100
+    for old, new in replace.items():
+        if old not in config:
+            raise AssertionError(f"the H100 description has no {old!r}")
+        config = config.replace(old, new)
+    for table in ("scalar_unit_description", "matrix_unit_description"):
+        start = config.index(f"  {table} {{")
+        config = config[:start] + config[config.index("\n  }\n", start) + len("\n  }\n"):]
+    return config
+
+
+_B200_CONFIG = _b200_config(_H100_SXM_CONFIG)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """An accelerator programs can be compiled for without it.
@@ -131,7 +165,9 @@ class Target:
     target's programs are built against (jax's version number, 91000 for 9.10), which decides
     whether jax emits cuDNN fused attention. ``native_8bit``: the 8-bit formats (``fp8``,
     ``int8``) its matrix units multiply in 8 bits; the others it widens, at the rate of the
-    wider type. ``config``: a GPU's target description, a TPU's topology name."""
+    wider type. ``block_scaled``: the block granularities (``mx``) whose scales its GEMMs take
+    themselves (`block_scaled_gemms`). ``config``: a GPU's target description, a TPU's topology
+    name."""
 
     name: str
     platform: str
@@ -140,6 +176,7 @@ class Target:
     peak_flops: Mapping[str, float]
     native_8bit: frozenset[str] = frozenset()
     cudnn_version: int | None = None
+    block_scaled: frozenset[str] = frozenset()
 
     def roofline_s(self, bytes_accessed: float, flops: float = 0.0, gemm: str | None = None) -> float:
         """A kernel's lower bound in seconds: its memory traffic at full bandwidth, or its GEMM
@@ -159,6 +196,18 @@ H100 = Target(
     cudnn_version=91000,  # the config's dnn_version, 9.10.0
 )
 
+B200 = Target(
+    name="b200",
+    platform="cuda",
+    config=_B200_CONFIG,
+    bandwidth=8.0e12,  # HBM3e, 8 TB/s
+    # Dense tensor-core peaks (no sparsity); MXFP8 runs at the FP8 rate; f32 GEMMs as TF32.
+    peak_flops={"fp8": 4.5e15, "int8": 4.5e15, "bf16": 2.25e15, "f16": 2.25e15, "f32": 1.1e15},
+    native_8bit=frozenset({"fp8", "int8"}),
+    cudnn_version=91000,
+    block_scaled=frozenset({"mx"}),  # cuDNN's block-scaled GEMM: 1x32 tiles, E8M0 scales
+)
+
 
 def _tpu_target(name: str, topology: str, bandwidth: float, bf16: float, eight_bit: str, rate_8bit: float) -> Target:
     # Datasheet HBM bandwidth and dense bf16 / 8-bit peaks per chip. No figure is published for
@@ -175,7 +224,7 @@ V5E = _tpu_target("v5e", "v5e:2x2", 819e9, 197e12, "int8", 394e12)
 V5P = _tpu_target("v5p", "v5p:2x2x1", 2765e9, 459e12, "int8", 918e12)
 V6E = _tpu_target("v6e", "v6e:2x2", 1640e9, 918e12, "int8", 1836e12)
 V7X = _tpu_target("v7x", "tpu7x:2x2x1", 7370e9, 2307e12, "fp8", 4614e12)
-TARGETS: Mapping[str, Target] = {t.name: t for t in (H100, V5E, V5P, V6E, V7X)}
+TARGETS: Mapping[str, Target] = {t.name: t for t in (H100, B200, V5E, V5P, V6E, V7X)}
 
 
 # jax's device_kind of each chip the targets describe.
@@ -190,7 +239,7 @@ def target_of(device=None) -> Target | None:
     kind = str(getattr(device, "device_kind", ""))
     if kind in _DEVICE_KINDS:
         return TARGETS[_DEVICE_KINDS[kind]]
-    return H100 if "H100" in kind else None
+    return H100 if "H100" in kind else B200 if "B200" in kind else None
 
 
 def native_8bit(device=None) -> frozenset[str]:
@@ -352,6 +401,30 @@ def platform_of(x) -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
+# The target a `compile_for` is tracing for, while it traces.
+_TRACING_FOR: contextvars.ContextVar[Target | None] = contextvars.ContextVar("mpx_tracing_for", default=None)
+
+
+def block_scaled_gemms(x) -> frozenset[str]:
+    """The block granularities (``mx``) whose scales the GEMMs of the program holding ``x``
+    take themselves: those of the `Target` it is compiled for (`compile_for`), or of the one its
+    devices are (by the device kind its sharding names, or this process's first device), and ``mx`` on any GPU of compute capability 10 and
+    up (Blackwell: cuDNN's block-scaled GEMM, ``jax.nn.scaled_matmul``). Empty elsewhere."""
+    tracing_for = _TRACING_FOR.get()
+    if tracing_for is not None:  # a compile for a target (`compile_for`): intermediates may not name it
+        return tracing_for.block_scaled
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    device = getattr(mesh, "abstract_device", None) or jax.devices()[0]
+    if getattr(device, "platform", None) not in ("gpu", "cuda"):
+        return frozenset()
+    known = target_of(device)
+    if known is not None:
+        return known.block_scaled
+    capability = getattr(device, "compute_capability", None)
+    major = int(str(capability).split(".")[0]) if capability else 0
+    return frozenset({"mx"}) if major >= 10 else frozenset()
+
+
 def _abstract(x, sharding):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
@@ -383,8 +456,12 @@ def _compile(fn, *args, target: str, mesh: Mesh | None, options: Mapping[str, ob
     mesh = mesh if mesh is not None else make_mesh(target=target)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.tree.map(lambda x: _abstract(x, replicated), args)
-    with _target_cudnn(t):
-        lowered = jax.jit(fn, **jit_kwargs).trace(*abstract).lower()
+    token = _TRACING_FOR.set(t)
+    try:
+        with _target_cudnn(t):
+            lowered = jax.jit(fn, **jit_kwargs).trace(*abstract).lower()
+    finally:
+        _TRACING_FOR.reset(token)
     options = dict(options) if t.platform == "cuda" else {k: v for k, v in options.items() if not k.startswith("xla_gpu")}
     if t.platform == "tpu":
         return _tpu.compile_and_read(lambda: lowered.compile(compiler_options=options))
