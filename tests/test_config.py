@@ -257,7 +257,9 @@ def test_unknown_keys_name_the_dotted_key_the_accepted_keys_and_a_suggestion(ove
 
 
 def test_unknown_precision_keys_are_named_under_precision():
-    with raises(r"^precision.fp8.margn: unknown key 'margn' in fp8; accepted keys: .*margin, min_size, granularity, forward, input_grad, weight_grad, block_size, saved_activations \(did you mean 'margin'\?\)"):
+    with raises(r"^precision.fp8.margn: unknown key 'margn' in fp8; accepted keys: .*margin, min_size, granularity, "
+                r"forward, input_grad, weight_grad, input_grad_format, weight_grad_format, block_size, saved_activations "
+                r"\(did you mean 'margin'\?\)"):
         quick("precision.fp8.margn=1")
     with raises(r"^precision.ruls: unknown key 'ruls' in policy; accepted keys: .*\(did you mean 'rules'\?\)"):
         quick("precision={preset: fp8, ruls: []}")

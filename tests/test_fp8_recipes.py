@@ -32,6 +32,7 @@ RECIPES = {
     "mx-hybrid": Fp8Config(granularity="mx"),
     "row-gw-hp": Fp8Config(granularity="row", weight_grad="compute"),
     "tensor-fwd-row-bwd": Fp8Config(recipe="current", input_grad="row", weight_grad="row"),
+    "row-wgrad-e4m3": Fp8Config(granularity="row", weight_grad_format="e4m3"),  # E5M2 dy.w^T, E4M3 x^T.dy
 }
 
 
@@ -265,7 +266,7 @@ def emulate(spec_x, x, spec_y, y, spec_out, granularity, fmts, weights, block):
 
 
 @pytest.mark.parametrize("layout", ["dense", "einsum_weight", "attention"])
-@pytest.mark.parametrize("recipe", ["row", "block", "mx-hybrid", "row-gw-hp"])
+@pytest.mark.parametrize("recipe", ["row", "block", "mx-hybrid", "row-gw-hp", "row-wgrad-e4m3"])
 def test_matmul_and_gradients_match_a_float64_emulation(recipe, layout):
     """Gaussian inputs (not on any grid): each GEMM against float64 of the same quantization.
     The FP8 products are exact in f32; what differs is f32 accumulation and the f32 rescale
@@ -281,16 +282,54 @@ def test_matmul_and_gradients_match_a_float64_emulation(recipe, layout):
     out, dx, dw = run(config, spec, x, w, g, weight=weight)
     a, b = spec.split("->")[0].split(",")
     o = spec.split("->")[1]
-    grad = "e5m2" if config.format == "hybrid" else "e4m3"
+    grad = {role: jnp.dtype(config.grad_dtype_of(role)).name.replace("float8_", "").replace("fn", "")
+            for role in ("input_grad", "weight_grad")}  # each GEMM's gradient format: e4m3 or e5m2
     expected = {
         "out": emulate(a, x, b, w, o, config.gemm("forward"), ("e4m3", "e4m3"), (False, weight), config.block_size),
-        "dx": emulate(o, g, b, w, a, config.gemm("input_grad"), (grad, "e4m3"), (False, weight), config.block_size),
-        "dw": emulate(o, g, a, x, b, config.gemm("weight_grad"), (grad, "e4m3"), (False, False), config.block_size),
+        "dx": emulate(o, g, b, w, a, config.gemm("input_grad"), (grad["input_grad"], "e4m3"), (False, weight),
+                      config.block_size),
+        "dw": emulate(o, g, a, x, b, config.gemm("weight_grad"), (grad["weight_grad"], "e4m3"), (False, False),
+                      config.block_size),
     }
     for name, got in (("out", out), ("dx", dx), ("dw", dw)):
         ref = expected[name]
         err = np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(np.abs(ref))
         assert err < 1e-5, (name, err)
+
+
+def test_each_gradient_gemm_takes_its_own_format_under_delayed_scaling():
+    """One scale per tensor, delayed, ``weight_grad_format=e4m3`` under ``hybrid``: the input
+    gradient quantizes dy in E5M2 with the stored scale S, the weight gradient in E4M3 with
+    S * 448 / 57344 (= S / 128: the same amax on E4M3's largest value), each against numpy /
+    ml_dtypes in float64 (f32 accumulation: 1e-6 of the largest value); the hybrid default gives
+    E5M2 to both, and the traced backward holds one dy of each format."""
+    config = Fp8Config(weight_grad_format="e4m3", amax_history=4)
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((32, 64)).astype(np.float32), (rng.standard_normal((64, 16)) * 0.1).astype(np.float32)
+    g = (rng.standard_normal((32, 16)) * 1e-3).astype(np.float32)
+    scales = {"lhs": np.float32(448 / 4.5), "rhs": np.float32(448 / 0.5), "grad": np.float32(57344 / 4e-3)}
+    meta = Fp8Meta.init(config)
+    meta = meta.replace(**{k: getattr(meta, k).replace(scale=jnp.float32(v), amax_history=jnp.ones(4))
+                           for k, v in scales.items()})  # a history: the stored scales are used as they are
+    dims = dims_of("mk,kn->mn")
+
+    def grads(config):
+        m = meta.replace(config=config)
+        _, vjp = jax.vjp(lambda a, b: fp8_dot_general(a, b, dims, m, out_dtype=jnp.float32)[0], x, w)
+        return vjp(jnp.asarray(g))
+
+    def q(v, scale, fmt):  # float64 value of v's code in fmt, dequantized
+        return np_cast(v * scale, fmt).astype(np.float64) / np.float64(scale)
+
+    qx, qw = q(x, scales["lhs"], "e4m3"), q(w, scales["rhs"], "e4m3")
+    dx, dw = jax.jit(grads, static_argnums=0)(config)
+    np.testing.assert_allclose(dx, q(g, scales["grad"], "e5m2") @ qw.T, rtol=0, atol=1e-6 * np.abs(dx).max())
+    e4m3_scale = np.float32(scales["grad"] / 128)
+    np.testing.assert_allclose(dw, qx.T @ q(g, e4m3_scale, "e4m3"), rtol=0, atol=1e-6 * np.abs(dw).max())
+    hybrid_dw = jax.jit(grads, static_argnums=0)(Fp8Config(amax_history=4))[1]
+    assert np.abs(np.asarray(hybrid_dw) - np.asarray(dw)).max() > 1e-3 * np.abs(dw).max()  # E5M2's dy is coarser
+    backward = str(jax.make_jaxpr(lambda a, b: grads(config))(x, w))
+    assert "f8_e4m3fn[32,16]" in backward and "f8_e5m2[32,16]" in backward
 
 
 def test_finer_scales_keep_what_outlier_channels_flush():

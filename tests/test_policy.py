@@ -304,8 +304,8 @@ MATMULS = "dense, einsum, attention_logits, attention_values, head"
                             r"\(did you mean 'fp32'\?\)"),
         ({"params": jnp.int32}, r"unsupported dtype .*int32.* for params; expected one of bf16, fp16, fp32"),
         ("bf16; fp8.histroy=4", r"unknown key 'histroy' in fp8; accepted keys: recipe, format, amax_history, "
-                                r"amax_compute, margin, min_size, granularity, forward, input_grad, weight_grad, block_size, "
-                                r"saved_activations "
+                                r"amax_compute, margin, min_size, granularity, forward, input_grad, weight_grad, "
+                                r"input_grad_format, weight_grad_format, block_size, saved_activations "
                                 r"\(did you mean 'amax_history'\?\)"),
         ("bf16; fp8.recipe=later", r"fp8 recipe 'later' is not supported; expected one of delayed, current"),
         ("fp16; loss_scale.period=0", r"loss_scale period must be an integer >= 1, got 0"),

@@ -152,14 +152,16 @@ def _fp8_dot(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, c
     return _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs)[0]
 
 
-def _quantized(x, state, dtype, config, bootstrap, count):
+def _quantized(x, state, dtype, config, bootstrap, count, stored_dtype=None):
     """(q, scale, observation) of one operand. Delayed scaling without ``bootstrap`` knows
     the scale before ``x`` is read: the quantize and the one reduction that observes ``x``
     are independent and can share a pass (``current`` scaling needs the amax first).
     ``count``: the observation has the saturated / flushed fractions (else `NOT_COUNTED`,
-    and the reduction is the amax alone)."""
+    and the reduction is the amax alone). ``stored_dtype``: the format ``state``'s scale is
+    kept for, when ``dtype`` is another (`scale_for_use`)."""
     needs_amax = bootstrap or config.recipe == "current"
-    scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap)
+    scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap,
+                          stored_dtype=stored_dtype)
     q = quantize(x, dtype, scale)
     if count:
         x_amax, saturated, flushed = observe(x, dtype, scale)
@@ -186,16 +188,23 @@ def _fp8_dot_fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstra
 def _fp8_dot_bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, count, whole_rhs, residuals, cotangents):
     q_lhs, q_rhs, lhs_scale, rhs_scale, seen_lhs, seen_rhs, meta = residuals
     g, later = cotangents
-    q_g, g_scale, seen_g = _quantized(g, meta.grad, meta.config.grad_dtype, meta.config, bootstrap, count)
+    config = meta.config
+    # The gradient in each GEMM's format (`Fp8Config.grad_dtype_of`): one quantization when they agree.
+    q_g, g_scale, seen_g = _quantized(g, meta.grad, config.grad_dtype_of("input_grad"), config, bootstrap, count,
+                                      stored_dtype=config.grad_dtype)
+    q_gw, gw_scale = q_g, g_scale
+    if config.grad_dtype_of("weight_grad") != config.grad_dtype_of("input_grad"):
+        q_gw, gw_scale, _ = _quantized(g, meta.grad, config.grad_dtype_of("weight_grad"), config, bootstrap, False,
+                                       stored_dtype=config.grad_dtype)
 
     dims_l, perm_l = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="lhs")
     d_lhs = _scaled_dot(q_g, q_rhs, dims_l, g_scale, rhs_scale, out_dtype)
     d_lhs = jnp.transpose(d_lhs, perm_l).astype(lhs_dtype)
     dims_r, perm_r = transpose_dims(dims, q_lhs.ndim, q_rhs.ndim, wrt="rhs")
-    d_rhs = _scaled_dot(q_g, q_lhs, dims_r, g_scale, lhs_scale, out_dtype)
+    d_rhs = _scaled_dot(q_gw, q_lhs, dims_r, gw_scale, lhs_scale, out_dtype)
     d_rhs = jnp.transpose(d_rhs, perm_r).astype(rhs_dtype)
 
-    mine = Fp8Meta(seen_lhs, seen_rhs, seen_g, config=meta.config)
+    mine = Fp8Meta(seen_lhs, seen_rhs, seen_g, config=config)
     # `later`: observations of calls that received the returned meta (zeros if none).
     return d_lhs, d_rhs, combine_metas(mine, later)
 

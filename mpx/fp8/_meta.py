@@ -48,6 +48,7 @@ GRANULARITIES = ("tensor", "row", "block", "mx")
 ROLES = ("forward", "input_grad", "weight_grad")
 _ROLE_CHOICES = (*GRANULARITIES, "compute")
 _FORMATS = ("hybrid", "e4m3")
+_GRAD_FORMATS = ("e4m3", "e5m2")
 _AMAX_COMPUTE = ("max", "most_recent")
 
 
@@ -73,6 +74,10 @@ class Fp8Config:
         (current scaling; the amax history still records each tensor's amax for the logs).
       forward, input_grad, weight_grad: a granularity for one GEMM alone (x.w, dy.w^T and
         x^T.dy), or ``compute`` to run that GEMM in the compute dtype; empty: ``granularity``.
+      input_grad_format, weight_grad_format: the FP8 format of the output gradient in that
+        GEMM (``e4m3`` or ``e5m2``; empty: ``format``'s, E5M2 under ``hybrid``). Different
+        formats quantize the gradient once per GEMM; under delayed scaling both scales come
+        from its one amax history (`scale_for_use`).
       block_size: the tile and block length of ``block`` (MX fixes its own, 32).
       saved_activations: what an op's neighbours keep for the backward besides its FP8
         operands: ``compute`` (their own dtype) or ``fp8`` (E4M3 copies, `saved_in_fp8`; in
@@ -89,6 +94,8 @@ class Fp8Config:
     forward: str = ""
     input_grad: str = ""
     weight_grad: str = ""
+    input_grad_format: str = ""
+    weight_grad_format: str = ""
     block_size: int = 128
     saved_activations: str = "compute"
 
@@ -107,6 +114,13 @@ class Fp8Config:
                     "bf16", "fp16", "fp32", "high", "hp") else did_you_mean(value, _ROLE_CHOICES)
                 raise ValueError(f"fp8 {role} {value!r} is not supported; expected one of "
                                  f"{', '.join(_ROLE_CHOICES)}{hint}")
+        for role in ("input_grad", "weight_grad"):
+            value = getattr(self, f"{role}_format")
+            if value != "":  # empty: the op's format
+                check_choice(f"fp8 {role}_format", value, _GRAD_FORMATS)
+                if self.gemm(role) == "compute":
+                    raise ValueError(f"fp8 {role}_format {value!r} sets the gradient's FP8 format in a GEMM that "
+                                     f"{role}='compute' runs in the compute dtype: drop one of the two")
         check_int("fp8 block_size", self.block_size, low=1)
         check_choice("fp8 saved_activations", self.saved_activations, ("compute", "fp8"))
         if set(self.gemms) == {"compute"}:
@@ -138,11 +152,15 @@ class Fp8Config:
 
         >>> Fp8Config(granularity="row", weight_grad="compute").label
         'row; weight_grad compute'
+        >>> Fp8Config(weight_grad_format="e4m3").label       # one scale per tensor, dy in E4M3 for x^T.dy
+        'weight_grad e4m3'
         """
+        formats = [f"{role} {getattr(self, f'{role}_format')}" for role in ("input_grad", "weight_grad")
+                   if getattr(self, f"{role}_format") and self.gemm(role) != "compute"]
         if self.per_tensor:
-            return ""
+            return "; ".join(formats)
         odd = [f"{role} {g}" for role, g in zip(ROLES, self.gemms) if g != self.granularity]
-        return "; ".join([self.granularity, *odd])
+        return "; ".join([self.granularity, *odd, *formats])
 
     @property
     def forward_dtype(self):
@@ -151,8 +169,18 @@ class Fp8Config:
 
     @property
     def grad_dtype(self):
-        """FP8 dtype of the output gradient in the backward pass."""
+        """FP8 dtype of the output gradient in the backward pass (its scale is kept for it)."""
         return E5M2 if self.format == "hybrid" else E4M3
+
+    def grad_dtype_of(self, role: str):
+        """FP8 dtype of the output gradient in the GEMM of ``role`` (``input_grad`` or
+        ``weight_grad``): its ``*_format``, else `grad_dtype`.
+
+        >>> Fp8Config(weight_grad_format="e4m3").grad_dtype_of("weight_grad") == E4M3
+        True
+        """
+        fmt = getattr(self, f"{role}_format")
+        return {"e4m3": E4M3, "e5m2": E5M2}[fmt] if fmt else self.grad_dtype
 
 
 def _zero():
@@ -286,21 +314,28 @@ def counting() -> bool:
 NOT_COUNTED = float("nan")
 
 
-def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, *, bootstrap: bool = True) -> jax.Array:
-    """The scale that quantizes a tensor of absolute maximum ``x_amax`` now.
+def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, *, bootstrap: bool = True,
+                  stored_dtype=None) -> jax.Array:
+    """The scale that quantizes a tensor of absolute maximum ``x_amax`` into ``dtype`` now.
 
     ``current``: from ``x_amax``. ``delayed``: the stored scale; with ``bootstrap``, a tensor
     whose history is still empty is scaled from ``x_amax`` too, so the first step neither
     saturates nor flushes (a stored scale of 1 would flush most small gradients to zero).
     Without ``bootstrap`` the result does not depend on ``x_amax`` (which may then be
-    computed after the quantize, in the same pass).
+    computed after the quantize, in the same pass). ``stored_dtype``: the format the stored
+    scale was set for (default ``dtype``); for another, it is moved by the ratio of the two
+    formats' largest values (E4M3 / E5M2: 448 / 57344 = 2**-7, exact), so the same amax lands
+    on the largest value of either.
     """
+    stored = state.scale
+    if stored_dtype is not None and jnp.dtype(stored_dtype) != jnp.dtype(dtype):
+        stored = stored * jnp.float32(fp8_max(dtype) / fp8_max(stored_dtype))
     if config.recipe == "delayed" and not bootstrap:
-        return state.scale
-    current = scale_from_amax(x_amax, state.scale, fp8_max(dtype), margin=config.margin)
+        return stored
+    current = scale_from_amax(x_amax, stored, fp8_max(dtype), margin=config.margin)
     if config.recipe == "current":
         return current
-    return jnp.where(history_is_empty(state), current, state.scale)
+    return jnp.where(history_is_empty(state), current, stored)
 
 
 def needs_bootstrap(meta) -> bool:

@@ -29,10 +29,11 @@ from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, Fp8Scale, combine_metas, observa
 from mpx.fp8._numerics import amax, gemm_dtype
 
 
-def _quantize(x, granularity, dtype, state: Fp8Scale, config, bootstrap, weight):
+def _quantize(x, granularity, dtype, state: Fp8Scale, config, bootstrap, weight, stored_dtype):
     if granularity == "tensor":
         needs_amax = bootstrap or config.recipe == "current"
-        scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap)
+        scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap,
+                              stored_dtype=stored_dtype)
         return quantize_canonical(x, "tensor", dtype, tensor_scale=scale)
     return quantize_canonical(x, granularity, dtype, weight=weight, block_size=config.block_size)
 
@@ -49,8 +50,10 @@ def _gemm(x, y, dims, role, meta: Fp8Meta, states, dtypes, weights, bootstrap, c
         return out, (None, None)
     (xc, yc), (xb, yb) = dims
     cx, cy = canonical(x, xc, xb), canonical(y, yc, yb)
-    qx = _quantize(cx.x, granularity, dtypes[0], states[0], config, bootstrap, weights[0])
-    qy = _quantize(cy.x, granularity, dtypes[1], states[1], config, bootstrap, weights[1])
+    # a gradient's stored scale is kept for `grad_dtype`; its GEMM may take another format
+    stored = tuple(config.grad_dtype if s is meta.grad else config.forward_dtype for s in states)
+    qx = _quantize(cx.x, granularity, dtypes[0], states[0], config, bootstrap, weights[0], stored[0])
+    qy = _quantize(cy.x, granularity, dtypes[1], states[1], config, bootstrap, weights[1], stored[1])
     # MX tiles go to a GEMM that scales them itself where the target has one (a Blackwell GPU)
     native = granularity in program.block_scaled_gemms(cx.x)
     out = scaled_product(qx, qy, gemm_dtype(out_dtype), block_scaled=native).astype(out_dtype)
@@ -90,14 +93,15 @@ def _fwd(lhs, rhs, meta, dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, rhs_i
 def _bwd(dims, out_dtype, lhs_dtype, rhs_dtype, bootstrap, rhs_is_weight, count, residuals, cotangents):
     lhs, rhs, meta, (seen_lhs, seen_rhs) = residuals
     g, later = cotangents
-    fwd, grad = meta.config.forward_dtype, meta.config.grad_dtype
+    fwd = meta.config.forward_dtype
+    grad_i, grad_w = meta.config.grad_dtype_of("input_grad"), meta.config.grad_dtype_of("weight_grad")
 
     dims_l, perm_l = transpose_dims(dims, lhs.ndim, rhs.ndim, wrt="lhs")
-    d_lhs, (seen_g, seen_rhs_bwd) = _gemm(g, rhs, dims_l, "input_grad", meta, (meta.grad, meta.rhs), (grad, fwd),
+    d_lhs, (seen_g, seen_rhs_bwd) = _gemm(g, rhs, dims_l, "input_grad", meta, (meta.grad, meta.rhs), (grad_i, fwd),
                                           (False, rhs_is_weight), bootstrap, count, out_dtype)
     d_lhs = jnp.transpose(d_lhs, perm_l).astype(lhs_dtype)
     dims_r, perm_r = transpose_dims(dims, lhs.ndim, rhs.ndim, wrt="rhs")
-    d_rhs, (seen_g_w, seen_lhs_bwd) = _gemm(g, lhs, dims_r, "weight_grad", meta, (meta.grad, meta.lhs), (grad, fwd),
+    d_rhs, (seen_g_w, seen_lhs_bwd) = _gemm(g, lhs, dims_r, "weight_grad", meta, (meta.grad, meta.lhs), (grad_w, fwd),
                                             (False, False), bootstrap, count, out_dtype)
     d_rhs = jnp.transpose(d_rhs, perm_r).astype(rhs_dtype)
 
