@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpx._dims import normalize_dims, transpose_dims
+from mpx._sharding import mark
 from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, bootstrapping, combine_metas, counting, observation, scale_for_use
 from mpx.fp8._numerics import amax, gemm_dtype, observe, quantize
 from mpx.fp8._recipes import recipe_dot
 from mpx.fp8._saved import saved_for_backward, weights_whole
-from mpx._sharding import mark
 
 
 class Fp8FanoutWarning(UserWarning):

@@ -26,15 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpx import _probe, program
-from mpx._naming import op_scope
-from mpx.nn._apply import apply_nnx
 from mpx._checks import did_you_mean, is_int, is_positive_finite
+from mpx._naming import op_scope
+from mpx._sharding import mark
+from mpx.nn._apply import apply_nnx
 from mpx.fp8 import keeping_weights_whole, remat_saving_fp8, saved_in_fp8
 from mpx.nn._kvcache import KVCache, LayerKV, load, place, store
 from mpx.nn._layers import Linear
 from mpx.nn._op_modules import CrossEntropy, DotGeneral, Softmax
 from mpx.nn._rotary import apply_rotary, rotary_angles
-from mpx._sharding import mark
 from mpx.nn._sharding import KEYS_VALUES, QUERIES, RESIDUAL
 from mpx.policy import OpPrecision, Policy
 
