@@ -164,33 +164,31 @@ def test_an_fp8_matmul_under_the_policy_is_the_matmul_without_remat():
     jax.tree.map(np.testing.assert_array_equal, kept[1], plain[1])
 
 
-def test_remat_fp8_trains_as_full_remat_does():
-    """Keeping the copies instead of recomputing them changes no number: the same quantizations
-    of the same values. Three steps of both programs give the same losses and parameters, bit for
-    bit; the kept copies cost memory (compiled temp larger)."""
+def test_remat_fp8_backward_reads_the_forwards_own_codes():
+    """One rematerialised block: with ``remat_policy=fp8`` the backward reads the codes the
+    forward quantized, so loss and gradients are those of the block without remat, up to f32 /
+    bf16 evaluation order: within 1% of the gradient's norm (measured 0.1%). (Full remat
+    requantizes a recomputed forward, which XLA may evaluate with excess precision: an amax a
+    bf16 ulp away moves every code; measured 11% from no remat on this block, bf16 alone 1%.)
+    What the kept copies cost in memory is measured where it means something: `bench --mode
+    memory` on gpt_1_3b (README)."""
     batch = jax.random.randint(jax.random.key(2), (4, 17), 0, STACK.vocab_size)
-    runs = []
-    for remat_policy in ("full", "fp8"):
-        model = mn.TransformerLM(dataclasses.replace(STACK, remat_policy=remat_policy),
-                                 policy=mpx.parse_policy("fp8"), rngs=nnx.Rngs(0))
+    runs = {}
+    for name, remat in (("none", {"remat": False}), ("fp8", {"remat": True, "remat_policy": "fp8"})):
+        config = dataclasses.replace(STACK, num_layers=1, scan_layers=False, **remat)
+        model = mn.TransformerLM(config, policy=mpx.parse_policy("fp8"), rngs=nnx.Rngs(0))
         graphdef, params, meta = nnx.split(model, nnx.Param, mn.Fp8MetaVariable)
 
-        def loss_fn(params, meta, batch, rng, graphdef=graphdef):
+        def loss_fn(params, graphdef=graphdef, meta=meta):
             m = nnx.merge(graphdef, params, meta)
             return m.loss(m(batch[:, :-1]), batch[:, 1:])
 
-        opt = optax.adamw(1e-2)
-        state = mpx.init_train_state(params, opt, fp8_meta=meta)
-        step = jax.jit(functools.partial(mpx.train_step, loss_fn=loss_fn, optimizer=opt)).lower(state, batch).compile()
-        losses = []
-        for _ in range(3):
-            state, m = step(state, batch)
-            losses.append(float(m.loss))
-        runs.append((losses, state.params, step.memory_analysis().temp_size_in_bytes))
-    (losses, params, temp), (losses8, params8, temp8) = runs
-    assert losses8 == losses and losses[-1] < losses[0]
-    jax.tree.map(np.testing.assert_array_equal, params8, params)
-    assert temp8 > temp, (temp8, temp)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+        runs[name] = float(loss), jax.tree.leaves(grads)
+    norm = lambda gs: float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in gs)))  # noqa: E731
+    (loss, grads), (loss8, grads8) = runs["none"], runs["fp8"]
+    assert loss8 == loss
+    assert norm([a - b for a, b in zip(grads8, grads)]) < 0.01 * norm(grads)
 
 
 def test_remat_policy_is_checked():
