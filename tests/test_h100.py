@@ -98,17 +98,15 @@ def test_int8_lm_train_step_runs_integer_gemms(backward, per_op):
     assert all('custom_call_target="__cublas$lt$matmul"' in line and "s32[" in line for line in int8_lines)
 
 
-@pytest.mark.parametrize("target, spec, engine", [("b200", "mxfp8", "cudnn"), ("b200", "fp8-block", "cublas")])
-def test_mx_gemms_are_blackwells_block_scaled_gemms(target, spec, engine):
+def test_mx_gemms_are_blackwells_block_scaled_gemms():
     """On a B200 (compute capability 10, compiled without one) each MX GEMM is one cuDNN
     block-scaled GEMM (``jax.nn.scaled_matmul``: the GEMM applies the 1x32 tiles' E8M0 scales
-    itself), three per fp8 op, and no cuBLAS FP8 GEMM is left. DeepSeek's 128-blocks, which its
-    GEMMs do not take, stay spelled out (cuBLAS FP8 GEMMs, one batch entry per block), as every
-    block recipe is on an H100."""
-    model, policy, step, args = lm_step(spec, layers=1, fp8_bootstrap=False)
-    report = mpx.program.report(step, *args, target=target)
+    itself), three per fp8 op, and no cuBLAS FP8 GEMM is left. (DeepSeek's 128-blocks, which its
+    GEMMs do not take, stay spelled out as on an H100: `describe` says so, tests/test_fp8_recipes.)"""
+    model, policy, step, args = lm_step("mxfp8", layers=1, fp8_bootstrap=False)
+    report = mpx.program.report(step, *args, target="b200")
     assert_fp8_ops_are_fp8_gemms(report, ops_of(model, policy, "fp8"))
-    assert {k.engine for k in report.kernels if k.kind == "gemm" and k.gemm == "fp8"} == {engine}
+    assert {k.engine for k in report.kernels if k.kind == "gemm" and k.gemm == "fp8"} == {"cudnn"}
 
 
 def test_gradient_accumulation_keeps_three_fp8_gemms_per_op():
