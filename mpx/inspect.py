@@ -161,10 +161,11 @@ class Widened8Bit(UserWarning):
 
 
 class SpelledOutBlocks(UserWarning):
-    """A policy scales FP8 in blocks (``block``, ``mx``) on a chip whose FP8 GEMMs take one
-    scale per operand (every chip for ``block``; all but Blackwell's for ``mx``): each block of the contraction is a GEMM of its own, with its partial
-    products rescaled and summed outside the GEMMs: correct numerics, several times the
-    traffic of one scale per tensor (README, "FP8 scaling recipes")."""
+    """A policy scales FP8 in blocks (``block``, ``mx``) on a chip whose FP8 GEMMs do not take
+    such scales (every chip for ``block``; all but Blackwell's for ``mx``): each block of the
+    contraction is a GEMM of its own, with its partial products rescaled and summed outside the
+    GEMMs: correct numerics, several times the traffic of one scale per tensor (README, "FP8
+    scaling recipes")."""
 
 
 def _spelled_out(policy: Policy, row: OpRow) -> set[str]:
@@ -204,8 +205,7 @@ def _on_device(table: PrecisionTable, policy: Policy, device) -> PrecisionTable:
                    + (f" (precision '{FASTEST_8BIT}' picks it)" if native else ""))
         warnings.warn(message, Widened8Bit, stacklevel=3)
         notes.append(message)
-    own = program.get_target(device).block_scaled if isinstance(device, (str, program.Target)) else (
-        getattr(program.target_of(device), "block_scaled", frozenset()))
+    own = program.block_scaled(device)
     blocked = [kinds - own for kinds in (_spelled_out(policy, r) for r in rows) if kinds - own]
     if blocked:
         kinds = sorted(set().union(*blocked))

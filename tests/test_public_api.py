@@ -60,10 +60,9 @@ FACES = {
         "quantize_weight", "quantized_paths",
     ],
     "mpx.program": [
-        "B200", "CUBLAS_ONLY", "Collective", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "block_scaled_gemms",
-        "compile_for", "ensure_compiler",
-        "get_target", "kernels", "make_mesh", "native_8bit", "platform_of", "read", "report", "shape_bytes",
-        "target_of", "topology", "use_plugin",
+        "B200", "CUBLAS_ONLY", "Collective", "H100", "Kernel", "ProgramReport", "TARGETS", "Target", "block_scaled",
+        "block_scaled_gemms", "compile_for", "ensure_compiler", "get_target", "kernels", "make_mesh", "native_8bit",
+        "platform_of", "read", "report", "shape_bytes", "target_of", "topology", "use_plugin",
     ],
 }
 

@@ -50,8 +50,10 @@ def _gemm(x, y, dims, role, meta: Fp8Meta, states, dtypes, weights, bootstrap, c
         return out, (None, None)
     (xc, yc), (xb, yb) = dims
     cx, cy = canonical(x, xc, xb), canonical(y, yc, yb)
-    # a gradient's stored scale is kept for `grad_dtype`; its GEMM may take another format
-    stored = tuple(config.grad_dtype if s is meta.grad else config.forward_dtype for s in states)
+    # the gradient GEMMs' first operand is dy, whose stored scale is kept for `grad_dtype`; its
+    # GEMM may take another format
+    fwd = config.forward_dtype
+    stored = (fwd, fwd) if role == "forward" else (config.grad_dtype, fwd)
     qx = _quantize(cx.x, granularity, dtypes[0], states[0], config, bootstrap, weights[0], stored[0])
     qy = _quantize(cy.x, granularity, dtypes[1], states[1], config, bootstrap, weights[1], stored[1])
     # MX tiles go to a GEMM that scales them itself where the target has one (a Blackwell GPU)

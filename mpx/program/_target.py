@@ -242,22 +242,42 @@ def target_of(device=None) -> Target | None:
     return H100 if "H100" in kind else B200 if "B200" in kind else None
 
 
+def _known(device) -> tuple[Target | None, tuple[int, int] | None]:
+    """(`Target`, None) of a target, its name or a jax device the targets describe (default:
+    this process's first device); (None, compute capability) of another GPU; (None, None)."""
+    if isinstance(device, (str, Target)):
+        return get_target(device), None
+    device = device if device is not None else jax.devices()[0]
+    known = target_of(device)
+    capability = getattr(device, "compute_capability", None)
+    if known is None and getattr(device, "platform", "") == "gpu" and capability:
+        major, minor = (int(v) for v in str(capability).split(".")[:2])
+        return None, (major, minor)
+    return known, None
+
+
 def native_8bit(device=None) -> frozenset[str]:
     """The 8-bit formats (``fp8``, ``int8``) the matrix units of ``device`` (a `Target`, its
     name, or a jax device; default: this process's first device) multiply in 8 bits. A GPU
     not among the targets by its compute capability: FP8 tensor cores from 8.9 (Ada, Hopper,
     Blackwell), int8 from 7.5. A CPU: none."""
-    if isinstance(device, (str, Target)):
-        return get_target(device).native_8bit
-    device = device if device is not None else jax.devices()[0]
-    known = target_of(device)
+    known, capability = _known(device)
     if known is not None:
         return known.native_8bit
-    capability = getattr(device, "compute_capability", None)
-    if getattr(device, "platform", "") == "gpu" and capability:
-        major, minor = (int(v) for v in str(capability).split(".")[:2])
-        return frozenset({"fp8", "int8"} if (major, minor) >= (8, 9) else {"int8"} if (major, minor) >= (7, 5) else ())
+    if capability is not None:
+        return frozenset({"fp8", "int8"} if capability >= (8, 9) else {"int8"} if capability >= (7, 5) else ())
     return frozenset()
+
+
+def block_scaled(device=None) -> frozenset[str]:
+    """The block granularities (``mx``) whose scales the GEMMs of ``device`` (as for
+    `native_8bit`) take themselves: a target's `Target.block_scaled`; ``mx`` on a GPU not among
+    the targets of compute capability 10 and up (Blackwell: cuDNN's block-scaled GEMM,
+    ``jax.nn.scaled_matmul``); none elsewhere."""
+    known, capability = _known(device)
+    if known is not None:
+        return known.block_scaled
+    return frozenset({"mx"}) if capability is not None and capability >= (10, 0) else frozenset()
 
 
 def get_target(name: str | Target) -> Target:
@@ -406,23 +426,13 @@ _TRACING_FOR: contextvars.ContextVar[Target | None] = contextvars.ContextVar("mp
 
 
 def block_scaled_gemms(x) -> frozenset[str]:
-    """The block granularities (``mx``) whose scales the GEMMs of the program holding ``x``
-    take themselves: those of the `Target` it is compiled for (`compile_for`), or of the one its
-    devices are (by the device kind its sharding names, or this process's first device), and ``mx`` on any GPU of compute capability 10 and
-    up (Blackwell: cuDNN's block-scaled GEMM, ``jax.nn.scaled_matmul``). Empty elsewhere."""
+    """`block_scaled` of the program holding ``x``: of the `Target` it is compiled for
+    (`compile_for`), else of the device its sharding names (else this process's first)."""
     tracing_for = _TRACING_FOR.get()
     if tracing_for is not None:  # a compile for a target (`compile_for`): intermediates may not name it
         return tracing_for.block_scaled
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    device = getattr(mesh, "abstract_device", None) or jax.devices()[0]
-    if getattr(device, "platform", None) not in ("gpu", "cuda"):
-        return frozenset()
-    known = target_of(device)
-    if known is not None:
-        return known.block_scaled
-    capability = getattr(device, "compute_capability", None)
-    major = int(str(capability).split(".")[0]) if capability else 0
-    return frozenset({"mx"}) if major >= 10 else frozenset()
+    return block_scaled(getattr(mesh, "abstract_device", None))
 
 
 def _abstract(x, sharding):
