@@ -41,7 +41,8 @@ class ModelConfig(Section):
     backward pass; ``remat_policy``: what that recomputation keeps (``full``: each block's
     input alone; ``fp8``: also the FP8 copies the fp8 matmuls save for their backward,
     `mpx.fp8.remat_saving_fp8`: more memory, no requantizing or FSDP re-gathering of
-    weights in the backward). Checkpoints of a scanned and an unrolled model are not interchangeable.
+    weights in the backward). Checkpoints of a scanned and an unrolled model are not
+    interchangeable.
     """
 
     _key: ClassVar[str] = "model"
