@@ -26,6 +26,15 @@ def fp8_gpu() -> bool:
     return (major, minor) >= (8, 9)
 
 
+def ref_scale(amax, limit: float, margin: int = 0) -> np.float32:
+    """mpx's scale for an amax, in float64: the largest power of two ``s`` with ``amax *
+    2**margin * s <= limit`` (exact: frexp of the float64 quotient, checked by the product)."""
+    top = float(np.float32(amax)) * 2.0**margin
+    mantissa, exponent = np.frexp(limit / top)  # quotient = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    s = 2.0 ** (int(exponent) - 1)
+    return np.float32(s / 2 if top * s > limit else s)
+
+
 def paragraph(i: int) -> str:
     """Document ``i`` of a tiny corpus: a unique marker ``¶NNN``, a few lines, some unicode."""
     words = ["thou", "art", "more", "lovely", "and", "more", "temperate", "été", "naïve", "🙂"]

@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import mpx
-from helpers import fp8_gpu
+from helpers import fp8_gpu, ref_scale
 from mpx.fp8 import E4M3, E5M2, Fp8Config, Fp8Meta, Fp8Scale, dequantize, fp8_dot_general, quantization_stats, quantize
 from mpx.fp8._meta import advance, advance_tree, combine_metas, observation, scale_for_use
 from mpx.fp8._numerics import observe, scale_from_amax
@@ -163,13 +163,24 @@ def test_scaled_quantization_relative_error_bound(dtype, np_dtype, mantissa):
 @pytest.mark.parametrize("margin", [0, 1, 2])
 @pytest.mark.parametrize("limit", [448.0, 57344.0])
 def test_scale_from_amax_formula(limit, margin):
-    """fp8_max / (amax * 2**margin) vs float64: f32 rounds the quotient once (dividing by a
-    power of two is exact), so the relative error is <= 2**-24."""
-    for amax in (0.5, 3.0, 1000.0, 1e-30):
-        a32 = np.float32(amax)
-        expected = limit / (float(a32) * 2.0**margin)
-        got = float(scale_from_amax(jnp.float32(a32), jnp.float32(7.0), limit, margin=margin))
-        assert abs(got - expected) <= 2.0**-24 * expected
+    """The scale is `ref_scale` (float64: the largest power of two s with amax * 2**margin * s
+    <= limit) exactly, over 20 binades of amaxes and amaxes that land exactly on the limit:
+    a power of two; within a factor 2 below fp8_max / (amax * 2**margin), never above (the amax
+    never saturates); and the inverse scales' product of two tensors is exact in bf16 (what
+    the GEMM's output is multiplied by)."""
+    rng = np.random.default_rng(5)
+    on_limit = limit / 2.0 ** np.arange(-3, 4) / 2.0**margin  # quotient exactly a power of two
+    amaxes = np.concatenate([[0.5, 3.0, 1000.0, 1e-30], on_limit, np.exp2(rng.uniform(-10, 10, 200))])
+    amaxes = amaxes.astype(np.float32)
+    got = np.asarray(scale_from_amax(jnp.asarray(amaxes), jnp.float32(7.0), limit, margin=margin))
+    np.testing.assert_array_equal(got, [ref_scale(a, limit, margin) for a in amaxes])
+    mantissa, _ = np.frexp(got)
+    assert np.all(mantissa == 0.5)
+    ratio = got / (limit / (amaxes.astype(np.float64) * 2.0**margin))
+    assert np.all(ratio <= 1) and np.all(ratio > 0.5)
+    assert np.all(ratio[4:4 + len(on_limit)] == 1)  # an exact power of two is kept, not halved
+    inverse = (1 / got[:-1].astype(np.float64)) * (1 / got[1:].astype(np.float64))
+    np.testing.assert_array_equal(inverse.astype(ml_dtypes.bfloat16).astype(np.float64), inverse)
 
 
 @pytest.mark.parametrize("amax", [0.0, -1.0, np.inf, -np.inf, np.nan, 1e-45])
@@ -204,31 +215,32 @@ HISTORIES = [[1, 0, 0, 0], [3, 1, 0, 0], [2, 3, 1, 0], [0.5, 2, 3, 1], [0.25, 0.
 )
 def test_delayed_scale_trajectory(amax_compute, margin, expected_scales):
     """Six delayed-scaling steps: roll order of the history (newest in slot 0, oldest dropped)
-    and the scale after each step, reduced by `max` over the window or `most_recent` (float64
-    hand values; one f32 rounding of the quotient plus the f32 rounding of 0.1: rel <= 2**-23)."""
+    and the scale after each step, reduced by `max` over the window or `most_recent` (hand
+    values of fp8_max / amax, as `ref_scale` rounds them: exact)."""
     config = Fp8Config(amax_history=4, amax_compute=amax_compute, margin=margin)
     step = jax.jit(lambda s, a: advance(s, observation(s, a, (jnp.float32(0), jnp.float32(0))), E4M3, config))
     state = Fp8Scale.init(4)
     for amax, history, scale in zip(AMAXES, HISTORIES, expected_scales):
         state = step(state, jnp.float32(amax))
         np.testing.assert_array_equal(np.asarray(state.amax_history), np.float32(history))
-        assert abs(float(state.scale) - scale) <= 2.0**-23 * scale
+        assert float(state.scale) == ref_scale(448 / scale, 448.0)
 
 
 def test_scale_for_use_delayed_vs_current():
     """delayed: the stored scale once the history holds an amax, fp8_max / amax(x) while it is
-    empty; current: fp8_max / (amax(x) * 2**margin) now; both keep the stored scale when x
-    is all zero."""
+    empty; current: fp8_max / (amax(x) * 2**margin) now (`ref_scale` of each); both keep the
+    stored scale when x is all zero. A stored scale that is not a power of two (5: set by hand)
+    is used as the one below it (4)."""
     x_amax = jnp.float32(2.0)
     fresh = Fp8Scale.init(4).replace(scale=jnp.float32(5.0))
     seen = fresh.replace(amax_history=jnp.float32([0.0, 3.0, 0.0, 0.0]))
     delayed, current = Fp8Config(recipe="delayed", amax_history=4), Fp8Config(recipe="current", amax_history=4)
-    assert float(scale_for_use(seen, x_amax, E4M3, delayed)) == 5.0
-    assert float(scale_for_use(fresh, x_amax, E4M3, delayed)) == 448 / 2
-    assert float(scale_for_use(fresh, jnp.float32(0.0), E4M3, delayed)) == 5.0
-    assert float(scale_for_use(seen, x_amax, E4M3, current)) == 448 / 2
-    assert float(scale_for_use(seen, x_amax, E5M2, Fp8Config(recipe="current", amax_history=4, margin=1))) == 57344 / 4
-    assert float(scale_for_use(seen, jnp.float32(0.0), E4M3, current)) == 5.0
+    assert float(scale_for_use(seen, x_amax, E4M3, delayed)) == 4.0
+    assert float(scale_for_use(fresh, x_amax, E4M3, delayed)) == ref_scale(2.0, 448.0)
+    assert float(scale_for_use(fresh, jnp.float32(0.0), E4M3, delayed)) == 4.0
+    assert float(scale_for_use(seen, x_amax, E4M3, current)) == ref_scale(2.0, 448.0)
+    assert float(scale_for_use(seen, x_amax, E5M2, Fp8Config(recipe="current", amax_history=4, margin=1))) == ref_scale(2.0, 57344.0, 1)
+    assert float(scale_for_use(seen, jnp.float32(0.0), E4M3, current)) == 4.0
 
 
 @pytest.mark.parametrize(
@@ -366,8 +378,8 @@ def test_current_recipe_scales_on_the_fly():
 @pytest.mark.parametrize("fmt, grad_max", [("hybrid", 57344.0), ("e4m3", 448.0)])
 def test_meta_cotangent_holds_true_amaxes_and_scales(fmt, grad_max):
     """After one step, slot 0 of each history = numpy amax of lhs, rhs and of the output
-    gradient (= w for loss = sum(out * w)); the rest rolled from zeros; scale =
-    f32(fp8_max) / f32(amax) (one correctly rounded IEEE division, so equality is exact)."""
+    gradient (= w for loss = sum(out * w)); the rest rolled from zeros; scale = fp8_max / amax
+    as `ref_scale` rounds it (exact)."""
     config = Fp8Config(amax_history=4, format=fmt)
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
@@ -376,7 +388,7 @@ def test_meta_cotangent_holds_true_amaxes_and_scales(fmt, grad_max):
     for s, x, limit in ((new.lhs, a, 448.0), (new.rhs, b, 448.0), (new.grad, w, grad_max)):
         amax = np.float32(np.abs(x).max())
         np.testing.assert_array_equal(np.asarray(s.amax_history), [amax, 0, 0, 0])
-        assert float(s.scale) == np.float32(limit) / amax
+        assert float(s.scale) == ref_scale(amax, limit)
 
 
 def test_bf16_compute_under_jit():
@@ -442,7 +454,7 @@ def test_threaded_calls_combine_amaxes_by_max():
                                   (new.grad, seen.grad, max(np_amax(c1), np_amax(c2)), 57344.0)):
         assert (float(o.amax), float(o.calls), float(o.fanout)) == (expected, 2.0, 1.0)
         np.testing.assert_array_equal(np.asarray(s.amax_history), [expected, *OLD_HISTORY[:3]])
-        assert float(s.scale) == np.float32(limit) / expected
+        assert float(s.scale) == ref_scale(expected, limit)
     assert np_amax(x1) != np_amax(x2) and np_amax(c1) != np_amax(c2)
     np.testing.assert_array_equal(gx1, c1 @ w.T)
     np.testing.assert_array_equal(gx2, c2 @ w.T)
@@ -468,8 +480,8 @@ def test_meta_carried_through_scan_combines_by_max():
     for s, o, expected in ((new.lhs, seen.lhs, 7.0), (new.rhs, seen.rhs, 1.0), (new.grad, seen.grad, 5.0)):
         np.testing.assert_array_equal(np.asarray(s.amax_history), [expected, *OLD_HISTORY[:3]])
         assert (float(o.calls), float(o.fanout)) == (3.0, 1.0)
-    assert float(new.lhs.scale) == np.float32(448.0) / np.float32(7.0)
-    assert float(new.grad.scale) == np.float32(57344.0) / np.float32(5.0)
+    assert float(new.lhs.scale) == ref_scale(7.0, 448.0) == 64.0  # 7 * 64 = 448 exactly: kept
+    assert float(new.grad.scale) == ref_scale(5.0, 57344.0)
 
 
 def test_unthreaded_reuse_is_bounded_reported_and_warned():
@@ -557,11 +569,11 @@ def test_combine_then_advance(amax_compute):
     merged = old.advance(both)
     for s, limit in ((merged.lhs, 448.0), (merged.rhs, 448.0), (merged.grad, 57344.0)):
         np.testing.assert_array_equal(np.asarray(s.amax_history), [8.0, *OLD_HISTORY[:3]])
-        assert float(s.scale) == limit / 8.0 and float(s.saturated) == np.float32(0.08)
+        assert float(s.scale) == ref_scale(8.0, limit) and float(s.saturated) == np.float32(0.08)
         assert (float(s.calls), float(s.fanout)) == (2.0, 1.0)
     # a's own amax 0.2 is below the history max 0.5: the two reductions differ.
     assert float(old.advance(a).lhs.scale) == (
-        np.float32(448.0) / np.float32(0.5) if amax_compute == "max" else np.float32(448.0) / np.float32(0.2)
+        ref_scale(0.5, 448.0) if amax_compute == "max" else ref_scale(0.2, 448.0)
     )
     zeros = jax.tree.map(jnp.zeros_like, a)
     assert tree_equal(combine_metas(a, zeros), a)
@@ -604,7 +616,7 @@ def test_stacked_meta_advances_per_layer_and_refuses_a_single_matmul():
     seen = seen.replace(lhs=seen.lhs.replace(amax=jnp.float32([2.0, 0.0, 4.0]), calls=jnp.float32([1, 0, 1])))
     new = stacked.advance(seen)
     np.testing.assert_array_equal(np.asarray(new.lhs.amax_history[:, 0]), [2.0, 0.0, 4.0])
-    np.testing.assert_array_equal(np.asarray(new.lhs.scale), np.float32([224.0, 1.0, 112.0]))
+    np.testing.assert_array_equal(np.asarray(new.lhs.scale), np.float32([128.0, 1.0, 64.0]))  # 448 / 2, 448 / 4 down to powers of two
     with pytest.raises(ValueError, match=r"stacked with leading axes \(3,\)"):
         fp8_dot_general(jnp.ones((2, 2)), jnp.ones((2, 2)), MATMUL, stacked)
 

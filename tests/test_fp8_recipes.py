@@ -21,6 +21,8 @@ import mpx
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.fp8._granular import quantize_canonical
 
+from helpers import ref_scale
+
 F8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 JF8 = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 EMAX = {"e4m3": 8, "e5m2": 15}  # the element formats' largest normal exponents (OCP MX v1.0, table 1)
@@ -47,17 +49,14 @@ def np_cast(y: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def np_row_scale(peak: np.float32, fmt: str) -> np.float32:
-    """fp8_max / amax in f32; 1 for a zero or non-finite amax; one step down where the
-    quotient rounded up past the grid (the amax lands on the grid's largest value)."""
-    limit = np.float32(ml_dtypes.finfo(F8[fmt]).max)
+    """`ref_scale` of the format's largest value (the largest power of two that keeps the amax
+    within it); 1 for a zero or non-finite amax, or one whose scale overflows f32."""
+    limit = float(ml_dtypes.finfo(F8[fmt]).max)
     if not (np.isfinite(peak) and peak > 0):
         return np.float32(1.0)
-    scale = limit / np.float32(peak)
-    if not np.isfinite(scale):
-        return np.float32(1.0)
-    if np.float32(peak) * scale > limit:
-        scale = np.nextafter(scale, np.float32(0))
-    return scale
+    with np.errstate(over="ignore"):
+        scale = ref_scale(peak, limit)
+    return scale if np.isfinite(scale) else np.float32(1.0)
 
 
 def np_mx_scale(peak: float, fmt: str) -> np.float32:
@@ -300,14 +299,14 @@ def test_matmul_and_gradients_match_a_float64_emulation(recipe, layout):
 def test_each_gradient_gemm_takes_its_own_format_under_delayed_scaling():
     """One scale per tensor, delayed, ``weight_grad_format=e4m3`` under ``hybrid``: the input
     gradient quantizes dy in E5M2 with the stored scale S, the weight gradient in E4M3 with
-    S * 448 / 57344 (= S / 128: the same amax on E4M3's largest value), each against numpy /
+    S * 448 / 57344 (= S / 128: the same amax in E4M3's top binade), each against numpy /
     ml_dtypes in float64 (f32 accumulation: 1e-6 of the largest value); the hybrid default gives
     E5M2 to both, and the traced backward holds one dy of each format."""
     config = Fp8Config(weight_grad_format="e4m3", amax_history=4)
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal((32, 64)).astype(np.float32), (rng.standard_normal((64, 16)) * 0.1).astype(np.float32)
     g = (rng.standard_normal((32, 16)) * 1e-3).astype(np.float32)
-    scales = {"lhs": np.float32(448 / 4.5), "rhs": np.float32(448 / 0.5), "grad": np.float32(57344 / 4e-3)}
+    scales = {"lhs": ref_scale(4.5, 448.0), "rhs": ref_scale(0.5, 448.0), "grad": ref_scale(4e-3, 57344.0)}
     meta = Fp8Meta.init(config)
     meta = meta.replace(**{k: getattr(meta, k).replace(scale=jnp.float32(v), amax_history=jnp.ones(4))
                            for k, v in scales.items()})  # a history: the stored scales are used as they are

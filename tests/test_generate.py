@@ -44,7 +44,7 @@ MODELS = {
 
 
 def settled(meta):
-    """Every FP8 tensor's state after one step that saw an amax of 4 (scale 448 / 4)."""
+    """Every FP8 tensor's state after one step that saw an amax of 4 (scale about 448 / 4)."""
     def one(m: Fp8Meta) -> Fp8Meta:
         seen = [observation(s, jnp.float32(4.0), (0.0, 0.0)) for s in (m.lhs, m.rhs, m.grad)]
         return m.advance(Fp8Meta(*seen, config=m.config))

@@ -33,15 +33,19 @@ class Fp8FanoutWarning(UserWarning):
 
 
 def _scaled_dot(qa, qb, dims, scale_a, scale_b, out_dtype):
-    """FP8 x FP8 ``dot_general``, rescaled by ``1 / (scale_a * scale_b)`` in f32.
+    """FP8 x FP8 ``dot_general``, rescaled by ``1 / (scale_a * scale_b)``.
 
-    The inverse scale is never rounded to a narrow dtype (a bf16 scale would be a gain
-    error shared by every element), and a GEMM output whose range cannot hold the
-    unscaled product (fp16) is produced in f32 and cast after the rescale.
+    One multiply of the GEMM's output by the inverse scales' product in the GEMM's own type:
+    the form XLA folds into the FP8 GEMM (cuBLASLt takes it as its scale operand, with a bias
+    or residual add after it folded in too; a Triton GEMM in its epilogue). Exact: every scale
+    is a power of two (`scale_from_amax`), so is the product, and multiplying by it rounds
+    nothing. A GEMM output whose range cannot hold the unscaled product (fp16) is produced in
+    f32 and cast after the rescale.
     """
-    out = lax.dot_general(qa, qb, dims, preferred_element_type=gemm_dtype(out_dtype))
+    gemm = gemm_dtype(out_dtype)
+    out = lax.dot_general(qa, qb, dims, preferred_element_type=gemm)
     inv = (1.0 / scale_a.astype(jnp.float32)) * (1.0 / scale_b.astype(jnp.float32))
-    return (out.astype(jnp.float32) * inv).astype(out_dtype)
+    return (out * inv.astype(gemm)).astype(out_dtype)
 
 
 # Metas already consumed by an FP8 matmul in a trace under differentiation, by identity.

@@ -131,11 +131,7 @@ def scales(x: jax.Array, granularity: str, dtype, *, weight: bool, block_size: i
     if granularity == "mx":
         return mx_scale(_tile_amax(x, block), dtype)
     peak = _block_amax(x, block, block_size) if granularity == "block" and weight else _tile_amax(x, block)
-    limit = fp8_max(dtype)
-    scale = scale_from_amax(peak, jnp.float32(1.0), limit)
-    # fp8_max / amax rounds up half the time: the step below it puts the amax itself on the
-    # grid's largest value (a rounding, not a saturation the statistics should count).
-    return jnp.where(jnp.isfinite(peak) & (peak * scale > limit), jnp.nextafter(scale, jnp.float32(0)), scale)
+    return scale_from_amax(peak, jnp.float32(1.0), fp8_max(dtype))
 
 
 def quantize_canonical(x: jax.Array, granularity: str, dtype, *, weight: bool = False, block_size: int = 128,

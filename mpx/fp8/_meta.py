@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from mpx._checks import check_choice, check_int, did_you_mean
-from mpx.fp8._numerics import E4M3, E5M2, fp8_max, scale_from_amax
+from mpx.fp8._numerics import E4M3, E5M2, fp8_max, power_of_two_floor, scale_from_amax
 
 Recipe = Literal["delayed", "current"]
 Format = Literal["hybrid", "e4m3"]
@@ -325,9 +325,11 @@ def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, 
     computed after the quantize, in the same pass). ``stored_dtype``: the format the stored
     scale was set for (default ``dtype``); for another, it is moved by the ratio of the two
     formats' largest values (E4M3 / E5M2: 448 / 57344 = 2**-7, exact), so the same amax lands
-    on the largest value of either.
+    in the top binade of either. A stored scale that is not a power of two (set by hand, or
+    by an earlier version) is used as the power of two below it, as `scale_from_amax` would
+    have set it: the rescale of an FP8 GEMM's output is exact only for powers of two.
     """
-    stored = state.scale
+    stored = power_of_two_floor(state.scale)
     if stored_dtype is not None and jnp.dtype(stored_dtype) != jnp.dtype(dtype):
         stored = stored * jnp.float32(fp8_max(dtype) / fp8_max(stored_dtype))
     if config.recipe == "delayed" and not bootstrap:
@@ -382,14 +384,14 @@ def advance(state: Fp8Scale, observed: Fp8Scale, dtype, config: Fp8Config, *, ap
 
     >>> config = Fp8Config(amax_history=3)
     >>> state = Fp8Scale.init(config.amax_history)
-    >>> for amax in (2.0, 1.0, 0.5, 0.25):      # delayed: scale = 448 / max of the last 3 amaxes
+    >>> for amax in (3.0, 1.5, 0.75, 0.375):    # delayed: 448 / max of the last 3 amaxes, a power of two
     ...     seen = observation(state, jnp.float32(amax), (0.0, 0.0))
     ...     state = advance(state, seen, E4M3, config)
     ...     print(state.amax_history.tolist(), float(state.scale))
-    [2.0, 0.0, 0.0] 224.0
-    [1.0, 2.0, 0.0] 224.0
-    [0.5, 1.0, 2.0] 224.0
-    [0.25, 0.5, 1.0] 448.0
+    [3.0, 0.0, 0.0] 128.0
+    [1.5, 3.0, 0.0] 128.0
+    [0.75, 1.5, 3.0] 128.0
+    [0.375, 0.75, 1.5] 256.0
     """
     history = jnp.concatenate([observed.amax[..., None], state.amax_history[..., :-1]], axis=-1)
     if config.recipe == "delayed" and config.amax_compute == "max":

@@ -4,9 +4,10 @@ Convention: ``scale`` multiplies into the FP8 domain.
 
     q = saturate(x * scale)          quantize
     x ~= q / scale                   dequantize
-    scale = fp8_max / (amax * 2**margin)
+    scale = the largest power of two <= fp8_max / (amax * 2**margin)
 
-so a tensor whose absolute maximum is ``amax`` just fills the FP8 range.
+so a tensor whose absolute maximum is ``amax`` fills the FP8 range's top binade, and
+rescaling by a scale (or a product of them) is exact (`scale_from_amax`).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def amax(x: jax.Array) -> jax.Array:
 
 
 def current_scale(x: jax.Array, dtype, *, margin: int = 0) -> jax.Array:
-    """The scale that puts ``x``'s own amax at ``dtype``'s largest value (`scale_from_amax`;
+    """The scale that puts ``x``'s own amax in ``dtype``'s top binade (`scale_from_amax`;
     1 for an all-zero or non-finite ``x``): current scaling, with no history.
 
     >>> float(current_scale(jnp.array([0.5, -3.5]), E4M3))    # 448 / 3.5
@@ -156,21 +157,44 @@ def current_scale(x: jax.Array, dtype, *, margin: int = 0) -> jax.Array:
     return scale_from_amax(amax(x), jnp.float32(1.0), fp8_max(dtype), margin=margin)
 
 
+def power_of_two_floor(x: jax.Array) -> jax.Array:
+    """The power of two at or below each positive normal f32 ``x`` (its binade's); 0 for a
+    subnormal, inf for inf or NaN.
+
+    >>> power_of_two_floor(jnp.array([448.0, 0.75, 1.0])).tolist()
+    [256.0, 0.5, 1.0]
+    """
+    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    return lax.bitcast_convert_type(bits & jnp.uint32(0x7F800000), jnp.float32)
+
+
 def scale_from_amax(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
-    """``fp8_max / (amax * 2**margin)``; ``prev_scale`` when that is not a finite positive number.
+    """The largest power of two ``s`` with ``amax * 2**margin * s <= fp8_max``: ``fp8_max / (amax
+    * 2**margin)`` rounded down to a power of two (the amax lands in the format's top binade,
+    (fp8_max / 2, fp8_max]); ``prev_scale`` when there is none (see below).
+
+    Powers of two make every rescale exact: an FP8 GEMM's output times the two inverse scales
+    rounds nothing, in any float type, so the GEMM can apply it itself (`mpx.fp8._dot`). What it
+    costs is at most one binade of the format's range, at its bottom (values below twice the
+    smallest subnormal flush that an exact scale would have kept).
 
     Keeping the previous scale covers an all-zero tensor (amax 0), a non-finite amax and
     an amax so small that the quotient overflows f32. Elementwise: ``amax`` and
     ``prev_scale`` may carry leading (layer) axes.
 
-    >>> float(scale_from_amax(jnp.float32(2.0), 1.0, fp8_max(E4M3)))    # 2.0 lands on 448
-    224.0
-    >>> float(scale_from_amax(jnp.float32(2.0), 1.0, 448.0, margin=1))  # one bit of headroom
-    112.0
+    >>> float(scale_from_amax(jnp.float32(3.5), 1.0, fp8_max(E4M3)))    # 3.5 lands on 448
+    128.0
+    >>> float(scale_from_amax(jnp.float32(3.5), 1.0, 448.0, margin=1))  # one bit of headroom
+    64.0
+    >>> float(scale_from_amax(jnp.float32(2.0), 1.0, 448.0))            # 448 / 2 = 224: 2.0 lands on 256
+    128.0
     >>> float(scale_from_amax(jnp.float32(0.0), 5.0, 448.0))            # an all-zero tensor keeps its scale
     5.0
     """
     amax = jnp.asarray(amax, jnp.float32)
-    scale = jnp.float32(fp8_max) / amax / jnp.float32(2.0**margin)
+    top = amax * jnp.float32(2.0**margin)  # exact, or inf
+    scale = power_of_two_floor(jnp.float32(fp8_max) / top)
+    # The quotient was rounded: where it rounded up onto a power of two, the step below.
+    scale = jnp.where(top * scale > jnp.float32(fp8_max), scale * 0.5, scale)
     ok = (amax > 0) & jnp.isfinite(amax) & jnp.isfinite(scale) & (scale > 0)
     return jnp.where(ok, scale, jnp.asarray(prev_scale, jnp.float32))
