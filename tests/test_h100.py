@@ -20,6 +20,7 @@ from flax import nnx
 
 import mpx
 import mpx.linen as ml
+from mpx.fp8._meta import bootstrap
 from mpx.inspect import describe
 
 from helpers import CONFIG, lm_step, require_compiler
@@ -246,6 +247,35 @@ def test_one_fp8_matmul_is_three_fp8_gemms_and_one_int8_matmul_an_integer_gemm(o
 
     report = mpx.program.report(int8, x, w, options=options)
     assert [(k.gemm, k.engine) for k in report.kernels if k.kind == "gemm"] == [("int8", engine)]
+
+
+def test_the_rescale_and_the_bias_are_the_fp8_gemms_own_operands():
+    """An fp8 matmul with a bias added after it: the cuBLASLt FP8 call takes the inverse
+    scales' product as its runtime scale operand (not a constant 1.0, which left the rescale
+    to a pass over the output of its own) and the bias as its epilogue: nothing runs over the
+    output after the GEMM."""
+    x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((512, 256), jnp.float32)
+    b = jax.ShapeDtypeStruct((256,), jnp.bfloat16)
+    meta = mpx.Fp8Meta.init(mpx.Fp8Config(amax_history=16))
+    meta = meta.replace(**{k: getattr(meta, k).replace(amax_history=jnp.ones(16)) for k in ("lhs", "rhs", "grad")})
+
+    def dense(x, w, b, meta):
+        with bootstrap(False):  # the steps after the first: the stored scales
+            return mpx.fp8_dot_general(x, w, (((1,), (0,)), ((), ())), meta, out_dtype=jnp.bfloat16)[0] + b
+
+    compiled = mpx.program.compile_for(dense, x, w, b, meta)
+    text = compiled.as_text()
+    calls = [line.strip() for line in text.splitlines() if 'custom_call_target="__cublas$lt$matmul$f8"' in line]
+    assert len(calls) == 1, calls
+    name = calls[0].split(" = ", 1)[0]
+    operands = calls[0].split("custom-call(", 1)[1].split(")", 1)[0].split(", ")
+    # (lhs, rhs, a_scale, b_scale, bias): the scale is computed from the metas, not a constant
+    assert len(operands) == 5 and not operands[2].startswith("%constant"), operands
+    assert operands[4].startswith("%b") and '"epilogue":"BIAS"' in calls[0]
+    entry = text[text.index("ENTRY"):]
+    root = next(line for line in entry.splitlines() if line.strip().startswith("ROOT"))
+    assert f"get-tuple-element({name})" in root, root  # nothing runs over the output after the GEMM
 
 
 def test_fp8_gemms_report_for_the_h100_finds_nothing_missing():

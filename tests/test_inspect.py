@@ -11,7 +11,7 @@ import mpx
 import mpx.nn as mn
 from mpx.fp8 import Fp8Config, Fp8Meta, Fp8Scale, fp8_dot_general
 from mpx.inspect import describe, fp8_stats, format_fp8_stats
-from helpers import fp8_gpu, lm_step
+from helpers import fp8_gpu, lm_step, ref_scale
 
 
 def gpt2_small(policy):
@@ -60,7 +60,7 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
     """One FP8 matmul with a delayed scale of 1 (a history holding amax 1): the statistics
     equal a numpy/ml_dtypes recount of the values that E4M3 saturates (|x| > 448) and
     flushes to zero (|x| < 2**-10, half the smallest subnormal 2**-9); the new scale is
-    448 over the max of the history."""
+    448 over the max of the history, down to a power of two (`ref_scale`)."""
     config = Fp8Config(amax_history=4)
     lhs = np.array([[1000.0, -500.0, 3.0, 1e-4], [0.5, 2e-3, 0.0, -7e-4]], np.float32)
     rhs = np.ones((4, 3), np.float32)
@@ -73,9 +73,9 @@ def test_fp8_stats_report_amax_scale_and_saturation_against_ml_dtypes():
     assert stats["lhs"].saturated == np.mean(np.abs(lhs) > 448) == 2 / 8
     assert stats["lhs"].flushed == np.mean((lhs != 0) & (q == 0)) == 2 / 8
     assert stats["lhs"].amax == 1000.0
-    assert stats["lhs"].scale == np.float32(448.0) / np.float32(1000.0)
+    assert stats["lhs"].scale == ref_scale(1000.0, 448.0) == 0.25
     assert stats["rhs"].saturated == stats["rhs"].flushed == 0.0
-    assert stats["grad"].amax == 1.0 and stats["grad"].scale == 57344.0
+    assert stats["grad"].amax == 1.0 and stats["grad"].scale == ref_scale(1.0, 57344.0) == 32768.0
     assert all(s.calls == 1.0 and s.fanout == 1.0 for s in stats.values())
     assert {s.path for s in stats.values()} == {"layer"}
     text = format_fp8_stats(list(stats.values()))

@@ -107,19 +107,18 @@ def test_your_own_flax_model(tmp_path, monkeypatch, compile_cache):
 def test_pretrain_generate_finetune(tmp_path, monkeypatch, compile_cache):
     s = run("05_pretrain_generate_finetune", tmp_path, monkeypatch, compile_cache)
     assert s["labels"] == ["negative", "neutral", "positive"]
-    for precision in ("fp8", "bf16"):
-        r = s[precision]
-        assert r["pretrain_val_loss"] < r["unigram_baseline"], precision
-        assert r["sample_chars"] > len("ROMEO:"), precision
-        # The confusion matrix is the evaluation's own batches, predicted by the restored model.
-        matrix = r["confusion"]
-        total = sum(map(sum, matrix))
-        assert total > 0 and abs(sum(matrix[i][i] for i in range(3)) / total - r["accuracy"]) < 1e-9, precision
+    assert "bf16" not in s  # the quick setting trains under fp8 alone (bf16: the same path, real runs)
+    r = s["fp8"]
+    assert r["pretrain_val_loss"] < r["unigram_baseline"]
+    assert r["sample_chars"] > len("ROMEO:")
+    # The confusion matrix is the evaluation's own batches, predicted by the restored model.
+    matrix = r["confusion"]
+    total = sum(map(sum, matrix))
+    assert total > 0 and abs(sum(matrix[i][i] for i in range(3)) / total - r["accuracy"]) < 1e-9
     # Fine-tuning from the pre-training run (init_from: its body and tokenizer, a new head) must
     # beat predicting the majority class: by 4 points, 2 standard errors on 640 validation tweets
-    # (~0.02). Measured 0.495 under both precisions against 0.429.
-    for precision in ("fp8", "bf16"):
-        assert s[precision]["accuracy"] > s[precision]["majority_baseline"] + 0.04, (precision, s[precision])
+    # (~0.02). Measured 0.495 against 0.429.
+    assert s["fp8"]["accuracy"] > s["fp8"]["majority_baseline"] + 0.04, s["fp8"]
 
 
 def test_which_ops_take_8_bits(tmp_path, monkeypatch, compile_cache):

@@ -19,12 +19,15 @@ from mpx import _probe
 from mpx._sensitivity import cosine, policy_string, sqnr_db
 from mpx.inspect import SpeedModel
 
+from helpers import ref_scale
+
 # ----------------------------------------------------------------------------- one op against float64
 
 
 def _fp8(x, dtype, fmax):
-    """Current-scaled FP8 round trip in float64: scale so the amax lands on ``fmax``."""
-    scale = fmax / np.abs(x).max()
+    """Current-scaled FP8 round trip in float64: scale so the amax lands in ``fmax``'s binade
+    (mpx's power of two, `ref_scale`)."""
+    scale = float(ref_scale(np.abs(x).max(), fmax))
     return (x * scale).astype(dtype).astype(np.float64) / scale
 
 
@@ -148,8 +151,10 @@ def study():
     nnx.update(model, params)
     x = batch_of(0)["x"]
     normal = jax.make_jaxpr(lambda m: model(m))(x), jax.jit(lambda m: model(m)).lower(x).as_text()
+    # A 2% budget: on tensors this small (the head is 32 x 4) one op's E4M3 rounding moves the
+    # loss by ~1% (measured: head +1.2%, fc_in +0.7%; the planted op +506%).
     report = mpx.inspect.sensitivity(model, loss_fn, [batch_of(500, 128), batch_of(501, 128)], formats=("fp8",),
-                                     speed=SpeedModel(min_size=0))
+                                     budget=0.02, speed=SpeedModel(min_size=0))
     after = jax.make_jaxpr(lambda m: model(m))(x), jax.jit(lambda m: model(m)).lower(x).as_text()
     return {"bf16": bf16_loss, "fp8": train("bf16; @dense|head->fp8")[0], "suggested": train(report.policy)[0],
             "report": report, "model": model, "normal": normal, "after": after}
@@ -169,12 +174,12 @@ def test_the_planted_op_ranks_first_and_stays_out_of_fp8(study):
 
 def test_the_suggested_policy_trains_like_bf16_and_all_fp8_does_not(study):
     bf16, fp8, suggested = study["bf16"], study["fp8"], study["suggested"]
-    # Measured (40 Adam steps, held-out loss): bf16 0.2062, suggested ("bf16; head->fp8")
-    # 0.2044 (-0.86%), all-fp8 1.367 (6.6x: the flushed op leaves the head a constant input,
-    # about log 4 = 1.386). The suggestion may land on either side of bf16 (FP8 rounding
-    # changes the trajectory); it must not cost more than the 0.5% budget it was chosen under.
-    # 3x is far below the measured 6.6x and far above any FP8 rounding effect (under 1% here).
-    assert (suggested - bf16) / bf16 <= 0.005
+    # Measured (40 Adam steps, held-out loss): bf16 0.2062, suggested ("bf16; fc_in->fp8;
+    # head->fp8") 0.2051 (-0.54%), all-fp8 1.367 (6.6x: the flushed op leaves the head a constant
+    # input, about log 4 = 1.386). The suggestion may land on either side of bf16 (FP8 rounding
+    # changes the trajectory); it must not cost more than the 2% budget it was chosen under.
+    # 3x is far below the measured 6.6x and far above any FP8 rounding effect (~1% here).
+    assert (suggested - bf16) / bf16 <= study["report"].budget
     assert fp8 > 3 * bf16
     report = study["report"]
     assert report.loss_change <= report.budget  # measured on the sensitivity batches, not summed estimates
