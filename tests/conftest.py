@@ -24,13 +24,14 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
     if hasattr(config, "workerinput") or CACHE in os.environ:
         return  # an xdist worker: inherits the controller's directory (or the user chose one)
-    os.environ[CACHE] = tempfile.mkdtemp(prefix="mpx-jax-cache-")
+    os.environ[CACHE] = config._mpx_own_cache = tempfile.mkdtemp(prefix="mpx-jax-cache-")
     # Programs of the tiny test models compile in well under the default 1 s threshold.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def pytest_unconfigure(config):
-    if not hasattr(config, "workerinput") and os.environ.get(CACHE, "").startswith(tempfile.gettempdir()):
+    own = getattr(config, "_mpx_own_cache", None)  # only the directory this session made, never a user's
+    if own is not None and os.environ.get(CACHE) == own:
         shutil.rmtree(os.environ.pop(CACHE), ignore_errors=True)
 
 
