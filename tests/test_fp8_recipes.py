@@ -299,7 +299,7 @@ def test_matmul_and_gradients_match_a_float64_emulation(recipe, layout):
 def test_each_gradient_gemm_takes_its_own_format_under_delayed_scaling():
     """One scale per tensor, delayed, ``weight_grad_format=e4m3`` under ``hybrid``: the input
     gradient quantizes dy in E5M2 with the stored scale S, the weight gradient in E4M3 with
-    S * 448 / 57344 (= S / 128: the same amax in E4M3's top binade), each against numpy /
+    S * 448 / 57344 (= S / 128: the same amax in (224, 448]), each against numpy /
     ml_dtypes in float64 (f32 accumulation: 1e-6 of the largest value); the hybrid default gives
     E5M2 to both, and the traced backward holds one dy of each format."""
     config = Fp8Config(weight_grad_format="e4m3", amax_history=4)

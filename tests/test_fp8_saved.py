@@ -17,12 +17,13 @@ from flax import nnx
 import mpx
 import mpx.nn as mn
 from mpx.fp8 import saved_in_fp8
+from mpx.fp8._numerics import current_scale
 
 from helpers import ref_scale
 
 
 def e4m3_copy(x: np.ndarray) -> np.ndarray:
-    """x through E4M3 with one scale putting its amax in the top binade (`ref_scale`), numpy and
+    """x through E4M3 with one scale putting its amax in (224, 448] (`ref_scale`), numpy and
     ml_dtypes."""
     scale = ref_scale(np.abs(x).max(), 448.0)
     codes = (x.astype(np.float32) * scale).astype(ml_dtypes.float8_e4m3fn)
@@ -149,9 +150,9 @@ def test_remat_fp8_keeps_each_fp8_matmuls_operand_codes(capsys):
 
 def test_an_fp8_matmul_under_the_policy_is_the_matmul_without_remat():
     """`remat_saving_fp8` on one fp8 matmul: both gradients equal those without remat bit for
-    bit, and the value up to summation order. The kept codes include the top binade (the amax quantizes to 448), which jax's
-    rounding of kept residuals (IEEE ``reduce_precision``) would turn into NaN: they are kept as
-    their bytes."""
+    bit, and the value up to summation order. The kept codes include E4M3's top binade (256..448:
+    asserted for w's), which jax's rounding of kept residuals (IEEE ``reduce_precision``) would
+    turn into NaN: they are kept as their bytes."""
     meta = mpx.fp8.Fp8Meta.init(mpx.fp8.Fp8Config())
     x = jax.random.normal(jax.random.key(0), (4, 32))
     w = jax.random.normal(jax.random.key(1), (32, 16))
@@ -160,6 +161,8 @@ def test_an_fp8_matmul_under_the_policy_is_the_matmul_without_remat():
         y, _ = mpx.fp8.fp8_dot_general(jnp.sin(x), w, (((1,), (0,)), ((), ())), meta)
         return jnp.tanh(y).sum()
 
+    codes = mpx.fp8.quantize(w, jnp.float8_e4m3fn, current_scale(w, jnp.float8_e4m3fn)).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(codes))) >= 256  # the first step scales from the amax itself
     plain = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
     kept = jax.jit(jax.value_and_grad(jax.checkpoint(f, policy=mpx.fp8.remat_saving_fp8()), argnums=(0, 1)))(x, w)
     # the loss: the same 64 terms summed in another fusion's order (measured 1.9e-6 of 10.2)

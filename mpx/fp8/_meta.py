@@ -325,7 +325,7 @@ def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, 
     computed after the quantize, in the same pass). ``stored_dtype``: the format the stored
     scale was set for (default ``dtype``); for another, it is moved by the ratio of the two
     formats' largest values (E4M3 / E5M2: 448 / 57344 = 2**-7, exact), so the same amax lands
-    in the top binade of either. A stored scale that is not a power of two (set by hand, or
+    in (fp8_max / 2, fp8_max] of either. A stored scale that is not a power of two (set by hand, or
     by an earlier version) is used as the power of two below it, as `scale_from_amax` would
     have set it: the rescale of an FP8 GEMM's output is exact only for powers of two.
     """

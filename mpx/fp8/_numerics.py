@@ -6,7 +6,7 @@ Convention: ``scale`` multiplies into the FP8 domain.
     x ~= q / scale                   dequantize
     scale = the largest power of two <= fp8_max / (amax * 2**margin)
 
-so a tensor whose absolute maximum is ``amax`` fills the FP8 range's top binade, and
+so a tensor whose absolute maximum is ``amax`` lands in (fp8_max / 2, fp8_max], and
 rescaling by a scale (or a product of them) is exact (`scale_from_amax`).
 """
 
@@ -148,7 +148,7 @@ def amax(x: jax.Array) -> jax.Array:
 
 
 def current_scale(x: jax.Array, dtype, *, margin: int = 0) -> jax.Array:
-    """The scale that puts ``x``'s own amax in ``dtype``'s top binade (`scale_from_amax`;
+    """The scale that puts ``x``'s own amax in (fp8_max / 2, fp8_max] (`scale_from_amax`;
     1 for an all-zero or non-finite ``x``): current scaling, with no history.
 
     >>> float(current_scale(jnp.array([0.5, -3.5]), E4M3))    # 448 / 3.5
@@ -170,8 +170,7 @@ def power_of_two_floor(x: jax.Array) -> jax.Array:
 
 def scale_from_amax(amax: jax.Array, prev_scale: jax.Array, fp8_max: float, *, margin: int = 0) -> jax.Array:
     """The largest power of two ``s`` with ``amax * 2**margin * s <= fp8_max``: ``fp8_max / (amax
-    * 2**margin)`` rounded down to a power of two (the amax lands in the format's top binade,
-    (fp8_max / 2, fp8_max]); ``prev_scale`` when there is none (see below).
+    * 2**margin)`` rounded down to a power of two (the amax lands in (fp8_max / 2, fp8_max]); ``prev_scale`` when there is none (see below).
 
     Powers of two make every rescale exact: an FP8 GEMM's output times the two inverse scales
     rounds nothing, in any float type, so the GEMM can apply it itself (`mpx.fp8._dot`). What it

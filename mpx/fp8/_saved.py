@@ -4,7 +4,7 @@ An FP8 matmul already keeps its operands for the backward as FP8 copies. What el
 backward reads stays in the compute dtype: an MLP's activation input (B, T, F), four times a
 layer's width, is the largest of them. `saved_in_fp8(fn, *xs)` computes ``fn(*xs)`` exactly and
 keeps, for the backward, each ``x`` as E4M3 codes with one current scale per tensor (its amax
-in E4M3's top binade); the backward evaluates ``fn``'s VJP at the dequantized inputs. The output is exact,
+in (224, 448]); the backward evaluates ``fn``'s VJP at the dequantized inputs. The output is exact,
 the gradient that of ``fn`` at a point within E4M3's rounding (2^-4 relative) of the input:
 the same kind of error the FP8 GEMMs around it make. Memory: one byte an element for the
 backward instead of two (bf16) or four. A non-finite input becomes NaN in its copy (`quantize`),
@@ -64,7 +64,7 @@ def _named(x: jax.Array) -> jax.Array:
     if jnp.dtype(x.dtype).itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
         # A kept residual that the forward also reads is rounded by jax through
         # ``reduce_precision`` with its format's bits, which follows IEEE rules and turns the
-        # top binade of a format without infinities (E4M3FN: 256..448, where every amax lands)
+        # top binade of a format without infinities (E4M3FN: 256..448, where most amaxes land)
         # into NaN. The codes' bytes are kept instead: bitcasts, free in XLA.
         return lax.bitcast_convert_type(checkpoint_name(lax.bitcast_convert_type(x, jnp.uint8), FP8_SAVED), x.dtype)
     return checkpoint_name(x, FP8_SAVED)
@@ -76,7 +76,7 @@ def saved_for_backward(tree):
 
 
 def to_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x`` as (E4M3 codes, f32 scale): the scale puts its amax in E4M3's top binade (1 for an
+    """``x`` as (E4M3 codes, f32 scale): the scale puts its amax in (224, 448] (1 for an
     all-zero ``x``)."""
     scale = current_scale(x, E4M3)
     return quantize(x, E4M3, scale), scale
