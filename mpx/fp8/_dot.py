@@ -22,7 +22,8 @@ from jax import lax
 
 from mpx._dims import normalize_dims, transpose_dims
 from mpx._sharding import mark
-from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, bootstrapping, combine_metas, counting, observation, scale_for_use
+from mpx.fp8._meta import (NOT_COUNTED, Fp8Meta, bootstrapping, combine_metas, counting, observation,
+                           scale_for_tensor)
 from mpx.fp8._numerics import amax, gemm_dtype, observe, quantize
 from mpx.fp8._recipes import recipe_dot
 from mpx.fp8._saved import saved_for_backward, weights_whole
@@ -163,9 +164,7 @@ def _quantized(x, state, dtype, config, bootstrap, count, stored_dtype=None):
     ``count``: the observation has the saturated / flushed fractions (else `NOT_COUNTED`,
     and the reduction is the amax alone). ``stored_dtype``: the format ``state``'s scale is
     kept for, when ``dtype`` is another (`scale_for_use`)."""
-    needs_amax = bootstrap or config.recipe == "current"
-    scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap,
-                          stored_dtype=stored_dtype)
+    scale = scale_for_tensor(x, state, dtype, config, bootstrap=bootstrap, stored_dtype=stored_dtype)
     q = quantize(x, dtype, scale)
     if count:
         x_amax, saturated, flushed = observe(x, dtype, scale)

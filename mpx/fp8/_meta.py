@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from mpx._checks import check_choice, check_int, did_you_mean
-from mpx.fp8._numerics import E4M3, E5M2, fp8_max, power_of_two_floor, scale_from_amax
+from mpx.fp8._numerics import E4M3, E5M2, amax, fp8_max, power_of_two_floor, scale_from_amax
 
 Recipe = Literal["delayed", "current"]
 Format = Literal["hybrid", "e4m3"]
@@ -338,6 +338,16 @@ def scale_for_use(state: Fp8Scale, x_amax: jax.Array, dtype, config: Fp8Config, 
     if config.recipe == "current":
         return current
     return jnp.where(history_is_empty(state), current, stored)
+
+
+def scale_for_tensor(x: jax.Array, state: Fp8Scale, dtype, config: Fp8Config, *, bootstrap: bool,
+                     stored_dtype=None) -> jax.Array:
+    """`scale_for_use` for the tensor ``x`` itself: its amax is computed only where the scale
+    depends on it (``current`` scaling, or a bootstrapping step), so a delayed scale never waits
+    for a reduction over ``x``."""
+    needs_amax = bootstrap or config.recipe == "current"
+    return scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap,
+                         stored_dtype=stored_dtype)
 
 
 def needs_bootstrap(meta) -> bool:

@@ -25,15 +25,13 @@ from jax import lax
 from mpx import program
 from mpx._dims import transpose_dims
 from mpx.fp8._granular import canonical, quantize_canonical, scaled_product, statistics
-from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, Fp8Scale, combine_metas, observation, scale_for_use
+from mpx.fp8._meta import NOT_COUNTED, Fp8Meta, Fp8Scale, combine_metas, observation, scale_for_tensor
 from mpx.fp8._numerics import amax, gemm_dtype
 
 
 def _quantize(x, granularity, dtype, state: Fp8Scale, config, bootstrap, weight, stored_dtype):
     if granularity == "tensor":
-        needs_amax = bootstrap or config.recipe == "current"
-        scale = scale_for_use(state, amax(x) if needs_amax else None, dtype, config, bootstrap=bootstrap,
-                              stored_dtype=stored_dtype)
+        scale = scale_for_tensor(x, state, dtype, config, bootstrap=bootstrap, stored_dtype=stored_dtype)
         return quantize_canonical(x, "tensor", dtype, tensor_scale=scale)
     return quantize_canonical(x, granularity, dtype, weight=weight, block_size=config.block_size)
 

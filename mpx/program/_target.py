@@ -411,14 +411,18 @@ def make_mesh(shape: tuple[int, ...] = (1,), axis_names: tuple[str, ...] = ("dat
     return topologies.make_mesh(topology(target, math.prod(shape)), shape, axis_names)
 
 
+def _named_device(x):
+    """The (abstract) device the sharding of ``x`` names, where the trace knows it; else None."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return getattr(mesh, "abstract_device", None)
+
+
 def platform_of(x) -> str:
     """The platform the program holding ``x`` is compiled for (``gpu``, ``cpu``, ``tpu``): that
     of the devices its sharding names where the trace knows them (a program compiled for a GPU
     on a machine without one, `compile_for`), else this process's default backend. For choices
     a trace makes by platform, such as cuDNN fused attention."""
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    device = getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
+    return getattr(_named_device(x), "platform", None) or jax.default_backend()
 
 
 # The target a `compile_for` is tracing for, while it traces.
@@ -431,8 +435,7 @@ def block_scaled_gemms(x) -> frozenset[str]:
     tracing_for = _TRACING_FOR.get()
     if tracing_for is not None:  # a compile for a target (`compile_for`): intermediates may not name it
         return tracing_for.block_scaled
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    return block_scaled(getattr(mesh, "abstract_device", None))
+    return block_scaled(_named_device(x))
 
 
 def _abstract(x, sharding):
